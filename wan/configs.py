@@ -122,3 +122,28 @@ VAE_LATENT_STD = [
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 CLIP_IMAGE_SIZE = 224
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Sampling recipe: steps, flow shift, guidance scales and TeaCache threshold (None = off)."""
+
+    sampling_steps: int
+    shift: float
+    text_guide_scale: float
+    audio_guide_scale: float
+    teacache_thresh: float | None
+
+
+PRESETS: dict[str, Preset] = {
+    # The reference CLI recipe for 480p: 40 steps, 3 passes each, no caching.
+    "quality": Preset(sampling_steps=40, shift=7.0, text_guide_scale=5.0, audio_guide_scale=4.0, teacache_thresh=None),
+    # cog-MultiTalk's turbo guidance and shift; TeaCache at the top of the README's useful range (0.2-0.5) instead of
+    # cog-MultiTalk's 0.8, which skips so many steps that lips lose sync.
+    "turbo": Preset(sampling_steps=40, shift=5.0, text_guide_scale=3.0, audio_guide_scale=3.0, teacache_thresh=0.5),
+    # Step-distilled LoRA (lightx2v, 4 steps): text guidance off (2 passes per step), light audio guidance.
+    "fast": Preset(sampling_steps=4, shift=5.0, text_guide_scale=1.0, audio_guide_scale=2.0, teacache_thresh=None),
+}
+
+# Shift of the quality preset per resolution (the reference CLI uses 11 for 720p).
+QUALITY_SHIFT = {"multitalk-480": 7.0, "multitalk-720": 11.0}

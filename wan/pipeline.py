@@ -1,0 +1,389 @@
+"""MultiTalkPipeline: one image, one or two audio embeddings and a prompt become a talking video.
+
+Clip mode and streaming are one loop: the first clip is conditioned on the image, every later clip on the last
+`motion_frame` frames of the previous one, until the video is as long as it must be. Randomness comes from one
+`torch.Generator` seeded per call, drawn in the reference's order and shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import sampling
+from .conditioning import audio_window, choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
+from .configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[["StepInfo"], None]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # 1-based within the clip
+    steps: int
+    clip: int  # 1-based
+    clips: int
+    elapsed: float  # seconds since generate() started
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """What the reference reads from `extra_args`: TeaCache and APG switches."""
+
+    use_teacache: bool = False
+    teacache_thresh: float = 0.2
+    use_apg: bool = False
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 55.0
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Any) -> "GuidanceOptions":
+        if extra_args is None:
+            return cls()
+        get = extra_args.get if isinstance(extra_args, Mapping) else lambda k, d: getattr(extra_args, k, d)
+        return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+
+
+def plan_clips(total_frames: int, frame_num: int, motion_frame: int) -> tuple[int, list[int]]:
+    """Frames per clip and the audio start frame of every clip, covering `total_frames` output frames.
+
+    Audio shorter than one clip gets a single shorter clip (the smallest 4n+1 length that covers it); longer audio
+    gets `frame_num`-frame clips that advance by `frame_num - motion_frame`.
+    """
+    if total_frames < 1:
+        raise ValueError("the video needs at least one frame of audio (1/25 s)")
+    if total_frames <= frame_num:
+        return 4 * math.ceil((total_frames - 1) / 4) + 1, [0]
+    stride = frame_num - motion_frame
+    if stride <= 0:
+        raise ValueError(f"motion_frame ({motion_frame}) must be smaller than frame_num ({frame_num}) for long audio")
+    clips = 1 + math.ceil((total_frames - frame_num) / stride)
+    return frame_num, [k * stride for k in range(clips)]
+
+
+def extend_audio(embedding: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad `[L, ...]` to at least `length` frames by mirroring the tail (L, L+1, ... read L-1, L-2, ...)."""
+    missing = length - embedding.shape[0]
+    if missing <= 0:
+        return embedding
+    period = 2 * embedding.shape[0]
+    index = torch.arange(embedding.shape[0], length) % period
+    index = torch.where(index < embedding.shape[0], index, period - 1 - index)
+    return torch.cat([embedding, embedding[index]])
+
+
+def _load_image(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cond_image: cannot read {image!r} as an image ({error})") from error
+
+
+def _load_embedding(value: Any, name: str) -> torch.Tensor:
+    embedding = value if isinstance(value, torch.Tensor) else torch.load(value, map_location="cpu", weights_only=True)
+    if embedding.ndim != 3 or embedding.shape[0] == 0:
+        raise ValueError(f"cond_audio.{name}: expected a [frames, layers, channels] embedding, got {tuple(embedding.shape)}")
+    if not torch.isfinite(embedding).all():
+        raise ValueError(f"cond_audio.{name}: the embedding contains NaN or inf")
+    return embedding.float()
+
+
+def _bboxes(input_data: Mapping, speakers: int) -> list[list[float]] | None:
+    boxes = input_data.get("bbox")
+    if not boxes:
+        return None
+    if isinstance(boxes, Mapping):
+        missing = [f"person{k + 1}" for k in range(speakers) if f"person{k + 1}" not in boxes]
+        if missing:
+            raise ValueError(f"bbox: no box for {', '.join(missing)}; give one [x1, y1, x2, y2] box per speaker")
+        return [list(boxes[f"person{k + 1}"]) for k in range(speakers)]
+    return [list(box) for box in boxes]
+
+
+class MultiTalkPipeline:
+    """The reference's `MultiTalkPipeline`: same constructor and `generate()` call pattern."""
+
+    def __init__(
+        self,
+        config: Any = None,
+        checkpoint_dir: str | Path = "weights/Wan2.1-I2V-14B-480P",
+        device_id: int = 0,
+        rank: int = 0,
+        t5_fsdp: bool = False,
+        dit_fsdp: bool = False,
+        use_usp: bool = False,
+        t5_cpu: bool = False,
+        init_on_cpu: bool = True,
+        num_timesteps: int = 1000,
+        use_timestep_transform: bool = True,
+        lora_dir: list[str] | None = None,
+        lora_scales: list[float] | None = None,
+        quant_dir: str | None = None,
+        quant: str | None = None,
+        *,
+        multitalk_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        from .checkpoints import WanFiles, load_dit
+        from .image_encoder import ImageEncoder
+        from .text_encoder import TextEncoder
+        from .vae import VideoVAE
+
+        if t5_fsdp or dit_fsdp or use_usp or rank != 0:
+            raise NotImplementedError("multi-GPU inference (FSDP / sequence parallel) is not supported by this package")
+        if quant or quant_dir:
+            raise NotImplementedError("quantised checkpoints are not supported; use the bf16 weights (or fp8 via bench)")
+        if device is None:
+            device = f"cuda:{device_id}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        files = WanFiles(Path(checkpoint_dir))
+        files.check()
+        text_device = "cpu" if t5_cpu else device
+        self._setup(
+            dit=load_dit(files.root, multitalk_dir, dtype=dtype, device=device),
+            text_encoder=TextEncoder.from_checkpoint(
+                files.t5_checkpoint, files.t5_tokenizer, dtype=dtype, device=text_device
+            ),
+            image_encoder=ImageEncoder.from_checkpoint(
+                files.clip_checkpoint, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device
+            ),
+            vae=VideoVAE.from_checkpoint(files.vae_checkpoint, device=device),
+            device=device,
+            negative_prompt=getattr(config, "sample_neg_prompt", None) or DEFAULT_NEGATIVE_PROMPT,
+        )
+        if lora_dir:
+            from .lora import merge_loras
+
+            scales = list(lora_scales or [])
+            if len(scales) not in (0, len(lora_dir)):
+                raise ValueError(f"lora_scales: got {len(scales)} scales for {len(lora_dir)} LoRA files")
+            self.loras = merge_loras(self.dit, list(zip(lora_dir, scales or [1.0] * len(lora_dir))))
+
+    @classmethod
+    def from_components(
+        cls,
+        dit: torch.nn.Module,
+        text_encoder: Callable[[list[str]], list[torch.Tensor]],
+        image_encoder: Callable[[torch.Tensor], torch.Tensor],
+        vae: Any,
+        device: str | torch.device = "cpu",
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+    ) -> "MultiTalkPipeline":
+        """A pipeline around already-built components (tests, benchmarks, custom loading)."""
+        pipeline = cls.__new__(cls)
+        pipeline._setup(dit, text_encoder, image_encoder, vae, torch.device(device), negative_prompt)
+        return pipeline
+
+    def _setup(self, dit, text_encoder, image_encoder, vae, device: torch.device, negative_prompt: str) -> None:
+        self.dit = dit
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.vae = vae
+        self.device = device
+        self.negative_prompt = negative_prompt
+        self.loras = None
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_data: Mapping[str, Any],
+        size_buckget: str | Mapping[str, list[int]] = "multitalk-480",
+        motion_frame: int = 25,
+        frame_num: int = 81,
+        shift: float = 5.0,
+        sampling_steps: int = 40,
+        text_guide_scale: float = 5.0,
+        audio_guide_scale: float = 4.0,
+        n_prompt: str = "",
+        seed: int = -1,
+        offload_model: bool = True,
+        max_frames_num: int | None = None,
+        face_scale: float = 0.05,
+        progress: bool = True,
+        color_correction_strength: float = 0.0,
+        extra_args: Any = None,
+        *,
+        size_bucket: str | Mapping[str, list[int]] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Video `[3, frames, H, W]` in [-1, 1] at 25 fps.
+
+        `input_data`: `prompt`, `cond_image` (path or PIL image), `cond_audio` (`{"person1": ..., "person2": ...}`:
+        `[frames, layers, channels]` embeddings or paths of saved ones), optional `bbox` (`{"person1": [x1, y1, x2,
+        y2], ...}` in source-image pixels, x = column). The video is as long as the audio (one frame per embedding
+        frame) unless `max_frames_num` asks for fewer frames. `size_bucket` is the correctly spelled alias of
+        `size_buckget`; a mapping gives a custom bucket table `{"h/w": [h, w]}`.
+        """
+        started = time.monotonic()
+        buckets = size_bucket if size_bucket is not None else size_buckget
+        if frame_num % 4 != 1 or motion_frame % 4 != 1:
+            raise ValueError(f"frame_num ({frame_num}) and motion_frame ({motion_frame}) must both be 4n+1")
+        if sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be >= 1, got {sampling_steps}")
+        options = GuidanceOptions.from_extra_args(extra_args)
+        if seed is None or seed < 0:
+            seed = random.SystemRandom().randint(0, 99_999_999)
+        log.info("seed %d", seed)
+
+        # Inputs, validated before any model work.
+        audio = input_data.get("cond_audio") or {}
+        speakers = [_load_embedding(audio[k], k) for k in sorted(audio)]
+        if not 1 <= len(speakers) <= 2:
+            raise ValueError(f"cond_audio: MultiTalk drives 1 or 2 speakers, got {len(speakers)}")
+        image = _load_image(input_data["cond_image"])
+        if isinstance(buckets, Mapping):
+            ratio = image.height / image.width
+            height, width = buckets[min(buckets, key=lambda k: abs(float(k) - ratio))]
+        else:
+            height, width = choose_bucket(image.height, image.width, buckets)
+        lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+        boxes = _bboxes(input_data, len(speakers))
+        masks = speaker_masks(image.height, image.width, len(speakers), boxes, face_scale)
+        masks = latent_masks(masks, height, width, lat_h, lat_w, boxes).to(self.device)
+
+        audio_frames = max(s.shape[0] for s in speakers)
+        total = audio_frames if max_frames_num is None else min(max_frames_num, audio_frames)
+        clip_frames, starts = plan_clips(total, frame_num, motion_frame)
+        speakers = [extend_audio(s, starts[-1] + clip_frames) for s in speakers]
+
+        cond_image = image_to_tensor(image, height, width).to(self.device)
+        context, context_null = self._encode_text(input_data.get("prompt", ""), n_prompt, offload_model)
+        steps = sampling.timesteps(sampling_steps, shift).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        teacache_bucket = buckets if isinstance(buckets, str) else "multitalk-480"
+
+        frames: list[torch.Tensor] = []
+        cond_frames = cond_image
+        for index, start in enumerate(starts):
+            windows = torch.stack([audio_window(s, start, clip_frames) for s in speakers]).to(self.device)
+            video = self._sample_clip(
+                cond_frames=cond_frames,
+                motion=index > 0,
+                clip_frames=clip_frames,
+                audio=windows,
+                masks=masks,
+                context=context,
+                context_null=context_null,
+                steps=steps,
+                text_scale=text_guide_scale,
+                audio_scale=audio_guide_scale,
+                options=options,
+                teacache_bucket=teacache_bucket,
+                generator=generator,
+                report=lambda step: self._report(
+                    on_step, progress, StepInfo(step, sampling_steps, index + 1, len(starts), time.monotonic() - started)
+                ),
+            )
+            if color_correction_strength > 0:
+                video = match_colors(video, cond_image[0, :, 0], color_correction_strength)
+            frames.append(video if index == 0 else video[:, motion_frame:])
+            cond_frames = video[None, :, -motion_frame:]
+        return torch.cat(frames, dim=1)[:, :total].float().cpu()
+
+    def _encode_text(self, prompt: str, n_prompt: str, offload: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.text_encoder
+        on_cpu = offload and self.device.type == "cuda" and hasattr(encoder, "to")
+        if on_cpu:
+            encoder.to(self.device)
+        context, context_null = encoder([prompt, n_prompt or self.negative_prompt])
+        if on_cpu:
+            encoder.to("cpu")
+        return context.to(self.device), context_null.to(self.device)
+
+    def _sample_clip(
+        self,
+        cond_frames: torch.Tensor,
+        motion: bool,
+        clip_frames: int,
+        audio: torch.Tensor,
+        masks: torch.Tensor,
+        context: torch.Tensor,
+        context_null: torch.Tensor,
+        steps: torch.Tensor,
+        text_scale: float,
+        audio_scale: float,
+        options: GuidanceOptions,
+        teacache_bucket: str,
+        generator: torch.Generator,
+        report: Callable[[int], None],
+    ) -> torch.Tensor:
+        """Denoise one clip and decode it: `[3, clip_frames, H, W]`."""
+        clip_fea = self.image_encoder(cond_frames[:, :, -1:])
+        known = cond_frames.shape[2]
+        pixels = torch.cat([cond_frames[0], cond_frames.new_zeros(3, clip_frames - known, *cond_frames.shape[-2:])], 1)
+        cond_latent = self.vae.encode(pixels)
+        latent_frames, lat_h, lat_w = cond_latent.shape[1:]
+
+        # Mask of known pixel frames, first frame repeated 4x so the frames group into latent frames of 4.
+        mask = torch.zeros(1, clip_frames, lat_h, lat_w, device=self.device)
+        mask[:, :known] = 1
+        mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)
+        mask = mask.view(1, latent_frames, 4, lat_h, lat_w).transpose(1, 2)
+        y = torch.cat([mask, cond_latent[None].to(mask.dtype)], dim=1)
+
+        latent = torch.randn(16, latent_frames, lat_h, lat_w, generator=generator, device=self.device)
+        motion_latent = cond_latent[:, : 1 + (known - 1) // 4] if motion else None
+
+        def renoise_motion(t: torch.Tensor) -> None:
+            noise = torch.randn(motion_latent.shape, generator=generator, device=self.device)
+            latent[:, : motion_latent.shape[1]] = sampling.add_noise(motion_latent, noise, t)
+
+        if motion:
+            renoise_motion(steps[0])
+
+        two_pass = sampling.passes_per_step(text_scale) == 2
+        audio_null = torch.zeros_like(audio[-1:])
+        teacache = sampling.TeaCache(options.teacache_thresh, teacache_bucket) if options.use_teacache else None
+        buffers = [sampling.MomentumBuffer(options.apg_momentum) for _ in range(2)] if options.use_apg else None
+
+        def velocity(branch: str, text: torch.Tensor, sound: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            cache = teacache.branch(branch) if teacache is not None else None
+            return self.dit(latent, t, text, clip_fea, y, sound, masks, cache=cache)
+
+        for i in range(len(steps) - 1):
+            t = steps[i : i + 1]
+            v_cond = velocity("cond", context, audio, t)
+            if two_pass:
+                v_drop_audio = velocity("drop_audio", context, audio_null, t)
+                if buffers:
+                    v = sampling.guide_apg_audio_only(
+                        v_cond, v_drop_audio, audio_scale, buffers[1], options.apg_norm_threshold
+                    )
+                else:
+                    v = sampling.guide_audio_only(v_cond, v_drop_audio, audio_scale)
+            else:
+                v_drop_text = velocity("drop_text", context_null, audio, t)
+                v_uncond = velocity("uncond", context_null, audio_null, t)
+                if buffers:
+                    v = sampling.guide_apg(
+                        v_cond, v_drop_text, v_uncond, text_scale, audio_scale, *buffers, options.apg_norm_threshold
+                    )
+                else:
+                    v = sampling.guide(v_cond, v_drop_text, v_uncond, text_scale, audio_scale)
+            latent = sampling.euler_step(latent, v, steps[i], steps[i + 1])
+            if motion:
+                renoise_motion(steps[i + 1])
+            report(i + 1)
+        return self.vae.decode(latent)
+
+    @staticmethod
+    def _report(on_step: StepCallback | None, progress: bool, info: StepInfo) -> None:
+        if progress:
+            log.info("step %d/%d clip %d/%d elapsed %.1fs", info.step, info.steps, info.clip, info.clips, info.elapsed)
+        if on_step is not None:
+            on_step(info)

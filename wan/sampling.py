@@ -1,0 +1,205 @@
+"""Flow-matching sampling: shifted timesteps, the Euler step, classifier-free guidance (plain and APG), TeaCache.
+
+All functions are pure tensor code. The stateful helpers (`MomentumBuffer`, `TeaCache`) keep their state on the
+instance; make new ones (or `reset()`) for every clip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .configs import NUM_TRAIN_TIMESTEPS, TEACACHE_COEFFICIENTS
+
+GUIDANCE_BRANCHES = ("cond", "drop_text", "drop_audio", "uncond")
+
+
+def timesteps(steps: int, shift: float) -> torch.Tensor:
+    """`[steps + 1]` float32: linspace(1000, 1, steps) plus a final 0, each mapped through the shift transform.
+
+    Evaluated in float32 in the reference's operation order, which makes the result bit-exact.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    # np.linspace (float64 math, then float32) matches the reference; torch.linspace can differ in the last bit.
+    grid = np.linspace(NUM_TRAIN_TIMESTEPS, 1, steps, dtype=np.float32)
+    t = torch.cat([torch.from_numpy(grid), torch.zeros(1, dtype=torch.float32)])
+    sigma = t / NUM_TRAIN_TIMESTEPS
+    shifted = shift * sigma / (1 + (shift - 1) * sigma)
+    return shifted * NUM_TRAIN_TIMESTEPS
+
+
+def _as_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float32, device=like.device)
+
+
+def euler_step(
+    latent: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float
+) -> torch.Tensor:
+    """One Euler step of the flow ODE from `t` to `t_next` (timesteps on the 0..1000 scale, float32 math)."""
+    dt = (_as_time(t, latent) - _as_time(t_next, latent)) / NUM_TRAIN_TIMESTEPS
+    return latent + (-velocity) * dt
+
+
+def add_noise(latent: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """Flow-matching interpolation `(1 - t/1000)·x + (t/1000)·noise`, used to re-noise motion-frame latents."""
+    sigma = _as_time(t, latent) / NUM_TRAIN_TIMESTEPS
+    return (1 - sigma) * latent + sigma * noise
+
+
+def passes_per_step(text_scale: float) -> int:
+    """Model calls per step: 2 (cond, drop_audio) when text guidance is off, else 3 (cond, drop_text, uncond)."""
+    return 2 if math.isclose(text_scale, 1.0) else 3
+
+
+def guide(
+    v_cond: torch.Tensor, v_drop_text: torch.Tensor, v_uncond: torch.Tensor, text_scale: float, audio_scale: float
+) -> torch.Tensor:
+    """Three-pass CFG: text guidance between cond/drop_text, audio guidance between drop_text/uncond."""
+    return v_uncond + text_scale * (v_cond - v_drop_text) + audio_scale * (v_drop_text - v_uncond)
+
+
+def guide_audio_only(v_cond: torch.Tensor, v_drop_audio: torch.Tensor, audio_scale: float) -> torch.Tensor:
+    """Two-pass CFG (text scale 1): audio guidance between cond and drop_audio."""
+    return v_drop_audio + audio_scale * (v_cond - v_drop_audio)
+
+
+class MomentumBuffer:
+    """Running average `r <- d + momentum·r` of an APG guidance direction (r starts at 0)."""
+
+    def __init__(self, momentum: float = -0.75):
+        self.momentum = momentum
+        self.running_average: torch.Tensor | None = None
+
+    def update(self, value: torch.Tensor) -> torch.Tensor:
+        if self.running_average is None:
+            self.running_average = value.clone()
+        else:
+            self.running_average = value + self.momentum * self.running_average
+        return self.running_average
+
+
+_APG_DIMS = (-1, -2, -3, -4)  # C, T, H, W of one sample
+
+
+def apg_direction(
+    diff: torch.Tensor,
+    v_cond: torch.Tensor,
+    buffer: MomentumBuffer | None,
+    norm_threshold: float = 55.0,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Adaptive projected guidance (arXiv 2410.02416): momentum, norm clamp, then drop the part parallel to v_cond."""
+    if buffer is not None:
+        diff = buffer.update(diff)
+    if norm_threshold > 0:
+        norm = diff.norm(p=2, dim=_APG_DIMS, keepdim=True)
+        diff = diff * torch.clamp(norm_threshold / norm, max=1.0)
+    # The projection is done in float64: the parallel part nearly cancels in low precision.
+    d, c = diff.double(), v_cond.double()
+    c_unit = c / c.norm(p=2, dim=_APG_DIMS, keepdim=True).clamp_min(1e-12)
+    parallel = (d * c_unit).sum(dim=_APG_DIMS, keepdim=True) * c_unit
+    orthogonal = d - parallel
+    return orthogonal.to(diff.dtype) + eta * parallel.to(diff.dtype)
+
+
+def guide_apg(
+    v_cond: torch.Tensor,
+    v_drop_text: torch.Tensor,
+    v_uncond: torch.Tensor,
+    text_scale: float,
+    audio_scale: float,
+    text_buffer: MomentumBuffer,
+    audio_buffer: MomentumBuffer,
+    norm_threshold: float = 55.0,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Three-pass APG guidance; the buffers belong to one clip."""
+    text = apg_direction(v_cond - v_drop_text, v_cond, text_buffer, norm_threshold, eta)
+    audio = apg_direction(v_drop_text - v_uncond, v_cond, audio_buffer, norm_threshold, eta)
+    return v_cond + (text_scale - 1) * text + (audio_scale - 1) * audio
+
+
+def guide_apg_audio_only(
+    v_cond: torch.Tensor,
+    v_drop_audio: torch.Tensor,
+    audio_scale: float,
+    audio_buffer: MomentumBuffer,
+    norm_threshold: float = 55.0,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Two-pass APG guidance (text scale 1)."""
+    audio = apg_direction(v_cond - v_drop_audio, v_cond, audio_buffer, norm_threshold, eta)
+    return v_cond + (audio_scale - 1) * audio
+
+
+def _polyval(coefficients: list[float], x: float) -> float:
+    """Horner evaluation, highest degree first (as numpy.poly1d)."""
+    y = 0.0
+    for c in coefficients:
+        y = y * x + c
+    return y
+
+
+class TeaCacheBranch:
+    """Skip decisions of one guidance branch; the DiT reads `skip(e0)` and maintains `residual`.
+
+    Protocol: the DiT calls `skip(e0)` once per forward with the time-projection output `e0` `[1, 6, dim]`. If it
+    returns True the DiT reuses `x + residual` instead of running its blocks; otherwise it runs them and stores
+    `residual = x_out - x_in`.
+    """
+
+    def __init__(self, coefficients: list[float], thresh: float, warmup_steps: int):
+        self.coefficients = coefficients
+        self.thresh = thresh
+        self.warmup_steps = warmup_steps
+        self.residual: torch.Tensor | None = None
+        self.calls = 0
+        self.accumulated = 0.0
+        self.previous_e0: torch.Tensor | None = None
+
+    def skip(self, e0: torch.Tensor) -> bool:
+        skip = False
+        if self.calls < self.warmup_steps or self.previous_e0 is None:
+            self.accumulated = 0.0
+        else:
+            prev = self.previous_e0
+            rel_l1 = ((e0 - prev).abs().mean() / prev.abs().mean()).item()
+            self.accumulated += _polyval(self.coefficients, rel_l1)
+            if self.accumulated < self.thresh and self.residual is not None:
+                skip = True
+            else:
+                self.accumulated = 0.0
+        self.previous_e0 = e0.detach().clone()
+        self.calls += 1
+        return skip
+
+
+class TeaCache:
+    """TeaCache for one generation: an independent `TeaCacheBranch` per named guidance branch.
+
+    `size_bucket` (e.g. "multitalk-480") picks the rescale polynomial. Call `reset()` (or make a new instance)
+    before each clip so every clip gets its own warm-up.
+    """
+
+    def __init__(self, thresh: float, size_bucket: str, warmup_steps: int = 5):
+        if size_bucket not in TEACACHE_COEFFICIENTS:
+            raise ValueError(f"no TeaCache coefficients for size bucket {size_bucket!r}; know {list(TEACACHE_COEFFICIENTS)}")
+        if thresh < 0:
+            raise ValueError(f"TeaCache threshold must be >= 0, got {thresh}")
+        self.thresh = thresh
+        self.coefficients = list(TEACACHE_COEFFICIENTS[size_bucket])
+        self.warmup_steps = warmup_steps
+        self.branches: dict[str, TeaCacheBranch] = {}
+
+    def branch(self, name: str) -> TeaCacheBranch:
+        if name not in GUIDANCE_BRANCHES:
+            raise ValueError(f"unknown guidance branch {name!r}; expected one of {GUIDANCE_BRANCHES}")
+        if name not in self.branches:
+            self.branches[name] = TeaCacheBranch(self.coefficients, self.thresh, self.warmup_steps)
+        return self.branches[name]
+
+    def reset(self) -> None:
+        self.branches = {}

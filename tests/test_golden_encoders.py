@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -20,10 +21,9 @@ PAD_ID, EOS_ID = 0, 1  # as the t5 cases' `ids` description states
 
 def write_pth(case: GoldenCase, folder: Path) -> Path:
     """The case's Wan-format weights as the published files store them: a torch.save'd state dict."""
-    from safetensors.torch import load_file
-
     path = folder / f"{case.name}.pth"
-    torch.save(load_file(case.file("weights")), path)
+    # Some cases describe the file after its name ("weights.safetensors (only the visual.* keys ...)").
+    torch.save(load_file(case.folder / case.meta["files"]["weights"].split()[0]), path)
     return path
 
 
@@ -54,21 +54,25 @@ def test_golden_t5(case_name: str, tmp_path: Path) -> None:
         case.config["encoder_layers"], case.config["num_buckets"]
     )
 
+    outputs = case.outputs()
     case.assert_close("encoder_out", encoder.hidden_states(ids, mask))
-    trimmed = encoder.encode_ids(ids, mask)
-    for i, tensor in enumerate(trimmed):
-        case.assert_close(f"trimmed_prompt{i}", tensor)
+    # The trimmed outputs are rows of encoder_out, so they share its tolerance.
+    for i, tensor in enumerate(encoder.encode_ids(ids, mask)):
+        case.assert_close("encoder_out", tensor, outputs[f"trimmed_prompt{i}"])
 
     positions = torch.arange(ids.shape[1])
     attention = encoder.model.encoder.block[0].layer[0].SelfAttention
-    case.assert_close("relative_position_bucket", attention._relative_position_bucket(positions[None] - positions[:, None]))
+    buckets = attention._relative_position_bucket(positions[None] - positions[:, None])  # [q, k] for k - q
+    case.assert_close("relative_position_bucket", buckets)
 
     # The same prompts as text: one padded batch through the tokenizer, each output cut to its own length.
     lengths = mask.sum(dim=1).tolist()
     assert all(ids[i, n - 1] == EOS_ID for i, n in enumerate(lengths))
     prompts = ["  ".join(f"t{t}" for t in ids[i, : n - 1].tolist()) for i, n in enumerate(lengths)]
+    token_ids, token_mask = encoder.tokenize(prompts)
+    assert torch.equal(token_ids, ids) and torch.equal(token_mask, mask)
     for i, tensor in enumerate(encoder(prompts)):
-        case.assert_close(f"trimmed_prompt{i}", tensor)
+        case.assert_close("encoder_out", tensor, outputs[f"trimmed_prompt{i}"])
 
 
 @pytest.mark.parametrize("case_name", cases_with_prefix("clip") or ["clip_visual"])

@@ -154,7 +154,7 @@ def load_dit(
 
     missing = sorted(expected.keys() - files.keys())
     if missing:
-        raise ValueError(f"DiT checkpoint in {checkpoint_dir}: {len(missing)} model keys are in no index: {missing[:20]}")
+        raise ValueError(f"DiT checkpoint in {checkpoint_dir}: {len(missing)} model keys in no index: {missing[:20]}")
     unexpected = sorted(files.keys() - expected.keys())
     if unexpected:
         listed = [f"{key} ({files[key].name})" for key in unexpected[:20]]
@@ -170,7 +170,8 @@ def load_dit(
                     raise ValueError(f"{path}: the index lists {key!r}, but the file does not hold it")
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != expected[key]:
-                    raise ValueError(f"{path}: {key!r} has shape {list(shape)}, the model expects {list(expected[key])}")
+                    want = list(expected[key])
+                    raise ValueError(f"{path}: {key!r} has shape {list(shape)}, the model expects {want}")
 
     tensors = {}
     for path, keys in groups.items():
@@ -181,6 +182,7 @@ def load_dit(
                 except (SafetensorError, OSError) as e:
                     raise ValueError(f"cannot read {key!r} from {path} (truncated or corrupt?): {e}") from e
                 tensors[key] = tensor.to(device=device, dtype=dtype)
+                # Drop the fp32 copy now; else it stays alive while the next tensor is read.
                 del tensor
     model.load_state_dict(tensors, strict=True, assign=True)
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -189,10 +191,12 @@ def load_dit(
     return model.eval().requires_grad_(False)
 
 
-def check_files(
-    checkpoint_dir: Path, multitalk_dir: Path | None = None, wav2vec_dir: Path | None = None
-) -> None:
-    """Raise one FileNotFoundError that lists every missing published file, or return if all are there."""
+def check_files(checkpoint_dir: Path, multitalk_dir: Path | None = None, wav2vec_dir: Path | None = None) -> None:
+    """Raise one FileNotFoundError that lists every missing published file, or return if all are there.
+
+    Checks the Wan dir (config, encoders, VAE, tokenizers, the DiT shards its index or MultiTalk's names), the
+    MultiTalk weights, and the wav2vec2 dir when given.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     wan = WanFiles(checkpoint_dir)
     required = [wan.config, wan.t5, wan.clip, wan.vae]

@@ -106,7 +106,8 @@ class SelfAttention(nn.Module):
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
         out = self.o(attention(q, k, v).flatten(2))
-        attn_map = None if token_masks is None else reference_attention_map(q, k, token_masks)
+        # The map only routes speakers; like the reference, no gradient flows through it.
+        attn_map = None if token_masks is None else reference_attention_map(q.detach(), k.detach(), token_masks)
         return out, attn_map
 
 
@@ -149,7 +150,9 @@ class DiTBlock(nn.Module):
         self.norm3 = _norm_or_identity(config.cross_attn_norm, dim, eps, FP32LayerNorm, elementwise_affine=True)
         self.cross_attn = ImageTextCrossAttention(dim, config.num_heads, config.qk_norm, eps)
         self.norm2 = FP32LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
         self.audio_cross_attn = AudioCrossAttention(dim, config.output_dim, config.num_heads)
         self.norm_x = _norm_or_identity(config.norm_input_visual, dim, eps, FP32LayerNorm, elementwise_affine=True)
@@ -208,7 +211,11 @@ class ImageProjection(nn.Module):
     def __init__(self, clip_dim: int, dim: int):
         super().__init__()
         self.proj = nn.Sequential(
-            nn.LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(), nn.Linear(clip_dim, dim), nn.LayerNorm(dim)
+            nn.LayerNorm(clip_dim),
+            nn.Linear(clip_dim, clip_dim),
+            nn.GELU(),
+            nn.Linear(clip_dim, dim),
+            nn.LayerNorm(dim),
         )
 
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
@@ -216,6 +223,8 @@ class ImageProjection(nn.Module):
 
 
 class MultiTalkDiT(nn.Module):
+    """Video DiT with image, text and per-frame audio conditioning; `state_dict` keys as the published checkpoint."""
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         if tuple(config.window_size) != (-1, -1):
@@ -281,7 +290,7 @@ class MultiTalkDiT(nn.Module):
         # T5 padding rows are embedded and attended too (no key mask), as in the reference.
         text = context.to(device, dtype)
         text = torch.cat([text, text.new_zeros(config.text_len - text.shape[0], text.shape[1])])
-        context_tokens = torch.cat([self.img_emb(clip_fea.to(device, dtype)), self.text_embedding(text[None])], dim=1)
+        cross_context = torch.cat([self.img_emb(clip_fea.to(device, dtype)), self.text_embedding(text[None])], dim=1)
 
         audio_tokens = self.audio_proj(*split_audio_windows(audio.to(device, dtype), config.vae_scale))
         audio_tokens = audio_tokens.transpose(0, 1).flatten(1, 2)  # [T, speakers * context_tokens, output_dim]
@@ -296,7 +305,7 @@ class MultiTalkDiT(nn.Module):
         block_kwargs = dict(
             e0=e0,
             rope=grid_rope(config.head_dim, grid, device),
-            context=context_tokens,
+            context=cross_context,
             audio_tokens=audio_tokens,
             token_masks=token_masks,
             key_positions=key_positions,

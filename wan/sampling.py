@@ -186,7 +186,8 @@ class TeaCache:
 
     def __init__(self, thresh: float, size_bucket: str, warmup_steps: int = 5):
         if size_bucket not in TEACACHE_COEFFICIENTS:
-            raise ValueError(f"no TeaCache coefficients for size bucket {size_bucket!r}; know {list(TEACACHE_COEFFICIENTS)}")
+            known = list(TEACACHE_COEFFICIENTS)
+            raise ValueError(f"no TeaCache coefficients for size bucket {size_bucket!r}; known: {known}")
         if thresh < 0:
             raise ValueError(f"TeaCache threshold must be >= 0, got {thresh}")
         self.thresh = thresh

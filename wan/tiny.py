@@ -279,7 +279,7 @@ def vae_shapes(d: VaeDims) -> Shapes:
         if i != len(mult) - 1:
             shapes.update(_resample(f"decoder.upsamples.{n}", c_out, up=True, temporal=temporal_upsample[i]))
             n += 1
-    shapes[f"decoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
+    shapes["decoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
     shapes.update(_conv3d("decoder.head.2", dims[-1], 3, (3, 3, 3)))
     return shapes
 

@@ -60,7 +60,8 @@ def write_mp4(
         encoded = Path(tmp) / "video.mp4"
         stderr_file = Path(tmp) / "ffmpeg.log"
         cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y"]
-        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(fps), "-i", "pipe:0"]
+        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(fps)]
+        cmd += ["-i", "pipe:0"]
         if audio_path is not None:
             cmd += ["-i", str(audio_path), "-map", "0:v:0", "-map", "1:a:0"]
         # Tag BT.709 so players convert back to RGB with the matrix the encoder used.

@@ -65,8 +65,9 @@ def probe_audio_stream(path: str | os.PathLike, name: str = "audio") -> AudioStr
     report = json.loads(result.stdout or b"{}") if result.returncode == 0 else {}
     if "format" not in report:
         raise AudioInputError(
-            f"{name}: {path!r} is not a recognised audio or video file ({_first_line(result.stderr)}); "
-            "upload e.g. wav, flac, mp3, ogg/opus, m4a/aac, or a video with sound (mp4, mov, mkv, webm)"
+            f"{name}: {path!r} could not be read as audio or video ({_first_line(result.stderr)}): it is not a media "
+            "file, or it is damaged; upload e.g. wav, flac, mp3, ogg/opus, m4a/aac, or a video with sound (mp4, mov, "
+            "mkv, webm)"
         )
     audio = [s for s in report.get("streams", []) if s.get("codec_type") == "audio"]
     if not audio:

@@ -1,0 +1,219 @@
+"""wan.weights: local dirs and tars win, present weights never touch the network, Hub downloads are verified."""
+
+import fnmatch
+import functools
+import hashlib
+import http.server
+import shutil
+import socket
+import tarfile
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+from wan.tiny import write_tiny_checkpoints
+from wan.weights import HUB_REPOS, WeightPaths, resolve_weights
+
+FOLDERS = list(HUB_REPOS)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def no_cog_weights(monkeypatch):
+    monkeypatch.delenv("COG_WEIGHTS", raising=False)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("network access attempted")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    monkeypatch.setattr(socket, "create_connection", _refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _refuse)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _refuse)
+
+
+def _assert_paths(paths: WeightPaths, base: Path) -> None:
+    assert paths == WeightPaths(base / FOLDERS[0], base / FOLDERS[1], base / FOLDERS[2])
+    assert (paths.wan / "Wan2.1_VAE.pth").is_file() and (paths.multitalk / "multitalk.safetensors").is_file()
+
+
+def test_weights_in_root_need_no_network(tiny, tmp_path, no_network):
+    root = tmp_path / "weights"
+    shutil.copytree(tiny, root)
+    _assert_paths(resolve_weights(None, root), root)
+
+
+def test_weights_argument_and_cog_weights_env_win_over_root(tiny, tmp_path, no_network, monkeypatch):
+    empty_root = tmp_path / "weights"
+    _assert_paths(resolve_weights(str(tiny), empty_root), tiny)
+    monkeypatch.setenv("COG_WEIGHTS", str(tiny))
+    _assert_paths(resolve_weights(None, empty_root), tiny)
+    assert not empty_root.exists()
+
+
+def test_missing_weights_without_network_raise_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: (_ for _ in ()).throw(OSError("network is unreachable")))
+    root = tmp_path / "weights"
+    with pytest.raises(RuntimeError) as caught:
+        resolve_weights(None, root)
+    message = str(caught.value)
+    for what in ("COG_WEIGHTS", str(root.resolve()), "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
+                 "chinese-wav2vec2-base", "DiT index not found"):
+        assert what in message, what
+
+
+def test_incomplete_weights_argument_is_an_error_not_a_download(tiny, tmp_path, no_network):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / FOLDERS[0] / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(RuntimeError, match="Wan2.1_VAE.pth"):
+        resolve_weights(str(broken), tmp_path / "weights")
+
+
+class FakeHub:
+    """The Hub as seen by huggingface_hub: file metadata and snapshots, served from the tiny set on disk."""
+
+    def __init__(self, tiny: Path, corrupt: str | None = None, fail_after: int | None = None):
+        self.repos = {repo: tiny / name for name, repo in HUB_REPOS.items()}
+        self.corrupt, self.fail_after = corrupt, fail_after
+        self.calls = []
+
+    def model_info(self, repo_id, files_metadata=False, **kwargs):
+        assert files_metadata
+        siblings = []
+        for path in sorted(p for p in self.repos[repo_id].rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            lfs = BlobLfsInfo(size=len(data), sha256=hashlib.sha256(data).hexdigest(), pointer_size=130)
+            siblings.append(RepoSibling(path.relative_to(self.repos[repo_id]).as_posix(), len(data), None, lfs))
+        siblings.append(RepoSibling("README.md", 10, None, None))  # not in the repo dir, never asked for
+        return SimpleNamespace(sha="c0ffee" * 6 + "abcd", siblings=siblings)
+
+    def snapshot_download(self, repo_id, revision, local_dir, allow_patterns):
+        self.calls.append((repo_id, revision, tuple(allow_patterns)))
+        source = self.repos[repo_id]
+        for n, path in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+            name = path.relative_to(source).as_posix()
+            if not any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                continue
+            if self.fail_after is not None and n >= self.fail_after:
+                raise ConnectionError("connection reset by peer")
+            target = Path(local_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = bytearray(path.read_bytes())
+            if name == self.corrupt:
+                data[len(data) // 2] ^= 0xFF
+            target.write_bytes(bytes(data))
+        return str(local_dir)
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(huggingface_hub, "HfApi", lambda: self)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+        monkeypatch.setattr(socket.socket, "connect", _refuse)
+
+
+@pytest.fixture
+def tiny_with_extra(tiny, tmp_path) -> Path:
+    """The tiny set plus a file the published wav2vec repo has but we never read."""
+    copy = tmp_path / "hub"
+    shutil.copytree(tiny, copy)
+    (copy / FOLDERS[2] / "chinese-wav2vec2-base-fairseq-ckpt.pt").write_bytes(b"unused" * 100)
+    return copy
+
+
+def test_hub_download_fetches_only_our_files_verifies_and_renames(tiny_with_extra, tmp_path, monkeypatch):
+    hub = FakeHub(tiny_with_extra)
+    hub.install(monkeypatch)
+    root = tmp_path / "weights"
+    _assert_paths(resolve_weights(None, root), root)
+    assert sorted(p.name for p in root.iterdir()) == sorted(FOLDERS)  # no .partial left
+    assert [call[0] for call in hub.calls] == list(HUB_REPOS.values())
+    assert all(call[1] == "c0ffee" * 6 + "abcd" for call in hub.calls)  # pinned to the commit that was checked
+    assert not (root / FOLDERS[2] / "chinese-wav2vec2-base-fairseq-ckpt.pt").exists()
+    assert (root / FOLDERS[0] / "google" / "umt5-xxl" / "spiece.model").is_file()
+
+
+def test_corrupt_download_is_rejected_kept_partial_and_refetched(tiny, tmp_path, monkeypatch):
+    root = tmp_path / "weights"
+    bad = FakeHub(tiny, corrupt="Wan2.1_VAE.pth")
+    bad.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="sha256") as caught:
+        resolve_weights(None, root)
+    assert "Wan2.1_VAE.pth" in str(caught.value)
+    partial = root / (FOLDERS[0] + ".partial")
+    assert partial.is_dir() and not (root / FOLDERS[0]).exists()
+    assert not (partial / "Wan2.1_VAE.pth").exists()  # deleted so the rerun fetches it again
+    assert (partial / "config.json").is_file()  # the good files stay for the resume
+
+    FakeHub(tiny).install(monkeypatch)
+    _assert_paths(resolve_weights(None, root), root)
+    assert not partial.exists()
+
+
+def test_interrupted_download_keeps_partial_and_reports_missing_files(tiny, tmp_path, monkeypatch):
+    root = tmp_path / "weights"
+    FakeHub(tiny, fail_after=3).install(monkeypatch)
+    with pytest.raises(RuntimeError, match="connection reset by peer") as caught:
+        resolve_weights(None, root)
+    assert "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth" in str(caught.value)
+    assert len(list((root / (FOLDERS[0] + ".partial")).iterdir())) == 3
+
+
+def test_size_mismatch_is_rejected(tiny, tmp_path, monkeypatch):
+    hub = FakeHub(tiny)
+    real_info = hub.model_info
+
+    def info_with_wrong_size(repo_id, **kwargs):
+        info = real_info(repo_id, **kwargs)
+        info.siblings = [RepoSibling(s.rfilename, s.size + 1, None, s.lfs) if s.rfilename == "config.json" else s
+                         for s in info.siblings]
+        return info
+
+    hub.model_info = info_with_wrong_size
+    hub.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="config.json: .* bytes, the Hub says"):
+        resolve_weights(None, tmp_path / "weights")
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("prefix", ["", "multitalk-weights/"])
+def test_tar_url_is_downloaded_once_and_extracted_under_root(tiny, tmp_path, file_server, monkeypatch, prefix):
+    served, base_url = file_server
+    with tarfile.open(served / "trained.tar", "w") as tar:
+        for name in FOLDERS:
+            tar.add(tiny / name, arcname=prefix + name)
+    url = f"{base_url}/trained.tar"
+    root = tmp_path / "weights"
+    # A stale partial from an interrupted attempt: this server ignores Range, so it must be overwritten, not appended.
+    root.mkdir()
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    (root / f"url-{key}.tar.partial").write_bytes(b"garbage")
+
+    paths = resolve_weights(url, root)
+    _assert_paths(paths, root / f"url-{key}" / prefix.rstrip("/") if prefix else root / f"url-{key}")
+    assert sorted(p.name for p in root.iterdir()) == [f"url-{key}"]  # archive and .partial dir removed
+
+    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    assert resolve_weights(url, root) == paths

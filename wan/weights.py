@@ -1,0 +1,190 @@
+"""Where the three checkpoint folders come from: cog's `weights`, a local `weights/` dir, or the Hugging Face Hub.
+
+Order: the `weights` argument (cog passes `COG_WEIGHTS` there; read here too when the argument is empty) naming a
+local dir or an http(s) tar; else `root` if it already holds every file; else the published repos, downloaded into
+`root`. With the files present nothing touches the network. Downloads go to `<dir>.partial` (kept on failure, so a
+rerun resumes) and are renamed into place only after every file's size and sha256 match the Hub's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .checkpoints import (
+    DIT_INDEX_NAME,
+    MULTITALK_DIR_NAME,
+    MULTITALK_WEIGHTS_NAME,
+    WAN_DIR_NAME,
+    WAV2VEC_DIR_NAME,
+    WAV2VEC_FILES,
+    WAV2VEC_WEIGHT_NAMES,
+    WanFiles,
+    check_files,
+)
+
+log = logging.getLogger(__name__)
+
+HUB_REPOS = {
+    WAN_DIR_NAME: "Wan-AI/Wan2.1-I2V-14B-480P",
+    MULTITALK_DIR_NAME: "MeiGen-AI/MeiGen-MultiTalk",
+    WAV2VEC_DIR_NAME: "TencentGameMate/chinese-wav2vec2-base",
+}
+HASH_CHUNK = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightPaths:
+    wan: Path
+    multitalk: Path
+    wav2vec: Path
+
+    @classmethod
+    def under(cls, base: Path) -> "WeightPaths":
+        base = Path(base)
+        return cls(base / WAN_DIR_NAME, base / MULTITALK_DIR_NAME, base / WAV2VEC_DIR_NAME)
+
+
+def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path("weights")) -> WeightPaths:
+    """The three checkpoint dirs, fetched first if needed; raises one RuntimeError naming every missing file."""
+    root = Path(root)
+    source = str(weights) if weights else os.environ.get("COG_WEIGHTS") or None
+    if source:
+        base = fetch_tar(source, root) if source.startswith(("http://", "https://")) else Path(source)
+        paths = WeightPaths.under(base)
+        problems = missing_files(paths)
+        if problems:
+            raise RuntimeError(f"weights {source!r} (from the weights argument / COG_WEIGHTS) are incomplete:\n{problems}")
+        return paths
+
+    paths = WeightPaths.under(root)
+    if not missing_files(paths):
+        return paths
+    try:
+        for name, repo_id in HUB_REPOS.items():
+            if not (root / name).is_dir():
+                download_repo(repo_id, root / name)
+    except Exception as error:  # network, auth, disk or verification: all end in the same report
+        raise RuntimeError(
+            f"MultiTalk weights not found and the download failed ({type(error).__name__}: {error}).\n"
+            f"Looked in: the weights argument and COG_WEIGHTS (both unset), then {root.resolve()}.\n"
+            f"Missing:\n{missing_files(paths)}\n"
+            f"Put the three folders {list(HUB_REPOS)} in {root.resolve()}, or pass weights=DIR / a tar URL."
+        ) from error
+    problems = missing_files(paths)
+    if problems:
+        raise RuntimeError(f"downloaded weights in {root.resolve()} are incomplete:\n{problems}")
+    return paths
+
+
+def missing_files(paths: WeightPaths) -> str:
+    """Empty if every file the loaders read is there, else a readable list (from `wan.checkpoints.check_files`)."""
+    try:
+        check_files(paths.wan, paths.multitalk, paths.wav2vec)
+    except FileNotFoundError as error:
+        return str(error)
+    return ""
+
+
+def hub_patterns(name: str) -> list[str]:
+    """The files we read from each published repo (the rest, e.g. the fairseq checkpoint, is never fetched)."""
+    if name == WAN_DIR_NAME:
+        wan = WanFiles(Path())
+        shards = DIT_INDEX_NAME.split(".")[0] + "-*.safetensors"
+        tokenizers = [f"{wan.t5_tokenizer.as_posix()}/*", f"{wan.clip_tokenizer.as_posix()}/*"]
+        files = [wan.config, wan.dit_index, wan.t5, wan.clip, wan.vae]
+        return [p.as_posix() for p in files] + [shards, *tokenizers]
+    if name == MULTITALK_DIR_NAME:
+        return [MULTITALK_WEIGHTS_NAME, DIT_INDEX_NAME]
+    if name == WAV2VEC_DIR_NAME:
+        return [*WAV2VEC_FILES, *WAV2VEC_WEIGHT_NAMES]
+    raise ValueError(f"unknown weights folder {name!r}")
+
+
+def download_repo(repo_id: str, target: Path) -> None:
+    """Snapshot `repo_id` (our files only) into `target.partial`, verify it, then rename it to `target`."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    patterns = hub_patterns(target.name)
+    partial = target.with_name(target.name + ".partial")
+    info = HfApi().model_info(repo_id, files_metadata=True)
+    expected = list(filter_repo_objects(info.siblings, allow_patterns=patterns, key=lambda s: s.rfilename))
+    total = sum(s.size or 0 for s in expected)
+    log.info("downloading %s@%s (%d files, %.1f GB) to %s", repo_id, info.sha[:8], len(expected), total / 1e9, partial)
+    snapshot_download(repo_id, revision=info.sha, local_dir=partial, allow_patterns=patterns)
+    verify_files(partial, expected)
+    partial.rename(target)
+    log.info("verified %s -> %s", repo_id, target)
+
+
+def verify_files(folder: Path, expected) -> None:
+    """Compare each downloaded file with the Hub's size (and LFS sha256); delete bad ones so a rerun refetches them."""
+    problems = []
+    for sibling in expected:
+        path = folder / sibling.rfilename
+        if not path.is_file():
+            problems.append(f"{sibling.rfilename}: not downloaded")
+            continue
+        size = path.stat().st_size
+        if sibling.size is not None and size != sibling.size:
+            problems.append(f"{sibling.rfilename}: {size} bytes, the Hub says {sibling.size}")
+        elif sibling.lfs is not None and file_sha256(path) != sibling.lfs.sha256:
+            problems.append(f"{sibling.rfilename}: sha256 differs from the Hub's {sibling.lfs.sha256}")
+        else:
+            continue
+        path.unlink()
+    if problems:
+        raise RuntimeError(f"download check failed in {folder} (bad files deleted; rerun to fetch them again): "
+                           + "; ".join(problems))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_tar(url: str, root: Path) -> Path:
+    """Download and extract a weights tar once; the dir (named after the URL's hash) holding the three folders."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = root / f"url-{key}"
+    if not target.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        archive = root / f"url-{key}.tar.partial"
+        _download(url, archive)
+        extracted = root / f"url-{key}.partial"
+        shutil.rmtree(extracted, ignore_errors=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(extracted, filter="data")
+        extracted.rename(target)
+        archive.unlink()
+    # The three folders may sit at the top of the tar or inside one folder.
+    children = [p for p in target.iterdir() if p.is_dir()]
+    if not (target / WAN_DIR_NAME).is_dir() and len(children) == 1:
+        return children[0]
+    return target
+
+
+def _download(url: str, path: Path) -> None:
+    """Fetch `url` into `path`, resuming from what a previous attempt left there when the server allows ranges."""
+    done = path.stat().st_size if path.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    log.info("downloading %s to %s%s", url, path, f" (resuming at {done} bytes)" if done else "")
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and done:  # the previous attempt had already fetched everything
+            return
+        raise
+    with response, open(path, "ab" if done and response.status == 206 else "wb") as f:
+        shutil.copyfileobj(response, f, HASH_CHUNK)

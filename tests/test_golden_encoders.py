@@ -29,12 +29,13 @@ def write_pth(case: GoldenCase, folder: Path) -> Path:
 
 def write_id_tokenizer(folder: Path, vocab_size: int) -> Path:
     """A word-level tokenizer where word `t{i}` is token i, with umT5's pad 0 and an appended `</s>` 1."""
-    vocab = {f"t{i}": i for i in range(vocab_size)} | {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": vocab_size}
+    words = {f"t{i}": i for i in range(vocab_size) if i not in (PAD_ID, EOS_ID)}
+    vocab = words | {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": vocab_size}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
+    special = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(folder)
     return folder
 
 

@@ -16,7 +16,9 @@ CASES = cases_with_prefix("wav2vec2_")
 @pytest.mark.parametrize("case_name", CASES)
 def test_golden_wav2vec2_embedding(case_name: str, attn_implementation: str) -> None:
     case = load_case(case_name)
-    feature_extractor, encoder = load_wav2vec(case.folder / "hf_model", attn_implementation=attn_implementation)
+    # case.json: "hf_model_dir": "hf_model/ (config.json + ...)"
+    model_dir = case.folder / case.meta["files"].get("hf_model_dir", "hf_model").split()[0]
+    feature_extractor, encoder = load_wav2vec(model_dir, attn_implementation=attn_implementation)
     assert encoder.config._attn_implementation == attn_implementation
     waveform = case.inputs()["waveform"].numpy()
     sample_rate = feature_extractor.sampling_rate

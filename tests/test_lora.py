@@ -66,8 +66,12 @@ def reference_format_lora(gen: torch.Generator, weights: dict[str, torch.Tensor]
         if alpha is not None:
             sd[f"diffusion_model.{module}.alpha"] = torch.tensor(alpha)
         lora_parts.append((f"{module}.weight", up, down, alpha))
-    for key, param in (("head.head.diff", "head.head.weight"), ("blocks.1.cross_attn.norm_k.diff", "blocks.1.cross_attn.norm_k.weight"),
-                       ("blocks.0.ffn.0.diff_b", "blocks.0.ffn.0.bias"), ("blocks.0.self_attn.q.diff_b", "blocks.0.self_attn.q.bias")):  # fmt: skip
+    for key, param in (
+        ("head.head.diff", "head.head.weight"),
+        ("blocks.1.cross_attn.norm_k.diff", "blocks.1.cross_attn.norm_k.weight"),
+        ("blocks.0.ffn.0.diff_b", "blocks.0.ffn.0.bias"),
+        ("blocks.0.self_attn.q.diff_b", "blocks.0.self_attn.q.bias"),
+    ):
         sd[f"diffusion_model.{key}"] = diffs[param] = randn(gen, *weights[param].shape)
 
     def deltas(alpha_mode: str, scale: float) -> dict[str, torch.Tensor]:
@@ -103,7 +107,10 @@ DIFFUSERS_MODULES = {
     "transformer.condition_embedder.time_proj": "time_projection.1",
     "transformer.condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
 }
-DIFFUSERS_BIASES = {"transformer.blocks.0.attn1.to_q": "blocks.0.self_attn.q.bias", "transformer.blocks.1.norm2": "blocks.1.norm3.bias"}
+DIFFUSERS_BIASES = {
+    "transformer.blocks.0.attn1.to_q": "blocks.0.self_attn.q.bias",
+    "transformer.blocks.1.norm2": "blocks.1.norm3.bias",  # diffusers' norm2 is Wan's norm3
+}
 PEFT_MODULES = {
     "diffusion_model.blocks.0.ffn.2": "blocks.0.ffn.2",
     "base_model.model.blocks.1.self_attn.v": "blocks.1.self_attn.v",
@@ -115,12 +122,15 @@ def kohya_lora(gen, weights):
     sd, parts = {}, []
     for module, (wan, alpha) in KOHYA_MODULES.items():
         up, down = low_rank(gen, weights[f"{wan}.weight"])
-        sd.update({f"{module}.lora_up.weight": up, f"{module}.lora_down.weight": down, f"{module}.alpha": torch.tensor(alpha)})
+        sd.update({f"{module}.lora_up.weight": up, f"{module}.lora_down.weight": down})
+        sd[f"{module}.alpha"] = torch.tensor(alpha)
         parts.append((f"{wan}.weight", up, down, alpha))
 
     def deltas(alpha_mode: str, scale: float) -> dict[str, torch.Tensor]:
-        return {name: scale * (alpha / RANK if alpha_mode == "standard" else 1.0) * by_hand(up, down, weights[name].shape)
-                for name, up, down, alpha in parts}  # fmt: skip
+        return {
+            name: scale * (alpha / RANK if alpha_mode == "standard" else 1.0) * by_hand(up, down, weights[name].shape)
+            for name, up, down, alpha in parts
+        }
 
     return sd, deltas
 
@@ -209,9 +219,10 @@ def test_mismatching_loras_raise_listing_keys_and_leave_the_model_untouched(gold
     good, _ = reference_format_lora(gen, golden_weights)
     q_up, q_down = low_rank(gen, golden_weights["blocks.0.self_attn.q.weight"])
 
-    unknown = {f"diffusion_model.blocks.{i}.self_attn.q.lora_{p}.weight": q_up for i in range(2, 10) for p in ("up", "down")}
-    _assert_lora_error(model, base, [(unknown, 1.0)], "16 key(s)", "diffusion_model.blocks.2.self_attn.q.lora_up.weight",
-                       "and 11 more")  # fmt: skip
+    # Blocks far beyond the tiny DiT's: 8 modules x (up, down) = 16 keys that fit nothing.
+    unknown = {f"diffusion_model.blocks.{i}.ffn.0.lora_{p}.weight": q_up for i in range(90, 98) for p in ("up", "down")}
+    first = "diffusion_model.blocks.90.ffn.0.lora_up.weight"
+    _assert_lora_error(model, base, [(unknown, 1.0)], "16 key(s)", first, "and 11 more")
     wrong_shape = {"lora_unet_blocks_0_self_attn_q.lora_up.weight": q_up,
                    "lora_unet_blocks_0_self_attn_q.lora_down.weight": q_down[:, :32]}  # fmt: skip
     _assert_lora_error(model, base, [(wrong_shape, 1.0)], "lora_unet_blocks_0_self_attn_q.lora_down.weight", "[4, 32]")

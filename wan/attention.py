@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     import flash_attn_interface
@@ -11,6 +12,14 @@ except ImportError:
     flash_attn_interface = None
 
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
+# On an H100 cuDNN's fused attention runs our 32k-token self-attention in 37 ms against 60 ms for SDPA's default
+# flash backend (../shared/perf), so it goes first; the others remain as fallbacks for shapes cuDNN refuses.
+_CUDA_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -22,5 +31,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         out = flash_attn_interface.flash_attn_func(q, k, v)
         # Older FA3 releases return (out, softmax_lse).
         return out[0] if isinstance(out, tuple) else out
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2)

@@ -10,10 +10,6 @@ import torch.nn.functional as F
 from .attention import attention
 from .rope import apply_rope, label_rope
 
-# The reference averages the attention map over heads in this many chunks (a memory split that also fixes rounding).
-ATTENTION_MAP_HEAD_CHUNKS = 2
-
-
 def latter_audio_slots(audio_window: int, vae_scale: int) -> list[tuple[int, int]]:
     """(pixel frame within a latent frame's group, window position) feeding each `proj1_vf` slot, in slot order.
 
@@ -82,22 +78,19 @@ def reference_attention_map(q: torch.Tensor, k: torch.Tensor, token_masks: torch
 
     q, k: roped self-attention `[1, L, heads, head_dim]`; token_masks `[classes, R]` over the first frame's R tokens.
     Returns `[classes, L]`: per head softmax(q k_ref^T / sqrt(d)) summed inside each mask, divided by the mask size,
-    then averaged over heads. Computed in q's dtype, as the reference.
+    then averaged over heads.
+
+    The reference materialises the `[heads, L, R]` probabilities (2 GB per half of the heads at 480p); the same sums
+    are one attention call whose values are the normalised masks, zero-padded to head_dim.
     """
-    ref_tokens = token_masks.shape[1]
-    heads = q.shape[2]
-    q = (q[0] * q.shape[-1] ** -0.5).transpose(0, 1)
-    k_ref = k[0, :ref_tokens].transpose(0, 1)
-    masks = token_masks.to(q.dtype)
-    counts = masks.sum(dim=1)
-    # Fixed-size head chunks, as the reference (which also drops leftover heads when heads is odd).
-    chunk = heads // ATTENTION_MAP_HEAD_CHUNKS
-    total = torch.zeros(q.shape[1], masks.shape[0], dtype=q.dtype, device=q.device)
-    for i in range(ATTENTION_MAP_HEAD_CHUNKS):
-        heads_slice = slice(i * chunk, (i + 1) * chunk)
-        probs = (q[heads_slice] @ k_ref[heads_slice].transpose(1, 2)).softmax(dim=-1)
-        total = total + (probs @ masks.T / counts).mean(dim=0)
-    return (total / ATTENTION_MAP_HEAD_CHUNKS).T
+    classes, ref_tokens = token_masks.shape
+    heads, head_dim = q.shape[2], q.shape[3]
+    masks = token_masks.to(torch.float32)
+    weights = (masks / masks.sum(dim=1, keepdim=True)).T.to(q.dtype)  # [R, classes]
+    values = q.new_zeros(1, ref_tokens, heads, head_dim)
+    values[..., :classes] = weights[None, :, None, :]
+    per_head = attention(q, k[:, :ref_tokens], values)[0, :, :, :classes]  # [L, heads, classes]
+    return per_head.float().mean(dim=1).T.to(q.dtype)
 
 
 def _rescale(values: torch.Tensor, low: float, high: float) -> torch.Tensor:

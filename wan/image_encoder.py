@@ -101,6 +101,8 @@ def load_clip_vision(
         config = clip_vision_config(state_dict, head_dim)
     except KeyError as e:
         raise ValueError(f"checkpoint {path}: missing key {e}") from e
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: {e}") from e
     with torch.device("meta"):
         model = CLIPVisionModel(config)
     expected = model.state_dict()

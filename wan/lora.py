@@ -35,8 +35,9 @@ _DIFFUSERS_TOP = {"proj_out": "head.head", "scale_shift_table": "head.modulation
 }  # fmt: skip
 _DIFFUSERS_BLOCK = {
     f"{attn}.{theirs}": f"{ours}.{wan}" for attn, ours in (("attn1", "self_attn"), ("attn2", "cross_attn"))
-    for theirs, wan in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"), ("norm_q", "norm_q"), ("norm_k",
-                        "norm_k"), ("add_k_proj", "k_img"), ("add_v_proj", "v_img"), ("norm_added_k", "norm_k_img"))
+    for theirs, wan in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"), ("norm_q", "norm_q"),
+                        ("norm_k", "norm_k"), ("add_k_proj", "k_img"), ("add_v_proj", "v_img"),
+                        ("norm_added_k", "norm_k_img"))
 } | {
     "norm2": "norm3", "norm3": "norm2",  # diffusers swapped the names of the two block norms
     "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2", "scale_shift_table": "modulation",
@@ -79,17 +80,14 @@ def load_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise LoRAError(f"LoRA file not found: {path}")
     try:
-        state_dict = load_file(path, device="cpu")
+        return load_file(path, device="cpu")
     except Exception as error:  # safetensors raises several types for truncated or non-safetensors files
         raise LoRAError(f"LoRA file {path} is not a readable safetensors file: {error}") from error
-    return state_dict
 
 
 def _from_diffusers(path: str) -> str:
     block = re.fullmatch(r"blocks\.(\d+)\.(.+)", path)
-    if block:
-        return f"blocks.{block[1]}.{_DIFFUSERS_BLOCK.get(block[2], block[2])}"
-    return _DIFFUSERS_TOP.get(path, path)
+    return f"blocks.{block[1]}.{_DIFFUSERS_BLOCK.get(block[2], block[2])}" if block else _DIFFUSERS_TOP.get(path, path)
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -158,13 +156,14 @@ def normalize_lora_keys(
 def _shape_problems(entry: LoRAEntry, params: Mapping[str, torch.Tensor]) -> list[str]:
     problems = []
     if entry.up is not None:
-        weight = params[entry.param_name]
-        rank_ok = entry.up.ndim >= 2 and entry.down.ndim >= 2 and entry.up.flatten(1).shape[1] == entry.down.shape[0]
-        if not rank_ok or (entry.up.shape[0], entry.down[0].numel()) != (weight.shape[0], weight[0].numel()):
-            problems.append(f"{entry.keys} (up {list(entry.up.shape)} @ down {list(entry.down.shape)} does not give "
+        weight, up, down = params[entry.param_name], entry.up, entry.down
+        # A Conv3d weight [out, in, *k] takes down [r, in, *k] and up [out, r, 1, 1, 1].
+        ranks_match = up.ndim >= 2 and down.ndim >= 2 and up[0].numel() == up.shape[1] == down.shape[0]
+        if not ranks_match or (up.shape[0], *down.shape[1:]) != tuple(weight.shape):
+            problems.append(f"{entry.keys} (up {list(up.shape)} @ down {list(down.shape)} does not give "
                             f"{entry.param_name} {list(weight.shape)})")  # fmt: skip
     for diff, name in ((entry.diff, entry.param_name), (entry.diff_b, entry.bias_name)):
-        if diff is not None and diff.numel() != params[name].numel():
+        if diff is not None and diff.shape != params[name].shape:
             problems.append(f"{entry.keys} (diff {list(diff.shape)} does not fit {name} {list(params[name].shape)})")
     return problems
 
@@ -173,7 +172,7 @@ def _delta(entry: LoRAEntry, bias: bool, scale: float, alpha_mode: str, param: t
     """scale · (ratio · up@down + diff) for a weight, scale · diff_b for a bias; float32 on the parameter's device."""
     device, shape = param.device, param.shape
     if bias:
-        return scale * entry.diff_b.to(device, torch.float32).reshape(shape)
+        return scale * entry.diff_b.to(device, torch.float32)
     delta = torch.zeros(shape, dtype=torch.float32, device=device)
     if entry.up is not None:
         # The reference ignores `.alpha` (ratio 1); "standard" is what kohya/PEFT/ComfyUI define: alpha / rank.
@@ -181,7 +180,7 @@ def _delta(entry: LoRAEntry, bias: bool, scale: float, alpha_mode: str, param: t
         up, down = entry.up.to(device, torch.float32).flatten(1), entry.down.to(device, torch.float32).flatten(1)
         delta += (scale * ratio) * (up @ down).reshape(shape)
     if entry.diff is not None:
-        delta += scale * entry.diff.to(device, torch.float32).reshape(shape)
+        delta += scale * entry.diff.to(device, torch.float32)
     return delta
 
 

@@ -139,7 +139,7 @@ class MultiTalkPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.bfloat16,
     ):
-        from .checkpoints import WanFiles, load_dit
+        from .checkpoints import WanFiles, check_files, load_dit
         from .image_encoder import ImageEncoder
         from .text_encoder import TextEncoder
         from .vae import VideoVAE
@@ -151,18 +151,18 @@ class MultiTalkPipeline:
         if device is None:
             device = f"cuda:{device_id}" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        check_files(checkpoint_dir, multitalk_dir)
         files = WanFiles(Path(checkpoint_dir))
-        files.check()
-        text_device = "cpu" if t5_cpu else device
+        dit = load_dit(files.root, multitalk_dir, dtype=dtype, device=device)
         self._setup(
-            dit=load_dit(files.root, multitalk_dir, dtype=dtype, device=device),
+            dit=dit,
             text_encoder=TextEncoder.from_checkpoint(
-                files.t5_checkpoint, files.t5_tokenizer, dtype=dtype, device=text_device
+                files.t5, files.t5_tokenizer, text_len=dit.config.text_len, dtype=dtype, device="cpu" if t5_cpu else device
             ),
             image_encoder=ImageEncoder.from_checkpoint(
-                files.clip_checkpoint, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device
+                files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device
             ),
-            vae=VideoVAE.from_checkpoint(files.vae_checkpoint, device=device),
+            vae=VideoVAE.from_checkpoint(files.vae, device=device),
             device=device,
             negative_prompt=getattr(config, "sample_neg_prompt", None) or DEFAULT_NEGATIVE_PROMPT,
         )

@@ -117,6 +117,8 @@ def load_umt5(
         config = umt5_config(state_dict)
     except KeyError as e:
         raise ValueError(f"checkpoint {path}: missing key {e}") from e
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: {e}") from e
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     sources = {key: wan_t5_key(key) for key in model.state_dict()}

@@ -60,6 +60,8 @@ def load_wan_vae(
         config = vae_config(state_dict)
     except KeyError as e:
         raise ValueError(f"checkpoint {path}: missing key {e}") from e
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: {e}") from e
     with torch.device("meta"):
         model = AutoencoderKLWan(**config)
     # The converter only renames, so feeding it the keys themselves yields diffusers key -> file key.

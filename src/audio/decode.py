@@ -101,6 +101,11 @@ def decode_native(
     stream = probe_audio_stream(path, name)
     if max_seconds is not None and stream.duration is not None and stream.duration > max_seconds:
         raise _too_long(name, stream.duration, max_seconds)
+    if _wav_is_cut_short(path):
+        raise AudioInputError(
+            f"{name}: the wav file {path!r} is truncated (its header declares more audio than the file holds); "
+            "re-export or re-upload it"
+        )
     command = [_ffmpeg_tool("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "level+warning", "-i", path]
     command += ["-map", f"0:{stream.index}"]
     if max_seconds is not None:
@@ -114,11 +119,6 @@ def decode_native(
             f"{name}: the {stream.codec} audio in {path!r} could not be decoded cleanly "
             f"({problems[0] if problems else 'ffmpeg exit code ' + str(result.returncode)}); "
             "the file is truncated or corrupt, re-export or re-upload it"
-        )
-    if _wav_is_cut_short(path):
-        raise AudioInputError(
-            f"{name}: the wav file {path!r} is truncated (its header declares more audio than the file holds); "
-            "re-export or re-upload it"
         )
     samples = np.frombuffer(result.stdout, dtype="<f4")
     usable = samples.size - samples.size % stream.channels

@@ -32,7 +32,9 @@ def check_audio_type(audio_type: str) -> None:
         raise ValueError(f"audio_type {audio_type!r} is not supported; use one of: {', '.join(AUDIO_TYPES)}")
 
 
-def combine_speakers(track1: np.ndarray, track2: np.ndarray, audio_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def combine_speakers(
+    track1: np.ndarray, track2: np.ndarray, audio_type: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-speaker tracks of equal length and their mix (the soundtrack).
 
     `add`: speaker 1 talks, then speaker 2 (each is silent while the other talks).

@@ -1,0 +1,233 @@
+"""GPU benchmark and correctness check of the MultiTalk DiT; helpers shared by `bench_dit` and `gpu_check`.
+
+Everything here needs only torch and the repo's `wan/` modules (imported without `wan/__init__`, whose pipeline
+import would pull in PIL and, later, heavier libraries that the device machine may lack).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+# The golden cases' tiny DiT (see shared/golden/README.md, dit_1p), with the fields the reference fixes in code.
+TINY_DIT = dict(
+    text_len=24, dim=64, ffn_dim=128, text_dim=32, num_heads=4, num_layers=2, intermediate_dim=8, output_dim=64
+)
+
+ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math")
+
+
+def import_wan(root: Path = REPO_ROOT, alias: str = "wan") -> ModuleType:
+    """The `wan` package found under `root`, registered as `alias`, with its `__init__` left unrun.
+
+    Submodules import on demand (`importlib.import_module(alias + ".dit")`) and resolve their relative imports
+    inside the same copy, so two checkouts can live in one process under two aliases.
+    """
+    package_dir = (root / "wan").resolve()
+    loaded = sys.modules.get(alias)
+    if loaded is not None:
+        if [str(package_dir)] != list(getattr(loaded, "__path__", [])):
+            raise RuntimeError(f"module {alias!r} is already loaded from {loaded.__path__}, not {package_dir}")
+        return loaded
+    if not (package_dir / "dit.py").is_file():
+        raise FileNotFoundError(f"no wan/dit.py under {root}")
+    spec = importlib.util.spec_from_file_location(
+        alias, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = package
+    return package
+
+
+def wan_module(package: ModuleType, name: str) -> ModuleType:
+    return importlib.import_module(f"{package.__name__}.{name}")
+
+
+def tiny_config(configs: ModuleType):
+    return configs.DiTConfig(**TINY_DIT)
+
+
+def full_config(configs: ModuleType):
+    return getattr(configs, "MULTITALK_14B", None) or configs.DiTConfig()
+
+
+@torch.no_grad()
+def init_random_(model: nn.Module, generator: torch.Generator) -> None:
+    """Fill every parameter in place on its own device: matrices N(0, 1/fan_in), biases N(0, 0.02²), norm scales
+    1 + N(0, 0.02²). Keeps activations O(1) through many layers, so timings are taken on realistic values."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.normal_(0.0, 0.02, generator=generator)
+        elif param.numel() == param.shape[0]:  # a per-channel scale, whatever its trailing singleton dims
+            param.normal_(1.0, 0.02, generator=generator)
+        else:
+            param.normal_(0.0, (param.numel() // param.shape[0]) ** -0.5, generator=generator)
+    if any(True for _ in model.buffers()):
+        raise RuntimeError("model has buffers, which to_empty() leaves uninitialised")
+
+
+def build_random(
+    make: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> nn.Module:
+    """Construct on the meta device, cast, then allocate once on `device` and fill with random values (no CPU copy)."""
+    with torch.device("meta"):
+        model = make()
+    model = model.to(dtype).to_empty(device=device)
+    init_random_(model, generator)
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """SDPA restricted to one backend, falling back (in this order) to flash, efficient, math for shapes or dtypes
+    the chosen one does not take. `sdpa` leaves torch's own choice."""
+    if name == "sdpa":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    backends = [order[name]] + [b for key, b in order.items() if key not in (name, "cudnn")]
+    try:
+        context = sdpa_kernel(backends, set_priority=True)
+    except TypeError:  # torch without priorities: the set is still restricted, the order is torch's
+        context = sdpa_kernel(backends)
+    with context:
+        yield
+
+
+def backend_supports(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """'ok' if SDPA with only backend `name` runs on these `[B, L, heads, d]` tensors, else the error's first line."""
+    if name == "sdpa":
+        return "ok"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    try:
+        with sdpa_kernel([backend]), torch.inference_mode():
+            torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
+        return "ok"
+    except RuntimeError as err:
+        return str(err).strip().splitlines()[0][:200]
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 matmuls and convolutions without TF32 inside the block; the previous settings are restored."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@dataclasses.dataclass
+class Timing:
+    first_s: float  # the first call, wall clock: includes compilation, autotuning and handle creation
+    times_s: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def summary(self) -> dict:
+        return dict(
+            first_s=self.first_s,
+            median_s=self.median_s,
+            min_s=min(self.times_s),
+            max_s=max(self.times_s),
+            times_s=self.times_s,
+        )
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[Timing, object]:
+    """`warmup` untimed calls (at least one), then `repeats` calls timed one by one (CUDA events on a GPU, the
+    host clock after a synchronize elsewhere). Returns the timing and the last call's result."""
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    first = time.perf_counter() - start
+    for _ in range(max(warmup, 1) - 1):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1000)
+        else:
+            begin_s = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - begin_s)
+    return Timing(first, times), result
+
+
+def relative_error(actual: torch.Tensor, truth: torch.Tensor) -> dict:
+    """‖a − t‖ / ‖t‖ and max |a − t| in float64; non-finite values make both infinite."""
+    a, t = actual.detach().double(), truth.detach().double().to(actual.device)
+    if not torch.isfinite(a).all():
+        return dict(rel=float("inf"), max_abs=float("inf"), finite=False)
+    diff = a - t
+    return dict(rel=(diff.norm() / t.norm()).item(), max_abs=diff.abs().max().item(), finite=True)
+
+
+def environment(device: torch.device) -> dict:
+    """What ran: card, software, date, commit."""
+    import datetime
+    import subprocess
+
+    info = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+        fa3_installed=importlib.util.find_spec("flash_attn_interface") is not None,
+    )
+    try:
+        git = ["git", "-C", str(REPO_ROOT)]
+        info["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "wan"], capture_output=True, text=True, check=True).stdout
+        info["wan_dirty"] = bool(dirty.strip())
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    return info

@@ -1,0 +1,209 @@
+"""Correctness of the MultiTalk DiT on the GPU, before timing it.
+
+    python -m bench.gpu_check --golden .bench/golden --out $OUT/check.json [--attention sdpa,cudnn,flash]
+    python -m bench.gpu_check --golden ../shared/golden --tiny --out /tmp/check.json   # CPU, seconds
+
+(a) Every golden `dit_*` case under --golden: float32 on the device without TF32 against the golden output at the
+    case's strict tolerance; bf16 against a float32 run of the same inputs, and, for information, against the
+    golden (the bf16 model rounds t to bf16 before the sinusoid, as the reference does).
+(b) The full-size DiT cut to one block (dim 5120, 40 heads, 32928 tokens), 1 and 2 speakers, random weights: bf16
+    under each SDPA backend against float32 (no TF32) as truth, at the block output and at the model output.
+bf16 passes at ‖bf16 − fp32‖ / ‖fp32‖ < 2e-2 with one speaker, < 5e-2 with two: two speakers route each token by an
+argmax over a bf16 attention map, and near-ties flip a few tokens to another speaker's label position (dit_2p on CPU:
+1 and 4 of 288 tokens in its two blocks, 2.2e-2 at the output), a discrete change the reference's bf16 run makes too.
+The number of flipped tokens is reported. Prints PASS/FAIL lines, writes JSON, exits 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from . import (
+    ATTENTION_CHOICES,
+    attention_backend,
+    build_random,
+    environment,
+    exact_float32,
+    full_config,
+    import_wan,
+    relative_error,
+    tiny_config,
+    wan_module,
+)
+from .bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
+
+BF16_REL_TOL = {1: 2e-2, 2: 5e-2}  # by number of speakers, see above
+MODEL_INPUTS = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
+# Sizes the reference fixes in code, as case.json's `config_fixed_in_code` names them -> DiTConfig field.
+FIXED_IN_CODE = {
+    "clip_dim": "clip_dim",
+    "audio_blocks": "audio_layers",
+    "audio_channels": "audio_channels",
+    "class_range": "class_range",
+    "class_interval": "class_interval",
+}
+
+
+class Report:
+    def __init__(self) -> None:
+        self.checks: list[dict] = []
+
+    def add(self, name: str, passed: bool, detail: str, **metrics) -> None:
+        self.checks.append(dict(name=name, passed=passed, detail=detail, **metrics))
+        print(f"{'PASS' if passed else 'FAIL'} {name}: {detail}", flush=True)
+
+    @property
+    def failed(self) -> int:
+        return sum(not c["passed"] for c in self.checks)
+
+
+def forward_with_probes(model, inputs: dict) -> dict:
+    """Output, first block's output, and each block's audio label positions (two speakers only)."""
+    blocks, positions = [], []
+    hooks = [model.blocks[0].register_forward_hook(lambda m, a, out: blocks.append(out))]
+    for block in model.blocks:
+        hooks.append(
+            block.audio_cross_attn.register_forward_pre_hook(
+                lambda m, a, kwargs: positions.append(kwargs.get("q_positions")), with_kwargs=True
+            )
+        )
+    try:
+        with torch.inference_mode():
+            out = model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dict(out=out, block=blocks[0], positions=positions)
+
+
+def routing_flips(test: dict, truth: dict) -> list[int]:
+    """Tokens per block whose label position moved to another speaker's range (a change of more than 1)."""
+    pairs = zip(test["positions"], truth["positions"])
+    return [int(((a.float() - b.float()).abs() > 1).sum()) for a, b in pairs if a is not None and b is not None]
+
+
+def golden_cases(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith("dit_") and (p / "case.json").is_file())
+
+
+def check_golden_case(case_dir: Path, wan, device: torch.device, report: Report) -> None:
+    meta = json.loads((case_dir / "case.json").read_text())
+    values = dict(meta["config"])
+    fixed = meta.get("config_fixed_in_code", {})
+    values.update({field: fixed[key] for key, field in FIXED_IN_CODE.items() if key in fixed})
+    config = wan_module(wan, "configs").DiTConfig.from_dict(values)
+    files = meta["files"]
+    # A weights entry may carry a note after the path.
+    weights = load_file(case_dir / files["weights"].split()[0])
+    inputs = load_file(case_dir / files.get("inputs", "inputs.safetensors"))
+    inputs = {k: inputs[k].to(device) for k in MODEL_INPUTS}
+    golden = load_file(case_dir / files.get("outputs", "outputs.safetensors"))["out"].to(device)
+    tolerance = meta["tolerance"]["per_tensor"]["out"]
+    strict, loose = tolerance["strict_max_abs_err"], tolerance["loose_max_abs_err"]
+
+    model = wan_module(wan, "dit").MultiTalkDiT(config).eval().requires_grad_(False)
+    model.load_state_dict(weights, strict=True)
+    model.to(device)
+    with exact_float32():
+        out32 = forward_with_probes(model, inputs)["out"][None]
+    err = relative_error(out32, golden)
+    verdict = "strict" if err["max_abs"] <= strict else "loose (suspicious)" if err["max_abs"] <= loose else "bug"
+    report.add(
+        f"golden {case_dir.name} fp32",
+        err["max_abs"] <= strict,
+        f"max_abs {err['max_abs']:.3g} (strict {strict:.3g}, loose {loose:.3g}: {verdict}), rel {err['rel']:.3g}",
+        **err,
+    )
+
+    # bf16 rounds t before the sinusoid; give float32 the same t so that only the arithmetic differs.
+    rounded_t = {**inputs, "t": inputs["t"].to(torch.bfloat16).float()}
+    run16 = forward_with_probes(copy.deepcopy(model).to(torch.bfloat16), inputs)
+    with exact_float32():
+        run32 = forward_with_probes(model, rounded_t)
+    vs_fp32, vs_golden = relative_error(run16["out"], run32["out"]), relative_error(run16["out"][None], golden)
+    tol, flips = BF16_REL_TOL[inputs["audio"].shape[0]], routing_flips(run16, run32)
+    report.add(
+        f"golden {case_dir.name} bf16",
+        vs_fp32["rel"] < tol,
+        f"vs fp32 rel {vs_fp32['rel']:.3g} max_abs {vs_fp32['max_abs']:.3g} (< {tol}), routing flips {flips}; "
+        f"vs golden rel {vs_golden['rel']:.3g} max_abs {vs_golden['max_abs']:.3g} (t rounding included)",
+        vs_fp32=vs_fp32,
+        vs_golden=vs_golden,
+        routing_flips=flips,
+    )
+
+
+def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    """One full-width block inside the real model (embeddings, audio projection, head): bf16 vs float32."""
+    configs, dit = wan_module(wan, "configs"), wan_module(wan, "dit")
+    config = dataclasses.replace(tiny_config(configs) if args.tiny else full_config(configs), num_layers=1)
+    clip = TINY_CLIP if args.tiny else FULL_CLIP
+    generator = torch.Generator(device=device).manual_seed(100 + speakers)
+    model = build_random(lambda: dit.MultiTalkDiT(config), device, torch.float32, generator)
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    inputs = dit_inputs(config, clip, speakers, device, generator)  # t = 992 is exact in bf16
+    tokens = (clip.frames - 1) // config.vae_scale + 1
+    tokens *= (clip.height // 16) * (clip.width // 16)
+    tol = BF16_REL_TOL[speakers]
+
+    with exact_float32():
+        run32 = forward_with_probes(model, inputs)
+    for backend in args.attention:
+        with attention_backend(backend):
+            run16 = forward_with_probes(model16, inputs)
+        block_err, out_err = relative_error(run16["block"], run32["block"]), relative_error(run16["out"], run32["out"])
+        flips = routing_flips(run16, run32)
+        report.add(
+            f"dim{config.dim} block {speakers}p bf16 [{backend}] vs fp32",
+            block_err["rel"] < tol and out_err["rel"] < tol,
+            f"{tokens} tokens; block rel {block_err['rel']:.3g} max_abs {block_err['max_abs']:.3g}; "
+            f"output rel {out_err['rel']:.3g} max_abs {out_err['max_abs']:.3g} (< {tol}); routing flips {flips}",
+            block=block_err,
+            output=out_err,
+            attention=backend,
+            routing_flips=flips,
+        )
+    del model, model16
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--golden", type=Path, required=True, help="folder holding the golden dit_* cases")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--attention", default="sdpa,cudnn,flash", help="comma list of " + ", ".join(ATTENTION_CHOICES))
+    parser.add_argument("--tiny", action="store_true", help="tiny config for part (b) (CPU check)")
+    args = parser.parse_args(argv)
+    args.attention = [a for a in args.attention.split(",") if a]
+    if set(args.attention) - set(ATTENTION_CHOICES):
+        parser.error(f"unknown attention backend in {args.attention}")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    print(f"{env['device_name']} | torch {env['torch']} | {env['date']} | commit {env['commit']}", flush=True)
+    wan = import_wan()
+    report = Report()
+    cases = golden_cases(args.golden) if args.golden.is_dir() else []
+    if not cases:
+        report.add("golden cases", False, f"no dit_* case under {args.golden}")
+    for case_dir in cases:
+        check_golden_case(case_dir, wan, device, report)
+    for speakers in (1, 2):
+        check_full_block(wan, speakers, args, device, report)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(env=env, checks=report.checks, failed=report.failed), indent=1))
+    print(f"{len(report.checks) - report.failed}/{len(report.checks)} checks passed; wrote {args.out}", flush=True)
+    raise SystemExit(1 if report.failed else 0)
+
+
+if __name__ == "__main__":
+    main()

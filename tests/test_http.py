@@ -1,0 +1,348 @@
+"""The real Cog HTTP server (coglet) around predict.py on tiny weights, driven the way a Replicate client drives it.
+
+One server for the module: `python -m cog.server.http` with the committed `.cog/openapi_schema.json`, tiny random
+weights from `python -m wan.tiny` via COG_WEIGHTS, and a private TMPDIR so leftover files can be counted. Inputs
+travel as data URIs (no file extension) and as loopback http URLs; a local server also collects webhooks.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.server
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import soundfile
+
+pytestmark = pytest.mark.timeout(900)
+
+REPO = Path(__file__).resolve().parents[1]
+FPS = 25
+SAMPLE_RATE = 16000
+CLIP_SECONDS = 0.6  # 15 video frames: one short clip keeps each tiny prediction to seconds on a CPU
+STEP_LINE = re.compile(r"^step \d+/\d+ clip", re.MULTILINE)
+STEP_ELAPSED = re.compile(r"^step \d+/\d+ clip \d+/\d+ elapsed ([\d.]+)s", re.MULTILINE)
+TINY = {"sampling_steps": 2, "seed": 7, "prompt": "a person talking"}
+
+
+def _speech(seconds: float, pitch: float) -> bytes:
+    """A voiced, vowel-like tone with a syllable envelope, as 16-bit wav bytes."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    voice = sum(np.sin(2 * np.pi * k * pitch * t) / k for k in range(1, 12))
+    wave = 0.3 * voice / np.abs(voice).max() * np.sin(np.pi * 4 * t) ** 2
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+class LoopbackHandler(http.server.BaseHTTPRequestHandler):
+    """GET /files/<name> serves an input; POST /webhook/<key> records the JSON body."""
+
+    def do_GET(self):
+        data = self.server.files.get(self.path.removeprefix("/files/"))
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.events.setdefault(self.path.removeprefix("/webhook/"), []).append(body)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def loopback():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoopbackHandler)
+    server.files, server.events, server.lock = {}, {}, threading.Lock()
+    server.base = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CogServer:
+    def __init__(self, process: subprocess.Popen, url: str, tmpdir: Path, log: Path):
+        self.process, self.url, self.tmpdir, self.log = process, url, tmpdir, log
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=10).json()
+
+    def predict(self, inputs: dict, **body) -> requests.Response:
+        return requests.post(f"{self.url}/predictions", json={"input": inputs, **body}, timeout=600)
+
+    def worker(self) -> psutil.Process:
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        workers = [c for c in children if "python" in c.name().lower()]
+        assert len(workers) == 1, f"expected one python worker, found {children}"
+        return workers[0]
+
+    def files(self) -> set[str]:
+        return {str(p.relative_to(self.tmpdir)) for p in self.tmpdir.rglob("*") if p.is_file()}
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cog-http")
+    weights = work / "tiny-weights"
+    subprocess.run([sys.executable, "-m", "wan.tiny", str(weights)], cwd=REPO, check=True, capture_output=True)
+    tmpdir = work / "tmp"
+    tmpdir.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "COG_WEIGHTS": str(weights),
+        # coglet starts its worker with the `python` found on PATH: it must be this venv's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TMPDIR": str(tmpdir),
+        "LOG_FORMAT": "console",
+    }
+    log = work / "server.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    cog = CogServer(process, f"http://127.0.0.1:{port}", tmpdir, log)
+    try:
+        deadline = time.monotonic() + 600
+        status = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                status = cog.health()["status"]
+            except requests.ConnectionError:
+                status = None
+            if status in ("READY", "SETUP_FAILED", "DEFUNCT"):
+                break
+            time.sleep(0.5)
+        assert status == "READY", f"server not ready ({status}); log:\n{cog.log_tail()}"
+        yield cog
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+
+    signal_group(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(15)
+    signal_group(signal.SIGKILL)  # also the worker, should it outlive the server
+    process.wait(15)
+
+
+@pytest.fixture(scope="module")
+def media(loopback):
+    image = (REPO / "examples" / "two_people.png").read_bytes()
+    speech1, speech2 = _speech(CLIP_SECONDS, 130), _speech(CLIP_SECONDS, 220)
+    loopback.files.update({"portrait": image, "speech1.wav": speech1, "speech2": speech2})
+    return {
+        "image_uri": _data_uri(image, "image/png"),
+        "audio_uri": _data_uri(speech1, "audio/wav"),
+        "image_url": f"{loopback.base}/files/portrait",
+        "audio_url": f"{loopback.base}/files/speech1.wav",
+        "second_audio_url": f"{loopback.base}/files/speech2",
+    }
+
+
+def _probe(mp4: Path) -> dict:
+    result = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", str(mp4)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def _check_video(body: dict, tmp_path: Path, seconds: float) -> dict:
+    assert body["status"] == "succeeded", body.get("error")
+    prefix = "data:video/mp4;base64,"
+    assert body["output"].startswith(prefix), body["output"][:80]
+    mp4 = tmp_path / "output.mp4"
+    mp4.write_bytes(base64.b64decode(body["output"][len(prefix):]))
+    streams = {s["codec_type"]: s for s in _probe(mp4)["streams"]}
+    video, audio = streams["video"], streams["audio"]
+    frames = round(seconds * FPS)
+    assert video["codec_name"] == "h264" and audio["codec_name"] == "aac"
+    assert video["r_frame_rate"] == "25/1" and int(video["nb_read_frames"]) == frames
+    assert abs(float(video["duration"]) - seconds) < 0.01
+    assert abs(float(audio["duration"]) - seconds) < 0.05  # AAC works in 1024-sample frames
+    assert body["metrics"]["video_output_count"] == 1
+    assert body["metrics"]["video_output_duration_seconds"] == pytest.approx(frames / FPS)
+    return streams
+
+
+def _wait_ready(server: CogServer, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := server.health()["status"]) != "READY":
+        assert time.monotonic() < deadline, f"server {status}, not READY; log:\n{server.log_tail()}"
+        time.sleep(0.2)
+
+
+def test_server_serves_the_committed_schema(server):
+    assert server.health()["status"] == "READY"
+    served = requests.get(f"{server.url}/openapi.json", timeout=10)
+    assert served.status_code == 200
+    assert served.json() == json.loads((REPO / ".cog" / "openapi_schema.json").read_text())
+
+
+def test_data_uri_inputs_without_extensions_give_a_playable_mp4(server, media, tmp_path):
+    response = server.predict({"image": media["image_uri"], "audio": media["audio_uri"], **TINY})
+    assert response.status_code == 200, response.text
+    _check_video(response.json(), tmp_path, CLIP_SECONDS)
+
+
+def test_http_url_inputs_with_two_speakers(server, media, tmp_path):
+    inputs = {
+        "image": media["image_url"], "audio": media["audio_url"], "second_audio": media["second_audio_url"],
+        "audio_type": "para", **TINY,
+    }
+    response = server.predict(inputs)
+    assert response.status_code == 200, response.text
+    _check_video(response.json(), tmp_path, CLIP_SECONDS)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"sampling_steps": "lots"}, "sampling_steps"),  # wrong type
+        ({"sampling_steps": 500}, "sampling_steps"),  # out of range
+        ({"num_frames": 2}, "num_frames"),  # below the minimum
+        ({"resolution": "1080p"}, "resolution"),  # not a choice
+        ({"audio": None}, "audio"),  # missing required input
+    ],
+)
+def test_invalid_inputs_get_422(server, media, change, field):
+    inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY, **change}
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    response = server.predict(inputs)
+    assert response.status_code == 422, response.text
+    assert [d["loc"] for d in response.json()["detail"]] == [["body", "input", field]]
+
+
+@pytest.mark.parametrize("name", ["image", "audio"])
+def test_corrupt_file_fails_naming_the_input_and_server_stays_ready(server, media, name):
+    inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY}
+    inputs[name] = _data_uri(b"\x00garbage, not a real file\xff" * 40, "application/octet-stream")
+    response = server.predict(inputs)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "failed"
+    assert re.search(rf"\b{name}\b", body["error"]), body["error"]
+    _wait_ready(server)
+
+
+def _post_async(server: CogServer, loopback, key: str, inputs: dict) -> None:
+    response = requests.post(
+        f"{server.url}/predictions",
+        json={"id": key, "input": inputs, "webhook": f"{loopback.base}/webhook/{key}"},
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+
+
+def _wait_event(loopback, key: str, ready, timeout: float = 300) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with loopback.lock:
+            events = list(loopback.events.get(key, []))
+        if events and ready(events):
+            return events
+        time.sleep(0.1)
+    raise AssertionError(f"webhook {key}: condition not met in {timeout}s; events: {[e['status'] for e in events]}")
+
+
+def _terminal(events: list[dict]) -> bool:
+    return any(e["status"] in ("succeeded", "failed", "canceled") for e in events)
+
+
+def test_async_prediction_sends_webhook_events(server, media, loopback, tmp_path):
+    _post_async(server, loopback, "async1", {"image": media["image_uri"], "audio": media["audio_uri"], **TINY})
+    events = _wait_event(loopback, "async1", _terminal)
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "processing"  # coglet's "start" event
+    assert statuses[-1] == "succeeded" and statuses.count("succeeded") == 1
+    assert all(s == "processing" for s in statuses[:-1])
+    assert STEP_LINE.search(events[-1]["logs"]), events[-1]["logs"][-2000:]
+    _check_video(events[-1], tmp_path, CLIP_SECONDS)
+    _wait_ready(server)
+
+
+def test_cancel_during_sampling_stops_within_one_step(server, media, loopback):
+    inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY, "sampling_steps": 100, "turbo": False}
+    _post_async(server, loopback, "cancel1", inputs)
+    events = _wait_event(loopback, "cancel1", lambda ev: len(STEP_LINE.findall(ev[-1].get("logs") or "")) >= 2)
+    assert not _terminal(events)
+    steps_seen = len(STEP_LINE.findall(events[-1]["logs"]))
+    sent = time.monotonic()
+    response = requests.post(f"{server.url}/predictions/cancel1/cancel", timeout=30)
+    assert response.status_code == 200, response.text
+    events = _wait_event(loopback, "cancel1", _terminal, timeout=120)
+    latency = time.monotonic() - sent
+    final = events[-1]
+    assert final["status"] == "canceled", final
+    elapsed = [float(e) for e in STEP_ELAPSED.findall(final["logs"])]
+    step_seconds = max(b - a for a, b in zip(elapsed, elapsed[1:]))
+    # The webhook's logs lag by up to its 0.5 s throttle, so one step may have been logged unseen; at most one more
+    # may finish before the cancel lands between two steps.
+    assert len(elapsed) - steps_seen <= 2 and len(elapsed) < 20, final["logs"][-3000:]
+    assert latency < step_seconds + 1.0, (latency, step_seconds)
+    _wait_ready(server)
+
+
+def test_ten_predictions_leave_one_output_and_do_not_grow_memory(server, media, tmp_path):
+    inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY}
+    before, rss = None, {}
+    for n in range(1, 11):
+        response = server.predict({**inputs, "seed": n})
+        assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text[:2000]
+        if n == 1:
+            before = server.files()
+        rss[n] = server.worker().memory_info().rss
+    after = server.files()
+    mp4s = sorted(f for f in after if f.endswith(".mp4"))
+    assert len(mp4s) == 1 and "multitalk-10-" in mp4s[0], mp4s
+    assert after - before == set(mp4s) and len(before - after) == 1, (sorted(before), sorted(after))
+    growth = rss[10] - rss[3]
+    assert growth < 64 * 2**20, f"worker RSS grew {growth / 2**20:.0f} MiB from prediction 3 to 10: {rss}"

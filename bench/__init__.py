@@ -161,6 +161,7 @@ class Timing:
     def summary(self) -> dict:
         return dict(
             first_s=self.first_s,
+            startup_s=self.first_s - self.median_s,  # compile, autotuning, first-call costs
             median_s=self.median_s,
             min_s=min(self.times_s),
             max_s=max(self.times_s),
@@ -223,11 +224,13 @@ def environment(device: torch.device) -> dict:
         cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
         fa3_installed=importlib.util.find_spec("flash_attn_interface") is not None,
     )
-    try:
-        git = ["git", "-C", str(REPO_ROOT)]
-        info["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(git + ["status", "--porcelain", "wan"], capture_output=True, text=True, check=True).stdout
-        info["wan_dirty"] = bool(dirty.strip())
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(REPO_ROOT), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:  # the device machine's copy of the tree may have no .git
+        info["commit"] = git("rev-parse", "HEAD")
+        info["wan_dirty"] = bool(git("status", "--porcelain", "wan"))
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info

@@ -40,6 +40,7 @@ from . import (
 # Reference MultiTalk DiT on an H100 80GB HBM3 (shared/perf/reference-h100-2026-11-25.json): seconds per forward
 # pass; the step entries add up the passes a guided step makes (cond + drop_text + uncond, uncond with one speaker).
 REFERENCE_S = {"1p": 5.096, "2p": 5.933, "step1p": 3 * 5.096, "step2p": 2 * 5.933 + 5.096}
+# The reference's bf16 VAE ran under autocast; ours casts the weights (as wan/vae.py's VideoVAE does).
 REFERENCE_VAE_S = {"encode_fp32": 2.001, "decode_fp32": 3.246, "encode_bf16": 1.435, "decode_bf16": 2.330}
 FLOOR_S_PER_PASS = 2.75  # shared/perf/README.md: ~1.83 PFLOP per pass at the measured ceilings, 2.7-2.8 s
 DIT_CASES = ("1p", "2p", "step1p", "step2p")
@@ -224,7 +225,8 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
         vae = build_random(make, device, dtype, generator)
         latent_frames = (clip.frames - 1) // 4 + 1
         video = torch.rand(1, 3, clip.frames, clip.height, clip.width, generator=generator, device=device) * 2 - 1
-        latent = torch.randn(1, 16, latent_frames, clip.height // 8, clip.width // 8, generator=generator, device=device)
+        latent_shape = (1, 16, latent_frames, clip.height // 8, clip.width // 8)
+        latent = torch.randn(latent_shape, generator=generator, device=device)
         video, latent = video.to(dtype), latent.to(dtype)
         jobs = {
             "encode": lambda: vae.encode(video).latent_dist.mode(),
@@ -264,7 +266,8 @@ HEADER = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the full results")
-    parser.add_argument("--cases", default=",".join(DIT_CASES + ("vae",)), help="comma list of " + ", ".join(DIT_CASES + ("vae",)))
+    all_cases = DIT_CASES + ("vae",)
+    parser.add_argument("--cases", default=",".join(all_cases), help="comma list of " + ", ".join(all_cases))
     parser.add_argument("--attention", default="sdpa", help="comma list of " + ", ".join(ATTENTION_CHOICES))
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (regional)")
     parser.add_argument("--compile-backend", default="inductor")
@@ -286,7 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in zip(("warmup", "repeats", "step_repeats", "vae_repeats"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, default)
-    unknown = set(args.cases) - set(DIT_CASES + ("vae",)) | set(args.attention) - set(ATTENTION_CHOICES)
+    unknown = set(args.cases) - set(all_cases) | set(args.attention) - set(ATTENTION_CHOICES)
     if unknown:
         parser.error(f"unknown case or attention backend: {sorted(unknown)}")
     return args
@@ -318,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(results, indent=1))
 
     print(f"\n{env['device_name']} | torch {env['torch']} | {env['date']} | total {results['total_s']:.0f} s")
-    print(f"floor ~{FLOOR_S_PER_PASS} s/pass; reference 1p {REFERENCE_S['1p']:.2f} s, 2p {REFERENCE_S['2p']:.2f} s (H100)")
+    ref_1p, ref_2p = REFERENCE_S["1p"], REFERENCE_S["2p"]
+    print(f"floor ~{FLOOR_S_PER_PASS} s/pass; reference (H100) 1p {ref_1p:.2f} s, 2p {ref_2p:.2f} s per pass")
     print(HEADER)
     for record in records:
         print(_row(record))

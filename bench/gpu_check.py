@@ -8,9 +8,10 @@
     golden (the bf16 model rounds t to bf16 before the sinusoid, as the reference does).
 (b) The full-size DiT cut to one block (dim 5120, 40 heads, 32928 tokens), 1 and 2 speakers, random weights: bf16
     under each SDPA backend against float32 (no TF32) as truth, at the block output and at the model output.
-bf16 passes at ‖bf16 − fp32‖ / ‖fp32‖ < 2e-2 with one speaker, < 5e-2 with two: two speakers route each token by an
-argmax over a bf16 attention map, and near-ties flip a few tokens to another speaker's label position (dit_2p on CPU:
-1 and 4 of 288 tokens in its two blocks, 2.2e-2 at the output), a discrete change the reference's bf16 run makes too.
+bf16 passes at rel = |bf16 - fp32| / |fp32| (2-norms) < 2e-2 with one speaker, < 5e-2 with two: two speakers route
+each token by an argmax over a bf16 attention map, and near-ties flip a few tokens to another speaker's label
+position (dit_2p on CPU: 1 and 4 of 288 tokens in its two blocks, 2.2e-2 at the output), a discrete change the
+reference's bf16 run makes too.
 The number of flipped tokens is reported. Prints PASS/FAIL lines, writes JSON, exits 1 if anything failed.
 """
 

@@ -138,6 +138,8 @@ class MultiTalkPipeline:
         multitalk_dir: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        compile: bool = False,
+        fp8: bool = False,
     ):
         from .checkpoints import WanFiles, check_files, load_dit
         from .image_encoder import ImageEncoder
@@ -167,12 +169,16 @@ class MultiTalkPipeline:
             negative_prompt=getattr(config, "sample_neg_prompt", None) or DEFAULT_NEGATIVE_PROMPT,
         )
         if lora_dir:
-            from .lora import merge_loras
-
-            scales = list(lora_scales or [])
-            if len(scales) not in (0, len(lora_dir)):
+            scales = list(lora_scales or [1.0] * len(lora_dir))
+            if len(scales) != len(lora_dir):
                 raise ValueError(f"lora_scales: got {len(scales)} scales for {len(lora_dir)} LoRA files")
-            self.loras = merge_loras(self.dit, list(zip(lora_dir, scales or [1.0] * len(lora_dir))))
+            self.set_loras(list(zip(lora_dir, scales)))
+        if fp8:
+            from .fp8 import quantize_blocks
+
+            quantize_blocks(dit)  # after any LoRA merge: the fp8 weights are final
+        if compile:
+            dit.compile_blocks()
 
     @classmethod
     def from_components(
@@ -196,7 +202,23 @@ class MultiTalkPipeline:
         self.vae = vae
         self.device = device
         self.negative_prompt = negative_prompt
-        self.loras = None
+        self.loras: list[tuple[str, float]] = []
+        self._merged = None
+
+    def set_loras(self, loras: list[tuple[str | Path, float]], alpha_mode: str = "standard") -> None:
+        """Make `loras` ((file, scale) pairs) the merged set: restores the exact base weights of the previous set
+        first; no work when the set is unchanged."""
+        from .lora import merge_loras
+
+        wanted = [(str(path), float(scale)) for path, scale in loras]
+        if wanted == self.loras:
+            return
+        if self._merged is not None:
+            self._merged.restore()
+            self._merged, self.loras = None, []
+        if wanted:
+            self._merged = merge_loras(self.dit, wanted, alpha_mode=alpha_mode)
+            self.loras = wanted
 
     @torch.inference_mode()
     def generate(

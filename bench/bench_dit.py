@@ -135,16 +135,16 @@ def run_dit_cases(
     generator = torch.Generator(device=device).manual_seed(args.seed)
     quantize = None
     if args.fp8:
-        quantize = getattr(_optional_module(package, "fp8"), "quantize_linears", None)
+        quantize = getattr(_optional_module(package, "fp8"), "quantize_blocks", None)
         if quantize is None:
-            reason = f"{package.__name__} has no fp8.quantize_linears(model)"
+            reason = f"{package.__name__} has no fp8.quantize_blocks(model)"
             print(f"[{label}] fp8 skipped: {reason}", flush=True)
             return [dict(model=label, case="fp8", skipped=reason)]
 
     start = time.perf_counter()
     model = build_random(lambda: dit.MultiTalkDiT(config), device, dtype, generator)
     if quantize is not None:
-        model = quantize(model) or model
+        quantize(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     params = sum(p.numel() for p in model.parameters())
@@ -271,7 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="sdpa", help="comma list of " + ", ".join(ATTENTION_CHOICES))
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (regional)")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--fp8", action="store_true", help="fp8 linear layers, if wan has fp8.quantize_linears")
+    parser.add_argument("--fp8", action="store_true", help="fp8 linear layers, if wan has fp8.quantize_blocks")
     parser.add_argument("--baseline-rev", type=Path, help="a checkout root holding another wan/ to time too")
     parser.add_argument("--warmup", type=int, help="untimed passes before each case (default 2)")
     parser.add_argument("--repeats", type=int, help="timed passes per case (default 5)")

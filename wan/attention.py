@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -20,6 +22,8 @@ _CUDA_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+# Without `set_priority` (torch < 2.6) the list only restricts the choice, and SDPA's own order applies.
+_PRIORITY = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -33,7 +37,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.is_cuda:
-        with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
+        with sdpa_kernel(_CUDA_BACKENDS, **_PRIORITY):
             out = F.scaled_dot_product_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)

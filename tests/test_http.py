@@ -230,8 +230,6 @@ def test_data_uri_inputs_without_extensions_give_a_playable_mp4(server, media, t
     response = server.predict({"image": media["image_uri"], "audio": media["audio_uri"], **TINY})
     assert response.status_code == 200, response.text
     _check_video(response.json(), tmp_path, CLIP_SECONDS)
-    print("PROBE", _probe(tmp_path / "output.mp4"))
-    print("LOGS", response.json()["logs"][-3000:], response.json()["metrics"])
 
 
 def test_http_url_inputs_with_two_speakers(server, media, tmp_path):
@@ -244,6 +242,9 @@ def test_http_url_inputs_with_two_speakers(server, media, tmp_path):
     _check_video(response.json(), tmp_path, CLIP_SECONDS)
 
 
+MISSING = object()
+
+
 @pytest.mark.parametrize(
     "change, field",
     [
@@ -251,12 +252,15 @@ def test_http_url_inputs_with_two_speakers(server, media, tmp_path):
         ({"sampling_steps": 500}, "sampling_steps"),  # out of range
         ({"num_frames": 2}, "num_frames"),  # below the minimum
         ({"resolution": "1080p"}, "resolution"),  # not a choice
-        ({"audio": None}, "audio"),  # missing required input
+        ({"audio": MISSING}, "audio"),  # missing required input
+        # cog's schema marks Optional inputs `nullable`, but coglet checks an explicit null against the type:
+        # clients must omit an input to get its default.
+        ({"num_frames": None}, "num_frames"),
     ],
 )
 def test_invalid_inputs_get_422(server, media, change, field):
     inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY, **change}
-    inputs = {k: v for k, v in inputs.items() if v is not None}
+    inputs = {k: v for k, v in inputs.items() if v is not MISSING}
     response = server.predict(inputs)
     assert response.status_code == 422, response.text
     assert [d["loc"] for d in response.json()["detail"]] == [["body", "input", field]]
@@ -270,7 +274,6 @@ def test_corrupt_file_fails_naming_the_input_and_server_stays_ready(server, medi
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "failed"
-    print("CORRUPT", name, body["error"])
     assert re.search(rf"\b{name}\b", body["error"]), body["error"]
     _wait_ready(server)
 
@@ -304,7 +307,6 @@ def test_async_prediction_sends_webhook_events(server, media, loopback, tmp_path
     _post_async(server, loopback, "async1", {"image": media["image_uri"], "audio": media["audio_uri"], **TINY})
     events = _wait_event(loopback, "async1", _terminal)
     statuses = [e["status"] for e in events]
-    print("ASYNC", [(e["status"], sorted(e)) for e in events])
     assert statuses[0] == "processing"  # coglet's "start" event
     assert statuses[-1] == "succeeded" and statuses.count("succeeded") == 1
     assert all(s == "processing" for s in statuses[:-1])
@@ -331,23 +333,26 @@ def test_cancel_during_sampling_stops_within_one_step(server, media, loopback):
     # (plus webhook delivery), not after the 100 steps asked for.
     assert len(elapsed) < 50, final["logs"][-3000:]
     assert latency < step_seconds + 2.0, (latency, step_seconds)
-    print("CANCEL", latency, step_seconds, elapsed, final["logs"][-1500:])
     _wait_ready(server)
 
 
 def test_ten_predictions_leave_one_output_and_do_not_grow_memory(server, media, tmp_path):
     inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY}
-    before, rss = None, {}
+    before, rss, fds = None, {}, {}
     for n in range(1, 11):
         response = server.predict({**inputs, "seed": n})
         assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text[:2000]
         if n == 1:
             before = server.files()
-        rss[n] = server.worker().memory_info().rss
+        worker = server.worker()
+        rss[n], fds[n] = worker.memory_info().rss, worker.num_fds()
     after = server.files()
     mp4s = sorted(f for f in after if f.endswith(".mp4"))
     assert len(mp4s) == 1 and "multitalk-10-" in mp4s[0], mp4s
     assert after - before == set(mp4s) and len(before - after) == 1, (sorted(before), sorted(after))
-    growth = rss[10] - rss[3]
-    print("RSS", {k: v / 2**20 for k, v in rss.items()}, sorted(before), sorted(after))
-    assert growth < 64 * 2**20, f"worker RSS grew {growth / 2**20:.0f} MiB from prediction 3 to 10: {rss}"
+    assert fds[10] <= fds[3], f"worker file descriptors grew: {fds}"
+    # The allocator makes RSS swing by a few hundred MB from one prediction to the next (measured: 2.3-2.8 GB on
+    # the tiny set), so compare medians of three around prediction 3 and around prediction 10.
+    early, late = sorted(rss[n] for n in (3, 4, 5))[1], sorted(rss[n] for n in (8, 9, 10))[1]
+    growth = late - early
+    assert growth < 256 * 2**20, f"worker RSS grew {growth / 2**20:.0f} MiB: {[round(v / 2**20) for v in rss.values()]}"

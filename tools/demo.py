@@ -1,6 +1,6 @@
 """One video from the example inputs through the real predictor, as cog would call it.
 
-    python -m tools.demo --weights DIR        (make demo: tiny random weights, CPU, about a minute)
+    python -m tools.demo --weights DIR        (make demo: tiny random weights on a CPU, under a minute)
 
 Inputs go through cog's own input check (defaults, ranges, choices), then `Predictor.setup()` and `predict()`;
 the mp4 is moved to `.cache/demo/` and its path printed.
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--audio", type=Path, default=EXAMPLES / "person1.wav")
     parser.add_argument("--second-audio", type=Path, default=EXAMPLES / "person2.wav")
     parser.add_argument("--one-speaker", action="store_true", help="drive only person 1")
-    parser.add_argument("--num-frames", type=int, default=25, help="frames at 25 fps (the tiny demo keeps it short)")
+    parser.add_argument("--num-frames", type=int, default=9, help="frames at 25 fps (short: tiny runs on a CPU)")
     parser.add_argument("--sampling-steps", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "demo")

@@ -202,7 +202,12 @@ def openapi_document(input_schema: dict, output_schema: dict, enums: list[tuple[
             "summary": "Cancel",
             "operationId": "cancel_predictions__prediction_id__cancel_post",
             "parameters": [
-                {"required": True, "schema": {"title": "Prediction Id", **string}, "name": "prediction_id", "in": "path"}
+                {
+                    "required": True,
+                    "schema": {"title": "Prediction Id", **string},
+                    "name": "prediction_id",
+                    "in": "path",
+                }
             ],
             "responses": {"200": ok, "422": invalid},
         }

@@ -61,7 +61,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path(
         paths = WeightPaths.under(base)
         problems = missing_files(paths)
         if problems:
-            raise RuntimeError(f"weights {source!r} (from the weights argument / COG_WEIGHTS) are incomplete:\n{problems}")
+            raise RuntimeError(f"weights {source!r} (weights argument / COG_WEIGHTS) are incomplete:\n{problems}")
         return paths
 
     paths = WeightPaths.under(root)
@@ -80,7 +80,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path(
         ) from error
     problems = missing_files(paths)
     if problems:
-        raise RuntimeError(f"downloaded weights in {root.resolve()} are incomplete:\n{problems}")
+        raise RuntimeError(f"weights in {root.resolve()} are incomplete (a folder not from our download?):\n{problems}")
     return paths
 
 

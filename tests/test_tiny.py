@@ -53,6 +53,8 @@ PUBLISHED_FILES = {
     "MeiGen-MultiTalk/multitalk.safetensors", f"MeiGen-MultiTalk/{INDEX}",
     "chinese-wav2vec2-base/config.json", "chinese-wav2vec2-base/preprocessor_config.json",
     "chinese-wav2vec2-base/pytorch_model.bin", "chinese-wav2vec2-base/model.safetensors",
+    # lightx2v's step-distillation LoRA (Kijai/WanVideo_comfy), for the fast preset
+    "loras/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
 }
 
 
@@ -218,7 +220,8 @@ def test_same_seed_same_tensors_other_seed_other_tensors(root: Path, tmp_path: P
         assert first.keys() == second.keys() == third.keys()
         for key in first:
             assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), (name, key)
-            if key != "log_scale":  # a constant, log(1 / 0.07), as CLIP initialises it
+            # Constants: CLIP's log(1 / 0.07) as CLIP initialises it, and the LoRA's alpha (= its rank).
+            if key != "log_scale" and not key.endswith(".alpha"):
                 assert not torch.equal(first[key], third[key]), (name, key)
     for name in sorted(PUBLISHED_FILES - set(weight_files)):
         assert (root / name).read_bytes() == (again / name).read_bytes(), name
@@ -255,3 +258,23 @@ def test_command_line(tmp_path: Path, monkeypatch, capsys):
     main()
     assert "wrote tiny checkpoints" in capsys.readouterr().out
     assert (tmp_path / "cli" / WAN / SHARD_2).is_file()
+
+
+def test_fast_lora_is_in_the_published_key_format_and_merges(root: Path):
+    from wan.checkpoints import FAST_LORA_DIR_NAME, FAST_LORA_NAME, dit_tensor_reader, load_dit
+    from wan.lora import merge_loras
+
+    lora = load_file(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME)
+    assert all(k.startswith("diffusion_model.blocks.") for k in lora)
+    assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in lora} == {
+        "lora_down", "lora_up", "alpha", "diff_b"
+    }
+    dit = load_dit(root / WAN, dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    merged = merge_loras(dit, [(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME, 1.0)], reload=dit_tensor_reader(root / WAN))
+    key = "blocks.0.self_attn.q.weight"
+    prefix = "diffusion_model.blocks.0.self_attn.q"
+    by_hand = before[key].float() + lora[f"{prefix}.lora_up.weight"].float() @ lora[f"{prefix}.lora_down.weight"].float()
+    torch.testing.assert_close(dit.state_dict()[key].float(), by_hand.to(torch.bfloat16).float(), rtol=0, atol=0.02)
+    merged.restore()  # re-read from the shards: exactly the loaded weights again
+    assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ MULTITALK_DIR_NAME = "MeiGen-MultiTalk"
 WAV2VEC_DIR_NAME = "chinese-wav2vec2-base"
 DIT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 MULTITALK_WEIGHTS_NAME = "multitalk.safetensors"
+# lightx2v's step-distillation LoRA (4 steps, text guidance 1), as published in Kijai/WanVideo_comfy.
+FAST_LORA_DIR_NAME = "loras"
+FAST_LORA_NAME = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
 
 T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CLIP_TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -214,3 +218,23 @@ def check_files(checkpoint_dir: Path, multitalk_dir: Path | None = None, wav2vec
         problems.append(str(e))
     if problems:
         raise FileNotFoundError("checkpoint files missing:\n  " + "\n  ".join(problems))
+
+
+def dit_tensor_reader(
+    checkpoint_dir: Path,
+    multitalk_dir: Path | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> Callable[[str], torch.Tensor]:
+    """`read(key)`: one DiT tensor read back from the published files, cast as `load_dit` casts it.
+
+    Lets a LoRA merge be undone exactly without keeping copies of the touched weights.
+    """
+    files = find_dit_files(checkpoint_dir, multitalk_dir)
+
+    def read(key: str) -> torch.Tensor:
+        with _open_safetensors(files[key]) as f:
+            return f.get_tensor(key).to(device=device, dtype=dtype)
+
+    return read

@@ -141,7 +141,7 @@ class MultiTalkPipeline:
         compile: bool = False,
         fp8: bool = False,
     ):
-        from .checkpoints import WanFiles, check_files, load_dit
+        from .checkpoints import WanFiles, check_files, dit_tensor_reader, load_dit
         from .image_encoder import ImageEncoder
         from .text_encoder import TextEncoder
         from .vae import VideoVAE
@@ -168,6 +168,8 @@ class MultiTalkPipeline:
             device=device,
             negative_prompt=getattr(config, "sample_neg_prompt", None) or DEFAULT_NEGATIVE_PROMPT,
         )
+        # LoRA merges are undone by re-reading the touched weights from the shards: no copies held in memory.
+        self._reload = dit_tensor_reader(files.root, multitalk_dir, dtype=dtype, device=device)
         if lora_dir:
             scales = list(lora_scales or [1.0] * len(lora_dir))
             if len(scales) != len(lora_dir):
@@ -204,6 +206,7 @@ class MultiTalkPipeline:
         self.negative_prompt = negative_prompt
         self.loras: list[tuple[str, float]] = []
         self._merged = None
+        self._reload = None
 
     def set_loras(self, loras: list[tuple[str | Path, float]], alpha_mode: str = "standard") -> None:
         """Make `loras` ((file, scale) pairs) the merged set: restores the exact base weights of the previous set
@@ -217,7 +220,7 @@ class MultiTalkPipeline:
             self._merged.restore()
             self._merged, self.loras = None, []
         if wanted:
-            self._merged = merge_loras(self.dit, wanted, alpha_mode=alpha_mode)
+            self._merged = merge_loras(self.dit, wanted, alpha_mode=alpha_mode, reload=self._reload)
             self.loras = wanted
 
     @torch.inference_mode()

@@ -28,6 +28,8 @@ from transformers import T5Tokenizer, Wav2Vec2Config, Wav2Vec2ForPreTraining, XL
 
 from .checkpoints import (
     DIT_INDEX_NAME,
+    FAST_LORA_DIR_NAME,
+    FAST_LORA_NAME,
     MULTITALK_DIR_NAME,
     MULTITALK_WEIGHTS_NAME,
     WAN_DIR_NAME,
@@ -361,7 +363,27 @@ def write_tiny_checkpoints(root: Path, seed: int = 0) -> Path:
     write_t5_tokenizer(wan.t5_tokenizer)
     write_xlmr_tokenizer(wan.clip_tokenizer)
     write_wav2vec(root / WAV2VEC_DIR_NAME, _generator(seed, 4))
+    write_fast_lora(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME, TINY_DIT, _generator(seed, 5))
     return root
+
+
+def write_fast_lora(path: Path, config: DiTConfig, generator: torch.Generator, rank: int = 4) -> None:
+    """A step-distillation LoRA in the published lightx2v layout: `diffusion_model.<module>.lora_down/lora_up/alpha`
+    on every attention and FFN linear of every block, plus `diff_b` bias offsets."""
+    modules = [f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in ("q", "k", "v", "o")] + ["ffn.0", "ffn.2"]
+    shapes = dit_shapes(config)
+    tensors = {}
+    for block in range(config.num_layers):
+        for module in modules:
+            prefix = f"blocks.{block}.{module}"
+            out_features, in_features = shapes[f"{prefix}.weight"]
+            key = f"diffusion_model.{prefix}"
+            tensors[f"{key}.lora_down.weight"] = 0.1 * torch.randn(rank, in_features, generator=generator)
+            tensors[f"{key}.lora_up.weight"] = 0.1 * torch.randn(out_features, rank, generator=generator)
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+            tensors[f"{key}.diff_b"] = 0.01 * torch.randn(out_features, generator=generator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def write_dit(wan_dir: Path, multitalk_dir: Path, config: DiTConfig, generator: torch.Generator) -> None:

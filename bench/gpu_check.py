@@ -39,18 +39,12 @@ from . import (
     tiny_config,
     wan_module,
 )
+from tests.golden import dit_config_values
+
 from .bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
 
 BF16_REL_TOL = {1: 2e-2, 2: 5e-2}  # by number of speakers, see above
 MODEL_INPUTS = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
-# Sizes the reference fixes in code, as case.json's `config_fixed_in_code` names them -> DiTConfig field.
-FIXED_IN_CODE = {
-    "clip_dim": "clip_dim",
-    "audio_blocks": "audio_layers",
-    "audio_channels": "audio_channels",
-    "class_range": "class_range",
-    "class_interval": "class_interval",
-}
 
 
 class Report:
@@ -97,10 +91,7 @@ def golden_cases(folder: Path) -> list[Path]:
 
 def check_golden_case(case_dir: Path, wan, device: torch.device, report: Report) -> None:
     meta = json.loads((case_dir / "case.json").read_text())
-    values = dict(meta["config"])
-    fixed = meta.get("config_fixed_in_code", {})
-    values.update({field: fixed[key] for key, field in FIXED_IN_CODE.items() if key in fixed})
-    config = wan_module(wan, "configs").DiTConfig.from_dict(values)
+    config = wan_module(wan, "configs").DiTConfig.from_dict(dit_config_values(meta))
     files = meta["files"]
     # A weights entry may carry a note after the path.
     weights = load_file(case_dir / files["weights"].split()[0])

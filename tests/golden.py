@@ -16,6 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Sizes the reference fixes in code, as case.json's `config_fixed_in_code` names them -> DiTConfig field.
+FIXED_IN_CODE = {
+    "clip_dim": "clip_dim",
+    "audio_blocks": "audio_layers",
+    "audio_channels": "audio_channels",
+    "class_range": "class_range",
+    "class_interval": "class_interval",
+}
 GOLDEN_DIR = Path(os.environ.get("MULTITALK_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
 
 
@@ -35,9 +43,16 @@ class GoldenCase:
     def outputs(self) -> dict[str, torch.Tensor]:
         return load_file(self.folder / self.meta.get("files", {}).get("outputs", "outputs.safetensors"))
 
-    def file(self, key: str) -> Path:
-        """A file named in case.json's `files` (e.g. `weights`), resolved against the case folder."""
-        return (self.folder / self.meta["files"][key]).resolve()
+    def file(self, key: str, part: str | None = None) -> Path:
+        """A file named in case.json's `files` (e.g. `weights`, or `weights`/`dit` where it is a mapping), resolved
+        against the case folder. Entries may carry a note after the path ("x.safetensors (only the ... keys)")."""
+        entry = self.meta["files"][key]
+        entry = entry[part] if part is not None else entry
+        return (self.folder / entry.split()[0]).resolve()
+
+    def dit_config_values(self) -> dict:
+        """DiTConfig fields of the case: its `config` plus the sizes the reference fixes in code."""
+        return dit_config_values(self.meta)
 
     def tolerances(self) -> dict[str, dict]:
         return self.meta["tolerance"]["per_tensor"]
@@ -55,6 +70,13 @@ class GoldenCase:
         err = (actual.double() - expected.double()).abs().max().item()
         tol = self.tolerances()[name]["strict_max_abs_err"]
         assert err <= tol, f"{self.name}/{name}: max abs err {err:.3g} > strict {tol:.3g}"
+
+
+def dit_config_values(meta: dict) -> dict:
+    values = dict(meta["config"])
+    fixed = meta.get("config_fixed_in_code", {})
+    values.update({field: fixed[key] for key, field in FIXED_IN_CODE.items() if key in fixed})
+    return values
 
 
 def load_case(name: str) -> GoldenCase:

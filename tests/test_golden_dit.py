@@ -19,26 +19,12 @@ from wan.dit import MultiTalkDiT
 
 DIT_CASES = cases_with_prefix("dit_")
 
-# Sizes the reference fixes in code, as named in case.json's `config_fixed_in_code` -> DiTConfig field.
-FIXED_IN_CODE = {
-    "clip_dim": "clip_dim",
-    "audio_blocks": "audio_layers",
-    "audio_channels": "audio_channels",
-    "class_range": "class_range",
-    "class_interval": "class_interval",
-}
-
-
 def dit_config(case) -> DiTConfig:
-    values = dict(case.config)
-    fixed = case.meta.get("config_fixed_in_code", {})
-    values.update({field: fixed[key] for key, field in FIXED_IN_CODE.items() if key in fixed})
-    return DiTConfig.from_dict(values)
+    return DiTConfig.from_dict(case.dit_config_values())
 
 
 def weights_path(case):
-    # audio_proj's entry carries a note after the path ("... (use only the keys ...)").
-    return (case.folder / case.meta["files"]["weights"].split()[0]).resolve()
+    return case.file("weights")
 
 
 @functools.cache

@@ -36,16 +36,15 @@ class Recorder(torch.nn.Module):
 def test_golden_pipeline(name, tmp_path):
     case = load_case(name)
     cfg, inputs, expected = case.config, case.inputs(), case.outputs()
-    dit_case = load_case("dit_1p")  # the case's DiT config; weights path comes from this case's files
-    weights = case.meta["files"]["weights"]
-    folder = case.folder
-
-    dit = MultiTalkDiT(DiTConfig.from_dict(dit_case.config))
-    dit.load_state_dict(load_file(folder / weights["dit"]), strict=True)
+    # The DiT weights live in a DiT case's folder, whose case.json holds their config.
+    dit_weights = case.file("weights", "dit")
+    dit_case = load_case(dit_weights.parent.name)
+    dit = MultiTalkDiT(DiTConfig.from_dict(dit_case.dit_config_values()))
+    dit.load_state_dict(load_file(dit_weights), strict=True)
     recorder = Recorder(dit.eval())
 
-    t5_weights = folder / weights["t5"]
-    vae_weights = folder / weights["vae"].split(" ")[0]
+    t5_weights = case.file("weights", "t5")
+    vae_weights = case.file("weights", "vae")
     # The reference run used a stub tokenizer whose ids are stored: only the encoder is real here.
     text_encoder = TextEncoder(load_umt5(load_file(t5_weights), t5_weights, dtype=torch.float32, device="cpu"), None, cfg["text_len"])
     prompts_seen = []

@@ -31,14 +31,14 @@ class CountingDiT(torch.nn.Module):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     case = load_case("pipeline_e2e")
-    weights = case.meta["files"]["weights"]
-    dit = MultiTalkDiT(DiTConfig.from_dict(load_case("dit_1p").config))
-    dit.load_state_dict(load_file(case.folder / weights["dit"]), strict=True)
-    t5_path = case.folder / weights["t5"]
+    dit_weights = case.file("weights", "dit")
+    dit = MultiTalkDiT(DiTConfig.from_dict(load_case(dit_weights.parent.name).dit_config_values()))
+    dit.load_state_dict(load_file(dit_weights), strict=True)
+    t5_path = case.file("weights", "t5")
     text_encoder = TextEncoder(load_umt5(load_file(t5_path), t5_path, dtype=torch.float32, device="cpu"), None, 24)
     ids, mask = case.inputs()["t5_ids"], case.inputs()["t5_mask"]
     vae_path = tmp_path_factory.mktemp("vae") / "vae.pth"
-    torch.save(load_file(case.folder / weights["vae"].split(" ")[0]), vae_path)
+    torch.save(load_file(case.file("weights", "vae")), vae_path)
     clip = case.inputs()["clip_stub_output"]
     return MultiTalkPipeline.from_components(
         CountingDiT(dit.eval()),

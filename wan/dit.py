@@ -111,18 +111,14 @@ class SelfAttention(nn.Module):
         return out, attn_map
 
 
-class ImageTextCrossAttention(nn.Module):
-    """Attention to CLIP tokens and text tokens, two softmaxes summed before the output projection."""
+class ImageTextCrossAttention(SelfAttention):
+    """Attention to CLIP tokens and text tokens, two softmaxes summed before the output projection.
+
+    Shares q/k/v/o and the q/k norms with self-attention (same key names) and adds the image key/value path.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = _norm_or_identity(qk_norm, dim, eps)
-        self.norm_k = _norm_or_identity(qk_norm, dim, eps)
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = _norm_or_identity(qk_norm, dim, eps)

@@ -147,3 +147,18 @@ PRESETS: dict[str, Preset] = {
 
 # Shift of the quality preset per resolution (the reference CLI uses 11 for 720p).
 QUALITY_SHIFT = {"multitalk-480": 7.0, "multitalk-720": 11.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What the reference's `WAN_CONFIGS[task]` gives `MultiTalkPipeline`: the model and its sampling defaults."""
+
+    dit: DiTConfig = MULTITALK_14B
+    sample_neg_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+    sample_fps: int = FPS
+    vae_stride: tuple[int, int, int] = VAE_STRIDE
+
+
+# The reference's task table, so `wan.MultiTalkPipeline(config=WAN_CONFIGS["multitalk-14B"], ...)` runs unchanged.
+WAN_CONFIGS = {"multitalk-14B": PipelineConfig()}

@@ -135,6 +135,11 @@ def server(tmp_path_factory):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "TMPDIR": str(tmpdir),
         "LOG_FORMAT": "console",
+        # glibc keeps freed memory in per-thread arenas and raises its mmap threshold as it goes, which makes RSS
+        # swing by hundreds of MB with allocator caching; these settings make RSS follow live memory (leak check).
+        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_MMAP_THRESHOLD_": str(2**20),
+        "MALLOC_TRIM_THRESHOLD_": str(2**20),
     }
     log = work / "server.log"
     with open(log, "wb") as sink:
@@ -306,12 +311,14 @@ def _terminal(events: list[dict]) -> bool:
 def test_async_prediction_sends_webhook_events(server, media, loopback, tmp_path):
     _post_async(server, loopback, "async1", {"image": media["image_uri"], "audio": media["audio_uri"], **TINY})
     events = _wait_event(loopback, "async1", _terminal)
-    statuses = [e["status"] for e in events]
-    assert statuses[0] == "processing"  # coglet's "start" event
-    assert statuses[-1] == "succeeded" and statuses.count("succeeded") == 1
-    assert all(s == "processing" for s in statuses[:-1])
-    assert STEP_LINE.search(events[-1]["logs"]), events[-1]["logs"][-2000:]
-    _check_video(events[-1], tmp_path, CLIP_SECONDS)
+    time.sleep(1.0)  # deliveries are not ordered: let any late "logs"/"output" event land
+    with loopback.lock:
+        statuses = [e["status"] for e in loopback.events["async1"]]
+    assert statuses[0] == "processing", statuses  # coglet's "start" event
+    assert statuses.count("succeeded") == 1 and set(statuses) == {"processing", "succeeded"}, statuses
+    final = next(e for e in events if e["status"] == "succeeded")
+    assert STEP_LINE.search(final["logs"]), final["logs"][-2000:]
+    _check_video(final, tmp_path, CLIP_SECONDS)
     _wait_ready(server)
 
 
@@ -325,7 +332,7 @@ def test_cancel_during_sampling_stops_within_one_step(server, media, loopback):
     assert response.status_code == 200, response.text
     events = _wait_event(loopback, "cancel1", _terminal, timeout=120)
     latency = time.monotonic() - sent
-    final = events[-1]
+    final = next(e for e in events if _terminal([e]))
     assert final["status"] == "canceled", final
     elapsed = [float(e) for e in STEP_ELAPSED.findall(final["logs"])]
     step_seconds = max(b - a for a, b in zip(elapsed, elapsed[1:]))
@@ -341,7 +348,9 @@ def test_ten_predictions_leave_one_output_and_do_not_grow_memory(server, media, 
     before, rss, fds = None, {}, {}
     for n in range(1, 11):
         response = server.predict({**inputs, "seed": n})
-        assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text[:2000]
+        assert response.status_code == 200 and response.json()["status"] == "succeeded", (
+            f"prediction {n}: {response.status_code} {response.text[:2000]}\nserver log:\n{server.log_tail()}"
+        )
         if n == 1:
             before = server.files()
         worker = server.worker()
@@ -351,8 +360,6 @@ def test_ten_predictions_leave_one_output_and_do_not_grow_memory(server, media, 
     assert len(mp4s) == 1 and "multitalk-10-" in mp4s[0], mp4s
     assert after - before == set(mp4s) and len(before - after) == 1, (sorted(before), sorted(after))
     assert fds[10] <= fds[3], f"worker file descriptors grew: {fds}"
-    # The allocator makes RSS swing by a few hundred MB from one prediction to the next (measured: 2.3-2.8 GB on
-    # the tiny set), so compare medians of three around prediction 3 and around prediction 10.
-    early, late = sorted(rss[n] for n in (3, 4, 5))[1], sorted(rss[n] for n in (8, 9, 10))[1]
-    growth = late - early
-    assert growth < 256 * 2**20, f"worker RSS grew {growth / 2**20:.0f} MiB: {[round(v / 2**20) for v in rss.values()]}"
+    # Retaining one tiny output video per prediction (5 x 640 x 640 x 3 float32 = 25 MB) would add 170 MB here.
+    growth = rss[10] - rss[3]
+    assert growth < 100 * 2**20, f"worker RSS grew {growth / 2**20:.0f} MiB: {[round(v / 2**20) for v in rss.values()]}"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from .checkpoints import (
     DIT_INDEX_NAME,
+    FAST_LORA_DIR_NAME,
+    FAST_LORA_NAME,
     MULTITALK_DIR_NAME,
     MULTITALK_WEIGHTS_NAME,
     WAN_DIR_NAME,
@@ -37,6 +39,7 @@ HUB_REPOS = {
     MULTITALK_DIR_NAME: "MeiGen-AI/MeiGen-MultiTalk",
     WAV2VEC_DIR_NAME: "TencentGameMate/chinese-wav2vec2-base",
 }
+FAST_LORA_REPO = "Kijai/WanVideo_comfy"  # where lightx2v's step-distillation LoRA is published
 HASH_CHUNK = 16 << 20
 
 
@@ -152,6 +155,42 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def resolve_fast_lora(paths: WeightPaths) -> Path:
+    """lightx2v's LoRA in `loras/` beside the checkpoint folders; downloaded (verified, atomic) when missing."""
+    path = paths.wan.parent / FAST_LORA_DIR_NAME / FAST_LORA_NAME
+    if path.is_file():
+        return path
+    from huggingface_hub import HfApi, hf_hub_download
+
+    partial = path.parent / (FAST_LORA_DIR_NAME + ".partial")
+    info = HfApi().model_info(FAST_LORA_REPO, files_metadata=True)
+    expected = [s for s in info.siblings if s.rfilename == FAST_LORA_NAME]
+    if not expected:
+        raise RuntimeError(f"{FAST_LORA_REPO} no longer holds {FAST_LORA_NAME}")
+    hf_hub_download(FAST_LORA_REPO, FAST_LORA_NAME, revision=info.sha, local_dir=partial)
+    verify_files(partial, expected)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (partial / FAST_LORA_NAME).rename(path)
+    shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+def fetch_lora(url: str, cache: Path) -> Path:
+    """A user's LoRA file from an http(s) URL, downloaded once into `cache` (named after the URL's hash)."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"lora_url: expected an http(s) URL of a .safetensors file, got {url!r}")
+    target = cache / f"lora-{hashlib.sha256(url.encode()).hexdigest()[:16]}.safetensors"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        try:
+            _download(url, partial)
+        except (urllib.error.URLError, OSError) as error:
+            raise ValueError(f"lora_url: cannot download {url} ({error})") from error
+        partial.rename(target)
+    return target
 
 
 def fetch_tar(url: str, root: Path) -> Path:

@@ -21,7 +21,7 @@ BUCKET = {"0.67": [32, 48]}
 class CountingDiT(torch.nn.Module):
     def __init__(self, dit):
         super().__init__()
-        self.dit, self.calls = dit, []
+        self.dit, self.calls, self.config = dit, [], dit.config
 
     def forward(self, x, t, context, clip_fea, y, audio, masks, cache=None):
         self.calls.append((float(t), audio.shape[0], bool(audio.any()), cache))
@@ -132,3 +132,9 @@ def test_input_errors_are_clear(pipeline):
         _generate(pipeline, 9, speakers=2, extra={"bbox": {"person1": [0, 0, 40, 60], "person2": [95, 0, 96, 1]}})
     with pytest.raises(ValueError, match="4n\\+1"):
         _generate(pipeline, 9, frame_num=8)
+
+
+def test_warm_up_runs_both_speaker_graphs(pipeline):
+    pipeline.dit.calls.clear()
+    pipeline.warm_up(frame_num=1)
+    assert [c[1] for c in pipeline.dit.calls] == [2, 2, 1]  # cond and drop_text with two speakers, uncond with one

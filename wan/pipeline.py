@@ -223,6 +223,18 @@ class MultiTalkPipeline:
             self._merged = merge_loras(self.dit, wanted, alpha_mode=alpha_mode, reload=self._reload)
             self.loras = wanted
 
+    def warm_up(self, size_bucket: str = "multitalk-480", frame_num: int = 81) -> None:
+        """One guided step on a two-speaker clip of the most common shape: compiles the one- and two-speaker graphs
+        of compiled blocks (and warms kernels) before the first request."""
+        config = self.dit.config
+        height, width = ASPECT_RATIO_BUCKETS[size_bucket]["0.50"]
+        audio = torch.zeros(frame_num, config.audio_layers, config.audio_channels)
+        self.generate(
+            {"prompt": "", "cond_image": Image.new("RGB", (width, height)), "cond_audio": {"person1": audio,
+                                                                                         "person2": audio}},
+            size_buckget=size_bucket, frame_num=frame_num, sampling_steps=1, seed=0, progress=False,
+        )
+
     @torch.inference_mode()
     def generate(
         self,

@@ -47,7 +47,7 @@ def time_ms(fn, repeats: int = 10) -> float:
 
 def main() -> None:
     generator = torch.Generator("cuda").manual_seed(0)
-    print(f"{'shape':10s} " + " ".join(f"{n:>10s}" for n in [*BACKENDS, "matmul"]))
+    print(f"{'shape':10s} " + " ".join(f"{n:>10s}" for n in [*BACKENDS, "matmul", "cudnn_BLHD"]))
     for name, batch, lq, lk in SHAPES:
         q = torch.randn(batch, HEADS, lq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
         k = torch.randn(batch, HEADS, lk, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -60,6 +60,10 @@ def main() -> None:
             except RuntimeError:
                 row.append(float("nan"))
         row.append(time_ms(lambda: matmul_softmax(q, k, v)) if lk <= 2048 else float("nan"))
+        # The same tensors in the sequence-major layout the DiT's linears produce ([B, L, H, D] viewed as BHLD).
+        qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        with sdpa_kernel(BACKENDS["cudnn"]):
+            row.append(time_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs)))
         print(f"{name:10s} " + " ".join(f"{t:10.3f}" for t in row), flush=True)
 
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from wan.configs import CLIP_MEAN, CLIP_STD
-from wan.text_encoder import assign_checked, check_keys, read_state_dict
+from .configs import CLIP_MEAN, CLIP_STD
+from .state_dict import assign_checked, check_keys, derive_config, read_state_dict
 
 CLIP_HEAD_DIM = 80  # ViT-H/14: 16 heads of 80
 CLIP_EPS = 1e-5
@@ -97,12 +97,7 @@ def load_clip_vision(
     device: str | torch.device,
 ) -> CLIPVisionModel:
     """CLIPVisionModel holding the visual tower of a Wan-format state dict read from `path` (named in errors)."""
-    try:
-        config = clip_vision_config(state_dict, head_dim)
-    except KeyError as e:
-        raise ValueError(f"checkpoint {path}: missing key {e}") from e
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path}: {e}") from e
+    config = derive_config(lambda sd: clip_vision_config(sd, head_dim), state_dict, path)
     with torch.device("meta"):
         model = CLIPVisionModel(config)
     expected = model.state_dict()

@@ -1,21 +1,16 @@
-"""umT5-XXL text encoder: Wan's `models_t5_umt5-xxl-enc-bf16.pth` in `transformers.UMT5EncoderModel`.
-
-Also home to the two checkpoint helpers the three encoders share: reading a `torch.save`'d state dict and a strict
-load by assignment whose errors name the published file and its own keys.
-"""
+"""umT5-XXL text encoder: Wan's `models_t5_umt5-xxl-enc-bf16.pth` in `transformers.UMT5EncoderModel`."""
 
 from __future__ import annotations
 
 import html
-import pickle
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import ftfy
 import torch
-from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+from .state_dict import assign_checked, check_keys, derive_config, read_state_dict
 
 # Both fixed in umT5 rather than stored in the checkpoint.
 T5_MAX_DISTANCE = 128
@@ -33,46 +28,6 @@ _T5_BLOCK_KEYS = {  # UMT5 key inside `encoder.block.{i}.` -> Wan key inside `bl
     "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",  # the linear branch
     "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
 }
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A `torch.save`'d flat state dict, memory-mapped so tensors are paged in only when used."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {e}") from e
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"checkpoint {path} is not a flat dict of tensors")
-    return state_dict
-
-
-def check_keys(
-    present: set[str], required: set[str], path: Path, *, ignored: Callable[[str], bool] | None = None
-) -> None:
-    """Every required key present and nothing else, except keys the caller knowingly ignores."""
-    missing = sorted(required - present)
-    unexpected = sorted(k for k in present - required if ignored is None or not ignored(k))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path}: {len(missing)} missing keys {missing[:20]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:20]}"
-        )
-
-
-def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], sources: dict[str, str], path: Path) -> None:
-    """Strict load by assignment into a meta-built `model`; `sources` names each model key's key in the file."""
-    expected = model.state_dict()
-    check_keys(set(tensors), set(expected), path)
-    for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(
-                f"checkpoint {path}: {sources.get(key, key)} has shape {list(tensor.shape)}, "
-                f"but the model derived from this file expects {list(expected[key].shape)} (as {key})"
-            )
-    model.load_state_dict(tensors, strict=True, assign=True)
 
 
 def umt5_config(state_dict: dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> UMT5Config:
@@ -113,12 +68,7 @@ def load_umt5(
     state_dict: dict[str, torch.Tensor], path: Path, *, dtype: torch.dtype, device: str | torch.device
 ) -> UMT5EncoderModel:
     """UMT5EncoderModel holding a Wan-format state dict read from `path` (named in errors)."""
-    try:
-        config = umt5_config(state_dict)
-    except KeyError as e:
-        raise ValueError(f"checkpoint {path}: missing key {e}") from e
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path}: {e}") from e
+    config = derive_config(umt5_config, state_dict, path)
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     sources = {key: wan_t5_key(key) for key in model.state_dict()}

@@ -11,8 +11,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from wan.configs import VAE_LATENT_MEAN, VAE_LATENT_STD
-from wan.text_encoder import assign_checked, read_state_dict
+from .configs import VAE_LATENT_MEAN, VAE_LATENT_STD
+from .state_dict import assign_checked, derive_config, read_state_dict
 
 
 def vae_config(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -56,12 +56,7 @@ def load_wan_vae(
     state_dict: dict[str, torch.Tensor], path: Path, *, dtype: torch.dtype, device: str | torch.device
 ) -> AutoencoderKLWan:
     """AutoencoderKLWan holding a Wan-format state dict read from `path` (named in errors)."""
-    try:
-        config = vae_config(state_dict)
-    except KeyError as e:
-        raise ValueError(f"checkpoint {path}: missing key {e}") from e
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path}: {e}") from e
+    config = derive_config(vae_config, state_dict, path)
     with torch.device("meta"):
         model = AutoencoderKLWan(**config)
     # The converter only renames, so feeding it the keys themselves yields diffusers key -> file key.

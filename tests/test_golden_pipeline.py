@@ -24,7 +24,7 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, dit):
         super().__init__()
-        self.dit, self.calls = dit, []
+        self.dit, self.calls, self.config = dit, [], dit.config
 
     def forward(self, x, t, context, clip_fea, y, audio, masks, cache=None):
         out = self.dit(x, t, context, clip_fea, y, audio, masks, cache=cache)

@@ -128,6 +128,11 @@ def test_input_errors_are_clear(pipeline):
             {"prompt": "", "cond_image": Image.new("RGB", (96, 64)), "cond_audio": {"person1": torch.full((9, 12, 768), float("nan"))}},
             size_buckget=BUCKET, frame_num=9, sampling_steps=1,
         )
+    with pytest.raises(ValueError, match="do not match the model"):
+        pipeline.generate(
+            {"prompt": "", "cond_image": Image.new("RGB", (96, 64)), "cond_audio": {"person1": torch.zeros(9, 3, 32)}},
+            size_buckget=BUCKET, frame_num=9, sampling_steps=1,
+        )
     with pytest.raises(ValueError, match="speaker 2"):
         _generate(pipeline, 9, speakers=2, extra={"bbox": {"person1": [0, 0, 40, 60], "person2": [95, 0, 96, 1]}})
     with pytest.raises(ValueError, match="4n\\+1"):

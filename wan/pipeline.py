@@ -282,6 +282,11 @@ class MultiTalkPipeline:
         speakers = [_load_embedding(audio[k], k) for k in sorted(audio)]
         if not 1 <= len(speakers) <= 2:
             raise ValueError(f"cond_audio: MultiTalk drives 1 or 2 speakers, got {len(speakers)}")
+        config = self.dit.config
+        wanted = (config.audio_layers, config.audio_channels)
+        if any(tuple(s.shape[1:]) != wanted for s in speakers):
+            shapes = [tuple(s.shape) for s in speakers]
+            raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
         image = _load_image(input_data["cond_image"])
         if isinstance(buckets, Mapping):
             ratio = image.height / image.width

@@ -20,6 +20,7 @@ from PIL import Image
 from bench import build_random, environment
 from wan.configs import MULTITALK_14B, PRESETS
 from wan.dit import MultiTalkDiT
+from wan.fp8 import quantize_blocks
 from wan.image_encoder import ImageEncoder, clip_vision_config
 from wan.lora import merge_loras
 from wan.pipeline import MultiTalkPipeline
@@ -43,7 +44,7 @@ def meta_state_dict(shapes: dict) -> dict[str, torch.Tensor]:
 
 
 def build_pipeline(
-    device: torch.device, generator: torch.Generator, compile: bool, tiny: bool = False
+    device: torch.device, generator: torch.Generator, compile: bool, tiny: bool = False, fp8: bool = False
 ) -> MultiTalkPipeline:
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionModel, UMT5EncoderModel
@@ -56,6 +57,8 @@ def build_pipeline(
         clip = CLIPVisionModel(clip_vision_config(meta_state_dict(clip_shapes(clip_dims)))).to(low).eval()
         vae = AutoencoderKLWan(**vae_config(meta_state_dict(vae_shapes(vae_dims)))).eval()
     dit = build_random(lambda: MultiTalkDiT(dit_config), device, low, generator)
+    if fp8:
+        quantize_blocks(dit)
     if compile:
         dit.compile_blocks()
     text_encoder = TextEncoder(t5, tokenizer=None, text_len=dit_config.text_len)
@@ -83,10 +86,27 @@ def rank32_lora(dit: torch.nn.Module, generator: torch.Generator) -> dict[str, t
     return lora
 
 
+def time_lora_merge(dit: torch.nn.Module, generator: torch.Generator, sync) -> dict:
+    """Seconds to merge a rank-32 LoRA into every block linear and to restore the weights (copies on the host)."""
+    lora = rank32_lora(dit, generator)
+    sync()
+    started = time.perf_counter()
+    merged = merge_loras(dit, [(lora, 1.0)])
+    sync()
+    merge_s = time.perf_counter() - started
+    started = time.perf_counter()
+    merged.restore()
+    sync()
+    restore_s = time.perf_counter() - started
+    print(f"rank-32 LoRA on {len(lora) // 3} layers: merge {merge_s:.2f} s, restore {restore_s:.2f} s", flush=True)
+    return dict(lora_merge_s=merge_s, lora_restore_s=restore_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default="fast")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="fp8 linears in the DiT blocks (skips the LoRA timing)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny dims on the CPU: checks the script, times nothing")
     args = parser.parse_args()
@@ -96,22 +116,13 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator(device).manual_seed(0)
     started = time.perf_counter()
-    pipeline = build_pipeline(device, generator, args.compile, args.tiny)
+    pipeline = build_pipeline(device, generator, args.compile, args.tiny, args.fp8)
     results = dict(environment=environment(device), build_s=time.perf_counter() - started, runs=[])
     print(f"built the full-size stack in {results['build_s']:.1f} s", flush=True)
 
-    lora = rank32_lora(pipeline.dit, generator)
-    sync()
-    started = time.perf_counter()
-    merged = merge_loras(pipeline.dit, [(lora, 1.0)])
-    sync()
-    results["lora_merge_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    merged.restore()
-    sync()
-    results["lora_restore_s"] = time.perf_counter() - started
-    print(f"rank-32 LoRA on {len(lora) // 3} layers: merge {results['lora_merge_s']:.2f} s, "
-          f"restore {results['lora_restore_s']:.2f} s", flush=True)
+    results["fp8"] = args.fp8
+    if not args.fp8:  # a LoRA merges into bf16 weights, before any fp8 quantisation
+        results.update(time_lora_merge(pipeline.dit, generator, sync))
 
     channels = (pipeline.dit.config.audio_layers, pipeline.dit.config.audio_channels)
     audio = torch.randn(frames, *channels, generator=generator, device=device).cpu()

@@ -59,8 +59,10 @@ class Predictor(BasePredictor):
         if on_gpu:
             self.pipeline.warm_up()
         self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=device)
-        self.outputs = FilePath(tempfile.mkdtemp(prefix="multitalk-outputs-"))
-        self.lora_cache = FilePath(tempfile.gettempdir()) / "multitalk-loras"
+        # Both go away with the predictor (cog never deletes outputs; each request removes the previous one).
+        self._outputs = tempfile.TemporaryDirectory(prefix="multitalk-outputs-")
+        self._lora_cache = tempfile.TemporaryDirectory(prefix="multitalk-loras-")
+        self.outputs, self.lora_cache = FilePath(self._outputs.name), FilePath(self._lora_cache.name)
         try:
             self.fast_lora, self.fast_lora_error = resolve_fast_lora(paths), None
         except Exception as error:  # the base model still works; only `fast` needs this file

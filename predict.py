@@ -130,13 +130,6 @@ class Predictor(BasePredictor):
         mode = "fast" if fast else "turbo" if turbo else "quality"
         preset = PRESETS[mode]
         shift = QUALITY_SHIFT[bucket] if mode == "quality" else preset.shift
-        loras = [(self.fast_lora, 1.0)] if fast else []
-        if lora_url:
-            loras.append((fetch_lora(lora_url, self.lora_cache), lora_scale))
-        try:
-            self.pipeline.set_loras(loras)  # merges or restores only when the set changes
-        except LoRAError as error:
-            raise ValueError(f"{'lora_url' if lora_url else 'fast'}: {error}") from error
         if seed is None:
             seed = secrets.randbelow(100_000_000)
 
@@ -154,6 +147,14 @@ class Predictor(BasePredictor):
                 f"person{k + 1}": get_embedding(t, self.feature_extractor, self.wav2vec, SAMPLE_RATE, self.wav2vec.device)
                 for k, t in enumerate(tracks)
             }
+            # After the inputs are known good: a LoRA merge is the first expensive step.
+            loras = [(self.fast_lora, 1.0)] if fast else []
+            if lora_url:
+                loras.append((fetch_lora(lora_url, self.lora_cache), lora_scale))
+            try:
+                self.pipeline.set_loras(loras)  # merges or restores only when the set changes
+            except LoRAError as error:
+                raise ValueError(f"{'lora_url' if lora_url else 'fast'}: {error}") from error
             input_data = {"prompt": prompt, "cond_image": str(image), "cond_audio": embeddings}
             if any(boxes):
                 input_data["bbox"] = {f"person{k + 1}": box for k, box in enumerate(boxes) if box}

@@ -5,7 +5,7 @@ Lab colour correction applied to decoded clips.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,11 +17,17 @@ from .configs import ASPECT_RATIO_BUCKETS
 MAX_SPEAKERS = 2
 
 
-def choose_bucket(src_h: int, src_w: int, size_bucket: str) -> tuple[int, int]:
-    """Target (h, w) of the bucket whose key is closest to src_h / src_w (first in table order on ties)."""
-    if size_bucket not in ASPECT_RATIO_BUCKETS:
+def choose_bucket(src_h: int, src_w: int, size_bucket: str | Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """Target (h, w) of the bucket whose key is closest to src_h / src_w (first in table order on ties).
+
+    `size_bucket` names a table of `ASPECT_RATIO_BUCKETS` or is a custom table `{"h/w": [h, w]}`.
+    """
+    if isinstance(size_bucket, Mapping):
+        buckets = size_bucket
+    elif size_bucket in ASPECT_RATIO_BUCKETS:
+        buckets = ASPECT_RATIO_BUCKETS[size_bucket]
+    else:
         raise ValueError(f"unknown size bucket {size_bucket!r}; expected one of {list(ASPECT_RATIO_BUCKETS)}")
-    buckets = ASPECT_RATIO_BUCKETS[size_bucket]
     ratio = src_h / src_w
     key = min(buckets, key=lambda k: abs(float(k) - ratio))
     h, w = buckets[key]

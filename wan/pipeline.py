@@ -288,11 +288,7 @@ class MultiTalkPipeline:
             shapes = [tuple(s.shape) for s in speakers]
             raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
         image = _load_image(input_data["cond_image"])
-        if isinstance(buckets, Mapping):
-            ratio = image.height / image.width
-            height, width = buckets[min(buckets, key=lambda k: abs(float(k) - ratio))]
-        else:
-            height, width = choose_bucket(image.height, image.width, buckets)
+        height, width = choose_bucket(image.height, image.width, buckets)
         lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
         boxes = _bboxes(input_data, len(speakers))
         masks = speaker_masks(image.height, image.width, len(speakers), boxes, face_scale)

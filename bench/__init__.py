@@ -28,7 +28,9 @@ TINY_DIT = dict(
     text_len=24, dim=64, ffn_dim=128, text_dim=32, num_heads=4, num_layers=2, intermediate_dim=8, output_dim=64
 )
 
-ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math")
+# SDPA backends, and "fa4": FlashAttention 4 for the blocks' self-attention (`MultiTalkDiT.set_self_attention`), SDPA's
+# own choice for the rest.
+ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math", "fa4")
 
 
 def import_wan(root: Path = REPO_ROOT, alias: str = "wan") -> ModuleType:
@@ -94,8 +96,8 @@ def build_random(
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
     """SDPA restricted to one backend, falling back (in this order) to flash, efficient, math for shapes or dtypes
-    the chosen one does not take. `sdpa` leaves torch's own choice."""
-    if name == "sdpa":
+    the chosen one does not take. `sdpa` (and `fa4`, whose other attentions use SDPA) leaves torch's own choice."""
+    if name in ("sdpa", "fa4"):
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -117,7 +119,7 @@ def attention_backend(name: str) -> Iterator[None]:
 
 def backend_supports(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """'ok' if SDPA with only backend `name` runs on these `[B, L, heads, d]` tensors, else the error's first line."""
-    if name == "sdpa":
+    if name in ("sdpa", "fa4"):
         return "ok"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -234,3 +236,18 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info
+
+
+def set_self_attention(package: ModuleType, model: nn.Module, name: str) -> str | None:
+    """Give the model's blocks the self-attention kernel that attention choice `name` means; None, or why not."""
+    attention = wan_module(package, "attention")
+    if name != "fa4":
+        if hasattr(model, "set_self_attention"):
+            model.set_self_attention(attention.attention)
+        return None
+    if not hasattr(attention, "flash_attention_4"):
+        return f"{package.__name__} has no attention.flash_attention_4"
+    if not attention.flash_attention_4_available(next(model.parameters()).device):
+        return "flash_attn.cute (FA4) is not installed or not usable on this device"
+    model.set_self_attention(attention.flash_attention_4)
+    return None

@@ -32,6 +32,7 @@ from . import (
     environment,
     full_config,
     import_wan,
+    set_self_attention,
     time_calls,
     tiny_config,
     wan_module,
@@ -152,6 +153,14 @@ def run_dit_cases(
 
     records = []
     for backend in args.attention:
+        # fp8 brings its own self-attention kernel; the other choices set theirs (an older wan/ may not have any).
+        skipped = "fp8 sets the self-attention" if quantize is not None and backend == "fa4" else None
+        if quantize is None:
+            skipped = set_self_attention(package, model, backend)
+        if skipped:
+            print(f"[{label}] attention {backend} skipped: {skipped}", flush=True)
+            records.append(dict(model=label, case=backend, skipped=skipped))
+            continue
         if args.compile:
             torch._dynamo.reset()  # the SDPA backend is fixed when a graph is traced
             for block in model.blocks:

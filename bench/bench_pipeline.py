@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from bench import build_random, environment
+from wan.attention import fastest_self_attention
 from wan.configs import MULTITALK_14B, PRESETS
 from wan.dit import MultiTalkDiT
 from wan.fp8 import quantize_blocks
@@ -59,6 +60,8 @@ def build_pipeline(
     dit = build_random(lambda: MultiTalkDiT(dit_config), device, low, generator)
     if fp8:
         quantize_blocks(dit)
+    else:
+        dit.set_self_attention(fastest_self_attention(device))  # as MultiTalkPipeline(...) does
     if compile:
         dit.compile_blocks()
     text_encoder = TextEncoder(t5, tokenizer=None, text_len=dit_config.text_len)

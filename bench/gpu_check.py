@@ -7,7 +7,8 @@
     case's strict tolerance; bf16 against a float32 run of the same inputs, and, for information, against the
     golden (the bf16 model rounds t to bf16 before the sinusoid, as the reference does).
 (b) The full-size DiT cut to one block (dim 5120, 40 heads, 32928 tokens), 1 and 2 speakers, random weights: bf16
-    under each SDPA backend against float32 (no TF32) as truth, at the block output and at the model output.
+    under each SDPA backend against float32 (no TF32) as truth, at the block output and at the model output; with
+    --fp8 also the fp8 block (`wan.fp8.quantize_blocks`) against the same truth and against bf16.
 The float32 truth of a bf16 check runs the bf16 weights, upcast, on the same inputs: only the arithmetic differs.
 bf16 passes at rel = |bf16 - fp32| / |fp32| (2-norms) < 2e-2 with one speaker, < 5e-2 with two: two speakers route
 each token by an argmax over a bf16 attention map, and near-ties flip a few tokens to another speaker's label
@@ -36,6 +37,7 @@ from . import (
     full_config,
     import_wan,
     relative_error,
+    set_self_attention,
     tiny_config,
     wan_module,
 )
@@ -44,6 +46,8 @@ from tests.golden import dit_config_values
 from .bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
 
 BF16_REL_TOL = {1: 2e-2, 2: 5e-2}  # by number of speakers, see above
+# fp8 is measured, not held to bf16's bar: e4m3 keeps 3 mantissa bits. This only catches a broken scale (rel ~1).
+FP8_REL_TOL = 0.15
 MODEL_INPUTS = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
 
 
@@ -151,6 +155,10 @@ def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch
     with exact_float32():
         run32 = forward_with_probes(model, inputs)
     for backend in args.attention:
+        skipped = set_self_attention(wan, model16, backend)
+        if skipped:
+            report.add(f"dim{config.dim} block {speakers}p bf16 [{backend}]", True, f"skipped: {skipped}")
+            continue
         with attention_backend(backend):
             run16 = forward_with_probes(model16, inputs)
         block_err, out_err = relative_error(run16["block"], run32["block"]), relative_error(run16["out"], run32["out"])
@@ -165,6 +173,26 @@ def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch
             attention=backend,
             routing_flips=flips,
         )
+    set_self_attention(wan, model16, "sdpa")
+    run16 = forward_with_probes(model16, inputs)  # the bf16 run the fp8 one is compared with
+    if args.fp8:
+        model8 = copy.deepcopy(model16)
+        wan_module(wan, "fp8").quantize_blocks(model8)
+        run8 = forward_with_probes(model8, inputs)
+        vs_fp32, vs_bf16 = relative_error(run8["out"], run32["out"]), relative_error(run8["out"], run16["out"])
+        block_err = relative_error(run8["block"], run32["block"])
+        report.add(
+            f"dim{config.dim} block {speakers}p fp8 (linears + self-attention) vs fp32",
+            vs_fp32["rel"] < FP8_REL_TOL,
+            f"{tokens} tokens; block rel {block_err['rel']:.3g}; output rel {vs_fp32['rel']:.3g} max_abs "
+            f"{vs_fp32['max_abs']:.3g} (< {FP8_REL_TOL}); vs bf16 rel {vs_bf16['rel']:.3g}; routing flips "
+            f"{routing_flips(run8, run32)}",
+            block=block_err,
+            output=vs_fp32,
+            vs_bf16=vs_bf16,
+            routing_flips=routing_flips(run8, run32),
+        )
+        del model8
     del model, model16
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -176,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--attention", default="sdpa,cudnn,flash", help="comma list of " + ", ".join(ATTENTION_CHOICES))
     parser.add_argument("--tiny", action="store_true", help="tiny config for part (b) (CPU check)")
+    parser.add_argument("--fp8", action="store_true", help="also the fp8 blocks (wan.fp8) in part (b)")
     args = parser.parse_args(argv)
     args.attention = [a for a in args.attention.split(",") if a]
     if set(args.attention) - set(ATTENTION_CHOICES):

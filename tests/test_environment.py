@@ -44,6 +44,7 @@ warnings.filterwarnings("error", category=RuntimeWarning, module="importlib._boo
 import numpy, scipy.signal, scipy.sparse, sklearn, numba, librosa
 import transformers, diffusers, cog, coglet
 import soundfile, pyloudnorm, sentencepiece, safetensors, einops, ftfy, PIL
+import flash_attn.cute, cudnn  # the GPU kernels' Python sides import on any machine
 """
 
 

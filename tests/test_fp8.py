@@ -2,7 +2,14 @@
 
 import torch
 
-from wan.fp8 import FP8_MAX, Fp8Linear, quantize_blocks, quantize_rows
+from wan.attention import attention
+from wan.configs import DiTConfig
+from wan.dit import MultiTalkDiT
+from wan.fp8 import FP8_MAX, Fp8Linear, fp8_attention, quantize_blocks, quantize_rows, quantize_tensor
+
+# dim 1024 so that the block linears are large enough to be quantised
+TINY_DIT = dict(dim=1024, ffn_dim=2048, num_heads=8, num_layers=2, text_len=8, text_dim=32, intermediate_dim=8,
+                output_dim=32)
 
 
 def test_quantize_rows_round_trip_within_e4m3_resolution():
@@ -27,10 +34,35 @@ def test_fp8_linear_matches_the_bf16_linear():
     assert rel < 0.05, rel  # two e4m3 roundings: a few percent, far from a wrong scale (which would be ~1)
 
 
-def test_quantize_blocks_swaps_only_large_block_linears():
-    model = torch.nn.Module()
-    model.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(1024, 64), torch.nn.Linear(64, 8))])
-    model.head = torch.nn.Linear(1024, 4)
-    assert quantize_blocks(model) == 1
-    assert isinstance(model.blocks[0][0], Fp8Linear) and isinstance(model.blocks[0][1], torch.nn.Linear)
-    assert isinstance(model.head, torch.nn.Linear)
+def test_quantize_blocks_swaps_large_block_linears_and_the_self_attention():
+    config = DiTConfig(**TINY_DIT)
+    model = MultiTalkDiT(config)
+    replaced = quantize_blocks(model)
+    block = model.blocks[0]
+    # Per block: self q/k/v/o, cross q/k/v/o/k_img/v_img, ffn x2, audio q/proj: all with >= 1024 inputs here.
+    linears = [m for m in block.modules() if isinstance(m, (torch.nn.Linear, Fp8Linear))]
+    assert replaced == sum(isinstance(m, Fp8Linear) for b in model.blocks for m in b.modules())
+    assert all(isinstance(m, Fp8Linear) == (m.in_features >= 1024) for m in linears)
+    assert block.self_attn.attend is fp8_attention and block.cross_attn.attend is attention
+    assert isinstance(model.head.head, torch.nn.Linear)
+
+
+def test_quantize_tensor_uses_the_range_and_rounds_within_e4m3_resolution():
+    x = torch.randn(1, 50, 4, 16, generator=torch.Generator().manual_seed(2)) * 3
+    values, descale = quantize_tensor(x)
+    assert values.dtype == torch.float8_e4m3fn and descale.shape == (1, 1, 1, 1)
+    assert values.float().abs().max() == FP8_MAX
+    assert ((values.float() * descale - x).abs() <= x.abs() * 2**-4 + descale * 2**-9).all()
+
+
+def test_fp8_attention_is_softmax_attention_within_e4m3_rounding():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 32, generator=generator) for _ in range(3))
+    q = q * 2  # a peaked softmax, as in the trained model
+    # float64 softmax attention written out, heads kept apart
+    scores = torch.einsum("blhd,bmhd->bhlm", q.double(), k.double()) / 32**0.5
+    truth = torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v.double())
+    out = fp8_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    rel = ((out.double() - truth).norm() / truth.norm()).item()
+    assert 0.002 < rel < 0.08, rel  # e4m3 rounding is visible, a wrong scale (error ~1) is not

@@ -1,8 +1,11 @@
-"""The one attention entry point of the project: SDPA by default, FlashAttention 3 when it is installed and usable."""
+"""The attention kernels of the project: SDPA by default (FlashAttention 3 when installed), and FlashAttention 4's
+Hopper/Blackwell kernel for the DiT's full self-attention when `flash_attn.cute` is installed."""
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +45,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2)
+
+
+# One op namespace per copy of the package (bench imports a second copy under another name).
+_OP_NAMESPACE = __name__.split(".")[0]
+
+
+@functools.cache
+def _flash_attn_cute():
+    try:
+        import flash_attn.cute
+    except Exception:  # not installed, or its CUDA DSL does not load here
+        return None
+    return flash_attn.cute
+
+
+def flash_attention_4_available(device: torch.device) -> bool:
+    """Whether FA4 is installed and its forward kernels run on `device` (compute capability 9.x or 10.x)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return False
+    return _flash_attn_cute() is not None
+
+
+def fastest_self_attention(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The kernel for the DiT's full self-attention on `device`: FA4 where available, else `attention`."""
+    return flash_attention_4 if flash_attention_4_available(device) else attention
+
+
+def flash_attention_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`attention` through FlashAttention 4 (bf16/fp16 on CUDA; see `flash_attention_4_available`).
+
+    On an H100 it runs the DiT's 32928-token self-attention 16 % faster than cuDNN (bench/NOTES.md).
+    """
+    return getattr(torch.ops, _OP_NAMESPACE).flash_attention_4(q, k, v)
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::flash_attention_4", mutates_args=())
+def _flash_attention_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = _flash_attn_cute().flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+
+@_flash_attention_4.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)

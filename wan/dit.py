@@ -8,6 +8,7 @@ parameters the model is an exact float32 port.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -89,6 +90,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
+        # The kernel of the full self-attention: `wan.fp8.quantize_blocks` swaps in the fp8 one.
+        self.attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = attention
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -105,7 +108,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(x.dtype)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
-        out = self.o(attention(q, k, v).flatten(2))
+        out = self.o(self.attend(q, k, v).flatten(2))
         # The map only routes speakers; like the reference, no gradient flows through it.
         attn_map = None if token_masks is None else reference_attention_map(q.detach(), k.detach(), token_masks)
         return out, attn_map
@@ -316,6 +319,12 @@ class MultiTalkDiT(nn.Module):
                 cache.residual = tokens - blocks_in
 
         return self.unpatchify(self.head(tokens, e), grid)
+
+    def set_self_attention(self, kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """The kernel of every block's full self-attention (`wan.attention.attention` unless set): q, k, v
+        `[1, L, heads, head_dim]` -> `[1, L, heads, head_dim]`. Set it before `compile_blocks`."""
+        for block in self.blocks:
+            block.self_attn.attend = kernel
 
     def compile_blocks(self, **options) -> None:
         """Regional compilation: every block compiled on its own, so all 40 share one graph (about 20 s once)."""

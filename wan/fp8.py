@@ -1,17 +1,29 @@
-"""Opt-in float8 linear layers for the DiT blocks (H100 fp8 tensor cores through `torch._scaled_mm`).
+"""Opt-in float8 for the DiT blocks: linear layers and the full self-attention on Hopper's fp8 tensor cores.
 
-Weights are quantised once to e4m3 with one scale per output row; activations are quantised per token on the fly.
-Both scales are applied by the matmul itself (row-wise scaling), so the result comes back in bf16. The accuracy
+Linear layers: weights quantised once to e4m3 with one scale per output row, activations per token on the fly; both
+scales are applied by `torch._scaled_mm` itself, so the result comes back in bf16. Self-attention: Q, K and V
+quantised per tensor, then cuDNN's fp8 flash attention (which also keeps the probabilities in e4m3). The accuracy
 against bf16 is measured by `bench/gpu_check.py`; this path is off unless asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
+
 import torch
 import torch.nn as nn
 
+from .attention import attention
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
+# The attention output is a convex combination of V's rows, so |O| <= amax(V); scaling O by half of e4m3's range
+# over amax(V) leaves a binade for rounding and costs no precision (a power of two only shifts the exponent).
+_OUT_RANGE = FP8_MAX / 2
+# One op namespace per copy of the package (bench imports a second copy under another name).
+_OP_NAMESPACE = __name__.split(".")[0]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,12 +52,113 @@ class Fp8Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_blocks(model: nn.Module, min_features: int = 1024) -> int:
-    """Replace every `nn.Linear` inside `model.blocks` with at least `min_features` inputs by an `Fp8Linear`.
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and the float32 descale `[1, 1, 1, 1]` with x ≈ values * descale (one scale for the tensor)."""
+    descale = x.abs().amax().float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8), descale.reshape(1, 1, 1, 1)
 
-    Small layers (the audio key/value projection from 768 features) stay in bf16. Returns the number replaced.
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`wan.attention.attention` with Q, K, V, the probabilities and the output in e4m3.
+
+    On CUDA this is cuDNN's fp8 flash attention (Hopper and newer); elsewhere the same quantisation of Q, K, V and
+    O around float attention, so the CPU tests see the same input and output rounding.
+    """
+    (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
+    out_descale = descale_v * (FP8_MAX / _OUT_RANGE)
+    if q.is_cuda:
+        out8 = getattr(torch.ops, _OP_NAMESPACE).cudnn_fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v)
+    else:
+        out = attention(*(t.float() * d for t, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v))))
+        out8 = (out / out_descale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (out8.float() * out_descale).to(q.dtype)
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::cudnn_fp8_attention", mutates_args=())
+def _cudnn_fp8_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+    descale_v: torch.Tensor,
+) -> torch.Tensor:
+    """e4m3 `[B, L, H, D]` in, e4m3 out scaled by `_OUT_RANGE / amax(V)`; the descales are float32 `[1, 1, 1, 1]`."""
+    plan = _fp8_attention_plan(q.device.index, _bhsd(q), _bhsd(k), _bhsd(v))
+    out = torch.empty_like(q)
+    amax = torch.empty(2, 1, 1, 1, 1, device=q.device)  # written by cuDNN, unused
+    workspace = torch.empty(plan.workspace_size, device=q.device, dtype=torch.uint8)
+    values = dict(
+        q=q, k=k, v=v, o=out, descale_q=descale_q, descale_k=descale_k, descale_v=descale_v,
+        descale_s=plan.probability_scales[0], scale_s=plan.probability_scales[1],
+        scale_o=_OUT_RANGE / FP8_MAX / descale_v, amax_s=amax[0], amax_o=amax[1],
+    )
+    plan.cudnn.set_stream(handle=plan.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    plan.graph.execute({plan.tensors[name]: t for name, t in values.items()}, workspace, handle=plan.handle)
+    return out
+
+
+@_cudnn_fp8_attention.register_fake
+def _(q, k, v, descale_q, descale_k, descale_v):
+    return torch.empty_like(q)
+
+
+def _bhsd(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Dims and strides of `[B, L, H, D]` as cuDNN's `[B, H, L, D]`."""
+    return tuple(x.transpose(1, 2).shape), tuple(x.transpose(1, 2).stride())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fp8AttentionPlan:
+    cudnn: types.ModuleType
+    handle: object
+    graph: object
+    tensors: dict
+    workspace_size: int
+    probability_scales: torch.Tensor  # descale and scale `[2, 1, 1, 1, 1]` of the probabilities
+
+
+@functools.lru_cache(maxsize=16)
+def _fp8_attention_plan(device_index: int, q_layout, k_layout, v_layout) -> _Fp8AttentionPlan:
+    """cuDNN's fp8 SDPA graph for one set of shapes and strides, built once (heuristics' first plan)."""
+    torch.backends.cudnn.version()  # the frontend binds to an already loaded libcudnn: torch's, loaded here
+    import cudnn
+
+    with torch.cuda.device(device_index):
+        handle = cudnn.create_handle()
+    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+    tensors = {
+        name: graph.tensor(name=name, dim=list(dims), stride=list(strides), data_type=e4m3)
+        for name, (dims, strides) in dict(q=q_layout, k=k_layout, v=v_layout).items()
+    }
+    scalar_names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+    for name in scalar_names:
+        tensors[name] = graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+    out, _, amax_s, amax_o = graph.sdpa_fp8(
+        q=tensors["q"], k=tensors["k"], v=tensors["v"], **{n: tensors[n] for n in scalar_names},
+        is_inference=True, attn_scale=q_layout[0][-1] ** -0.5, name="sdpa_fp8",
+    )
+    # On Hopper cuDNN writes the fp8 attention's output in fp8 only (bf16 output needs Blackwell).
+    out.set_output(True).set_dim(list(q_layout[0])).set_stride(list(q_layout[1])).set_data_type(e4m3)
+    for amax in (amax_s, amax_o):
+        amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+    tensors.update(o=out, amax_s=amax_s, amax_o=amax_o)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    # Probabilities lie in [0, 1]: all of e4m3's range for them.
+    probability_scales = torch.tensor([1 / FP8_MAX, FP8_MAX], device=f"cuda:{device_index}").reshape(2, 1, 1, 1, 1)
+    return _Fp8AttentionPlan(cudnn, handle, graph, tensors, graph.get_workspace_size(), probability_scales)
+
+
+def quantize_blocks(model: nn.Module, min_features: int = 1024) -> int:
+    """Make the blocks fp8: every `nn.Linear` with at least `min_features` inputs becomes an `Fp8Linear`, and the
+    full self-attention runs `fp8_attention`.
+
+    Small layers (the audio key/value projection from 768 features) and the cross-attentions stay in bf16. Returns
+    the number of linear layers replaced.
     """
     replaced = 0
+    model.set_self_attention(fp8_attention)
     for block in model.blocks:
         for name, module in list(block.named_modules()):
             if isinstance(module, nn.Linear) and module.in_features >= min_features:

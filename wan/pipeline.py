@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from . import sampling
+from .attention import fastest_self_attention
 from .conditioning import audio_window, choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
 from .configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
 
@@ -179,6 +180,8 @@ class MultiTalkPipeline:
             from .fp8 import quantize_blocks
 
             quantize_blocks(dit)  # after any LoRA merge: the fp8 weights are final
+        else:
+            dit.set_self_attention(fastest_self_attention(device))
         if compile:
             dit.compile_blocks()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,8 @@ try:
     import flash_attn_interface
 except ImportError:
     flash_attn_interface = None
+
+log = logging.getLogger(__name__)
 
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
 # On an H100 cuDNN's fused attention runs our 32k-token self-attention in 37 ms against 60 ms for SDPA's default
@@ -61,11 +64,31 @@ def _flash_attn_cute():
 
 
 def flash_attention_4_available(device: torch.device) -> bool:
-    """Whether FA4 is installed and its forward kernels run on `device` (compute capability 9.x or 10.x)."""
+    """Whether FA4 is installed and its forward kernel runs, correctly, on `device` (compute capability 9.x or 10.x).
+
+    The first answer for a device runs one small attention through FA4 and SDPA (which also compiles FA4's kernel):
+    a package that installs but fails on this machine's driver or torch must not take the service down.
+    """
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return False
-    return _flash_attn_cute() is not None
+    return _flash_attn_cute() is not None and _flash_attention_4_works(device.index or 0)
+
+
+@functools.cache
+def _flash_attention_4_works(device_index: int) -> bool:
+    generator = torch.Generator(f"cuda:{device_index}").manual_seed(0)
+    q, k, v = torch.randn(3, 1, 256, 2, 128, generator=generator, device=generator.device, dtype=torch.bfloat16)
+    try:
+        with torch.no_grad():
+            error = (flash_attention_4(q, k, v).float() - attention(q, k, v).float()).abs().max().item()
+    except Exception as exception:  # FA4's compile or launch failed here
+        log.warning("FlashAttention 4 does not run on cuda:%d, using SDPA: %s", device_index, exception)
+        return False
+    if not error < 0.02:  # bf16 rounding of outputs of size ~0.1 is ~1e-3
+        log.warning("FlashAttention 4 disagrees with SDPA on cuda:%d (max abs %.3g), using SDPA", device_index, error)
+        return False
+    return True
 
 
 def fastest_self_attention(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -78,6 +101,8 @@ def flash_attention_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
     On an H100 it runs the DiT's 32928-token self-attention 16 % faster than cuDNN (bench/NOTES.md).
     """
+    if q.dtype not in _FLASH_DTYPES:
+        return attention(q, k, v)
     return getattr(torch.ops, _OP_NAMESPACE).flash_attention_4(q, k, v)
 
 

@@ -164,7 +164,9 @@ def run_dit_cases(
         if args.compile:
             torch._dynamo.reset()  # the SDPA backend is fixed when a graph is traced
             for block in model.blocks:
-                block.compile(fullgraph=True, dynamic=False, backend=args.compile_backend)
+                block.compile(
+                    fullgraph=True, dynamic=False, backend=args.compile_backend, options=args.inductor_options or None
+                )
         support = probe_attention(backend, config, clip, device, dtype)
         print(f"[{label}] attention {backend} alone takes: {support}", flush=True)
         for case in (c for c in args.cases if c in DIT_CASES):
@@ -280,6 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="sdpa", help="comma list of " + ", ".join(ATTENTION_CHOICES))
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (regional)")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--inductor-options", type=json.loads, default={}, help='JSON, e.g. {"coordinate_descent_tuning": true}')
     parser.add_argument("--fp8", action="store_true", help="fp8 linear layers, if wan has fp8.quantize_blocks")
     parser.add_argument("--baseline-rev", type=Path, help="a checkout root holding another wan/ to time too")
     parser.add_argument("--warmup", type=int, help="untimed passes before each case (default 2)")

@@ -198,6 +198,28 @@ def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch
         torch.cuda.empty_cache()
 
 
+def check_quantize_rows(wan, device: torch.device, report: Report) -> None:
+    """The one-pass row quantisation (Triton on CUDA) against its torch arithmetic on the CPU: same bits."""
+    if device.type != "cuda":
+        return
+    quantize_rows = wan_module(wan, "fp8_rows").quantize_rows
+    generator = torch.Generator().manual_seed(5)
+    for rows, cols, gelu in ((333, 5120, False), (257, 13824, True), (64, 1024, False)):
+        # Rows of very different magnitudes, as tokens are.
+        x = (torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 3, rows)[:, None]).bfloat16()
+        values, scales = quantize_rows(x.to(device), gelu=gelu)
+        ref_values, ref_scales = quantize_rows(x, gelu=gelu)
+        same = (values.cpu().float() == ref_values.float()).float().mean().item()
+        scale_err = ((scales.cpu() - ref_scales).abs() / ref_scales).max().item()
+        report.add(
+            f"quantize_rows {rows}x{cols}{' gelu' if gelu else ''} cuda vs torch",
+            same > 0.999 and scale_err < 1e-5,
+            f"{same:.5f} of the e4m3 values equal, scales rel {scale_err:.2g}",
+            same=same,
+            scale_rel=scale_err,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--golden", type=Path, required=True, help="folder holding the golden dit_* cases")
@@ -220,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         report.add("golden cases", False, f"no dit_* case under {args.golden}")
     for case_dir in cases:
         check_golden_case(case_dir, wan, device, report)
+    if args.fp8:
+        check_quantize_rows(wan, device, report)
     for speakers in (1, 2):
         check_full_block(wan, speakers, args, device, report)
 

@@ -45,6 +45,24 @@ def test_quantize_blocks_swaps_large_block_linears_and_the_self_attention():
     assert all(isinstance(m, Fp8Linear) == (m.in_features >= 1024) for m in linears)
     assert block.self_attn.attend is fp8_attention and block.cross_attn.attend is attention
     assert isinstance(model.head.head, torch.nn.Linear)
+    # The FFN's GELU moves into the second linear's activation quantisation.
+    assert isinstance(block.ffn[1], torch.nn.Identity) and block.ffn[2].gelu_input
+    assert not block.ffn[0].gelu_input
+
+
+def test_fp8_linear_with_gelu_input_is_gelu_then_linear():
+    generator = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(2048, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(256, 2048, generator=generator) * 0.02)
+    x = (torch.randn(3, 2048, generator=generator) * 2).to(torch.bfloat16)
+    hidden = 0.5 * x.double() * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x.double() + 0.044715 * x.double() ** 3)))
+    truth = hidden @ linear.weight.double().T + linear.bias.double()
+    out = Fp8Linear(linear, gelu_input=True)(x)
+    rel = ((out.double() - truth).norm() / truth.norm()).item()
+    assert rel < 0.05, rel
+    without = ((Fp8Linear(linear)(x).double() - truth).norm() / truth.norm()).item()
+    assert without > 0.2, without  # the GELU really is applied: skipping it is far off
 
 
 def test_quantize_tensor_uses_the_range_and_rounds_within_e4m3_resolution():

@@ -1,7 +1,8 @@
 """Opt-in float8 for the DiT blocks: linear layers and the full self-attention on Hopper's fp8 tensor cores.
 
-Linear layers: weights quantised once to e4m3 with one scale per output row, activations per token on the fly; both
-scales are applied by `torch._scaled_mm` itself, so the result comes back in bf16. Self-attention: Q, K and V
+Linear layers: weights quantised once to e4m3 with one scale per output row, activations per token on the fly
+(`wan.fp8_rows`, the FFN's GELU fused in); both scales are applied by `torch._scaled_mm` itself, so the result comes
+back in bf16. Self-attention: Q, K and V
 quantised per tensor, then cuDNN's fp8 flash attention (which also keeps the probabilities in e4m3). The accuracy
 against bf16 is measured by `bench/gpu_check.py`; this path is off unless asked for.
 """
@@ -16,9 +17,8 @@ import torch
 import torch.nn as nn
 
 from .attention import attention
+from .fp8_rows import FP8, FP8_MAX, quantize_rows
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
 # The attention output is a convex combination of V's rows, so |O| <= amax(V); scaling O by half of e4m3's range
 # over amax(V) leaves a binade for rounding and costs no precision (a power of two only shifts the exponent).
 _OUT_RANGE = FP8_MAX / 2
@@ -26,18 +26,14 @@ _OUT_RANGE = FP8_MAX / 2
 _OP_NAMESPACE = __name__.split(".")[0]
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[M, K]` -> e4m3 values `[M, K]` and float32 scales `[M, 1]` with x ≈ values * scales."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
 class Fp8Linear(nn.Module):
-    """Drop-in for an `nn.Linear` whose weight is stored in e4m3 with per-output-row scales."""
+    """Drop-in for an `nn.Linear` whose weight is stored in e4m3 with per-output-row scales; with `gelu_input`, for
+    `nn.Sequential(nn.GELU(approximate="tanh"), linear)` (the GELU is fused into the activation quantisation)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, gelu_input: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.gelu_input = gelu_input
         weight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale.T.contiguous())  # [1, N], the layout _scaled_mm wants
@@ -45,7 +41,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        values, scale = quantize_rows(rows)
+        values, scale = quantize_rows(rows, gelu=self.gelu_input)
         out = torch._scaled_mm(
             values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
         )
@@ -165,4 +161,12 @@ def quantize_blocks(model: nn.Module, min_features: int = 1024) -> int:
                 parent_name, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, Fp8Linear(module))
                 replaced += 1
+        _fuse_gelu(block.ffn)
     return replaced
+
+
+def _fuse_gelu(ffn: nn.Sequential) -> None:
+    """Linear, tanh-GELU, Fp8Linear -> Linear, Identity, Fp8Linear quantising GELU(x): one pass over the hidden."""
+    if isinstance(ffn[1], nn.GELU) and ffn[1].approximate == "tanh" and isinstance(ffn[2], Fp8Linear):
+        ffn[1] = nn.Identity()
+        ffn[2].gelu_input = True

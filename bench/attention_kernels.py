@@ -19,23 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention_shapes import time_ms
+
 HEADS, HEAD_DIM, TOKENS = 40, 128, 32928
 CHECK_ROWS = 512
 FP8_MAX = 448.0  # largest finite e4m3 value
-
-
-def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def tflops(ms: float) -> float:
@@ -77,7 +65,8 @@ def cudnn_graph_plans(q, k, v, fp8: bool) -> list[tuple[str, Callable[[], torch.
 
     maps = {line.split()[-1] for line in open("/proc/self/maps") if "libcudnn.so" in line}
     print(f"loaded: {sorted(maps)}")
-    print(f"cudnn frontend {cudnn.__version__}, backend {cudnn.backend_version()}, torch's {torch.backends.cudnn.version()}")
+    versions = cudnn.__version__, cudnn.backend_version(), torch.backends.cudnn.version()
+    print("cudnn frontend {}, backend {}, torch's {}".format(*versions))
     handle = cudnn.create_handle()
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
     io_type = cudnn.data_type.FP8_E4M3 if fp8 else cudnn.data_type.BFLOAT16

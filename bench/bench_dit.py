@@ -282,7 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="sdpa", help="comma list of " + ", ".join(ATTENTION_CHOICES))
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (regional)")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--inductor-options", type=json.loads, default={}, help='JSON, e.g. {"coordinate_descent_tuning": true}')
+    parser.add_argument(
+        "--inductor-options", type=json.loads, default={}, help='JSON, e.g. {"coordinate_descent_tuning": true}'
+    )
     parser.add_argument("--fp8", action="store_true", help="fp8 linear layers, if wan has fp8.quantize_blocks")
     parser.add_argument("--baseline-rev", type=Path, help="a checkout root holding another wan/ to time too")
     parser.add_argument("--warmup", type=int, help="untimed passes before each case (default 2)")

@@ -90,7 +90,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
-        # The kernel of the full self-attention: `wan.fp8.quantize_blocks` swaps in the fp8 one.
+        # The kernel of the full self-attention; `MultiTalkDiT.set_self_attention` swaps in FA4 or the fp8 one.
         self.attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = attention
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)

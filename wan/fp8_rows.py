@@ -62,7 +62,9 @@ def _quantize_rows_cuda(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torc
     # ~32 values per thread: the row stays in registers without spilling.
     num_warps = max(4, min(32, block // (32 * 32)))
     with torch.cuda.device(x.device):
-        _quantize_rows_kernel[(rows,)](x, values, scales, cols, x.stride(0), GELU=gelu, BLOCK=block, num_warps=num_warps)
+        _quantize_rows_kernel[(rows,)](
+            x, values, scales, cols, x.stride(0), GELU=gelu, BLOCK=block, num_warps=num_warps
+        )
     return values, scales
 
 

@@ -182,6 +182,7 @@ class MultiTalkPipeline:
             quantize_blocks(dit)  # after any LoRA merge: the fp8 weights are final
         else:
             dit.set_self_attention(fastest_self_attention(device))
+        log.info("DiT self-attention: %s", dit.blocks[0].self_attn.attend.__name__)
         if compile:
             dit.compile_blocks()
 

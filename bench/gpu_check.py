@@ -208,7 +208,7 @@ def check_quantize_rows(wan, device: torch.device, report: Report) -> None:
     for rows, cols, gelu in ((333, 5120, False), (257, 13824, True), (64, 1024, False)):
         # Rows of very different magnitudes, as tokens are.
         x = (torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 3, rows)[:, None]).bfloat16()
-        values, scales = getattr(torch.ops, rows_module._OP_NAMESPACE).quantize_rows(x.to(device), gelu)
+        values, scales = getattr(torch.ops, rows_module.OP_NAMESPACE).quantize_rows(x.to(device), gelu)
         ref_values, ref_scales = quantize_rows(x, gelu=gelu)
         same = (values.cpu().float() == ref_values.float()).float().mean().item()
         scale_err = ((scales.cpu() - ref_scales).abs() / ref_scales).max().item()

@@ -154,8 +154,9 @@ def run_dit_cases(
     records = []
     for backend in args.attention:
         # fp8 brings its own self-attention kernel; the other choices set theirs (an older wan/ may not have any).
-        skipped = "fp8 sets the self-attention" if quantize is not None and backend == "fa4" else None
-        if quantize is None:
+        if quantize is not None:
+            skipped = "fp8 sets the self-attention" if backend == "fa4" else None
+        else:
             skipped = set_self_attention(package, model, backend)
         if skipped:
             print(f"[{label}] attention {backend} skipped: {skipped}", flush=True)

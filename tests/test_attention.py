@@ -4,11 +4,8 @@ self-attention kernel (FA4 only on a CUDA device that takes it; the GPU numerics
 import torch
 
 from wan.attention import attention, fastest_self_attention, flash_attention_4_available
-from wan.configs import DiTConfig
 from wan.dit import MultiTalkDiT
-
-TINY_DIT = dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_len=8, text_dim=32, intermediate_dim=8,
-                output_dim=32)
+from wan.tiny import TINY_DIT  # dim 64, 4 heads of 16
 
 
 def test_attention_is_scaled_softmax_attention_per_head():
@@ -26,7 +23,7 @@ def test_no_flash_attention_4_off_cuda():
 
 
 def test_set_self_attention_reaches_every_block_and_only_the_self_attention():
-    model = MultiTalkDiT(DiTConfig(**TINY_DIT))
+    model = MultiTalkDiT(TINY_DIT)
     calls = []
 
     def kernel(q, k, v):

@@ -1,15 +1,16 @@
 """fp8 linear layers: quantisation error within e4m3's resolution, module swap keeps the model's behaviour close."""
 
+import dataclasses
+
 import torch
 
 from wan.attention import attention
-from wan.configs import DiTConfig
 from wan.dit import MultiTalkDiT
 from wan.fp8 import FP8_MAX, Fp8Linear, fp8_attention, quantize_blocks, quantize_rows, quantize_tensor
+from wan.tiny import TINY_DIT
 
 # dim 1024 so that the block linears are large enough to be quantised
-TINY_DIT = dict(dim=1024, ffn_dim=2048, num_heads=8, num_layers=2, text_len=8, text_dim=32, intermediate_dim=8,
-                output_dim=32)
+FP8_DIT = dataclasses.replace(TINY_DIT, dim=1024, ffn_dim=2048, num_heads=8)
 
 
 def test_quantize_rows_round_trip_within_e4m3_resolution():
@@ -35,8 +36,7 @@ def test_fp8_linear_matches_the_bf16_linear():
 
 
 def test_quantize_blocks_swaps_large_block_linears_and_the_self_attention():
-    config = DiTConfig(**TINY_DIT)
-    model = MultiTalkDiT(config)
+    model = MultiTalkDiT(FP8_DIT)
     replaced = quantize_blocks(model)
     block = model.blocks[0]
     # Per block: self q/k/v/o, cross q/k/v/o/k_img/v_img, ffn x2, audio q/proj: all with >= 1024 inputs here.

@@ -26,6 +26,9 @@ from cog import _inspector
 
 REPO = Path(__file__).resolve().parents[1]
 NULLABLE = (adt.Repetition.OPTIONAL, adt.Repetition.OPTIONAL_REPEATED)
+# Optional constraints of an Input() and their OpenAPI keys, in cog's order.
+BOUNDS = (("ge", "minimum"), ("le", "maximum"), ("min_length", "minLength"), ("max_length", "maxLength"),
+          ("regex", "pattern"))
 
 
 class Ordered(dict):
@@ -78,16 +81,9 @@ def build_schema(module: str, name: str) -> dict[str, Any]:
             prop["nullable"] = True
         if field.description is not None:
             prop["description"] = field.description
-        if field.ge is not None:
-            prop["minimum"] = field.ge
-        if field.le is not None:
-            prop["maximum"] = field.le
-        if field.min_length is not None:
-            prop["minLength"] = field.min_length
-        if field.max_length is not None:
-            prop["maxLength"] = field.max_length
-        if field.regex is not None:
-            prop["pattern"] = field.regex
+        for attribute, key in BOUNDS:
+            if getattr(field, attribute) is not None:
+                prop[key] = getattr(field, attribute)
         if field.deprecated:
             prop["deprecated"] = True
         accept = getattr(parameters[field.name].default, "accept", None)

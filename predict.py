@@ -115,6 +115,18 @@ class Predictor(BasePredictor):
         audio_guidance_scale: Optional[float] = Input(
             default=None, ge=0.0, le=20.0, description="Audio (lip-sync) guidance (default from the preset)."
         ),
+        color_correction_strength: float = Input(
+            default=1.0,
+            ge=0.0,
+            le=1.0,
+            description="Match every clip's colours (Lab mean and spread) to the image, against colour drift in long "
+            "videos; 0 = off. The reference CLI's default is 1.0.",
+        ),
+        use_apg: bool = Input(
+            default=False,
+            description="Adaptive projected guidance (momentum -0.75, norm threshold 55, as the reference CLI) instead "
+            "of plain guidance: less over-saturation and drift at high guidance scales.",
+        ),
         seed: Optional[int] = Input(default=None, description="Random seed; empty picks one (it is logged)."),
     ) -> Path:
         started = time.monotonic()
@@ -169,7 +181,12 @@ class Predictor(BasePredictor):
                 seed=seed,
                 max_frames_num=num_frames or MAX_FRAMES,
                 offload_model=False,
-                extra_args={"use_teacache": preset.teacache_thresh is not None, "teacache_thresh": preset.teacache_thresh},
+                color_correction_strength=color_correction_strength,
+                extra_args={
+                    "use_teacache": preset.teacache_thresh is not None,
+                    "teacache_thresh": preset.teacache_thresh,
+                    "use_apg": use_apg,
+                },
             )
             output = write_mp4(video, self.outputs / f"multitalk-{seed}-{int(time.time())}.mp4", soundtrack, fps=FPS)
 

@@ -177,10 +177,11 @@ def test_golden_dit_cache_protocol(case_name):
     case.assert_close("out", out[None])
 
 
-@pytest.mark.parametrize("case_name", DIT_CASES[:1])
+@pytest.mark.parametrize("case_name", DIT_CASES)
 def test_golden_dit_bf16_runs_close_to_float32(case_name):
-    """bf16 parameters: every dtype boundary works, t is rounded to bf16 before the sinusoid (as the reference, which
-    casts t to the T5 dtype), t-independent intermediates are within bf16 noise of the float32 golden values."""
+    """bf16 parameters: t reaches the time embedding as the float64 sinusoid of the float32 t (the reference's
+    timesteps are float32 and never take the activation dtype), and the output is within bf16 noise of the float32
+    golden. Rounding t to bf16 first (988.25 -> 988 on dit_1p) moves the output by ~4 % of its mean magnitude."""
     case = load_case(case_name)
     model = MultiTalkDiT(dit_config(case)).eval()
     model.load_state_dict(load_file(weights_path(case)), strict=True)
@@ -193,18 +194,20 @@ def test_golden_dit_bf16_runs_close_to_float32(case_name):
         hook.remove()
     expected = case.outputs()
 
-    t_bf16 = float(case.inputs()["t"].to(torch.bfloat16))
+    t = case.inputs()["t"].to(torch.float32).double().numpy()
     half = sinusoids[0].shape[1] // 2
-    angles = t_bf16 * np.power(10000.0, -np.arange(half) / half)
-    np.testing.assert_allclose(sinusoids[0][0].numpy(), np.concatenate([np.cos(angles), np.sin(angles)]), atol=1e-6)
+    angles = np.outer(t, np.power(10000.0, -np.arange(half) / half))
+    assert sinusoids[0].dtype == torch.float32
+    np.testing.assert_allclose(sinusoids[0].numpy(), np.concatenate([np.cos(angles), np.sin(angles)], 1), atol=1e-6)
 
     for name in ("debug.patch_embedding_out", "debug.text_embedding_out", "debug.img_emb_out", "debug.audio_proj_out"):
         err = (found[name].float() - expected[name]).abs().max()
         assert err <= 0.02 * expected[name].abs().max(), f"{name}: bf16 error {err:.3g}"
     out = found["out"]
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    # Mostly the effect of t rounding (988.25 -> 988) on these random weights; a dtype bug gives O(1) errors.
-    assert (out - expected["out"]).abs().mean() <= 0.1 * expected["out"].abs().mean()
+    # bf16 noise is ~1 % of the mean magnitude here (two speakers: a few tokens flip their speaker, so no max bound).
+    relative = (out - expected["out"]).abs().mean() / expected["out"].abs().mean()
+    assert relative <= 0.025, f"bf16 output {relative:.2%} away from the float32 golden"
 
 
 def test_blocks_compile_fullgraph():

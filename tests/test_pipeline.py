@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from golden import load_case
 from wan.configs import DiTConfig
 from wan.dit import MultiTalkDiT
-from wan.pipeline import MultiTalkPipeline, extend_audio, plan_clips
+from wan.pipeline import ClipPlan, MultiTalkPipeline, pad_audio, plan_clips
 from wan.text_encoder import TextEncoder, load_umt5
 from wan.vae import VideoVAE
 
@@ -22,6 +22,10 @@ class CountingDiT(torch.nn.Module):
     def __init__(self, dit):
         super().__init__()
         self.dit, self.calls, self.config = dit, [], dit.config
+
+    @property
+    def dtype(self):
+        return self.dit.dtype
 
     def forward(self, x, t, context, clip_fea, y, audio, masks, cache=None):
         self.calls.append((float(t), audio.shape[0], bool(audio.any()), cache))
@@ -60,20 +64,31 @@ def _generate(pipeline, frames, speakers=1, **kwargs):
 
 
 def test_plan_clips_hand_computed():
-    assert plan_clips(81, 81, 25) == (81, [0])
-    assert plan_clips(82, 81, 25) == (81, [0, 56])
-    assert plan_clips(137, 81, 25) == (81, [0, 56])
-    assert plan_clips(138, 81, 25) == (81, [0, 56, 112])
-    assert plan_clips(30, 81, 25) == (33, [0])  # shorter audio: the smallest 4n+1 clip covering it
-    assert plan_clips(1, 81, 25) == (1, [0])
+    assert plan_clips(82, 81, 25) == ClipPlan(81, (0, 56), 82, pad_last=True)  # streaming: 81 + 56 >= 82
+    assert plan_clips(137, 81, 25).starts == (0, 56)
+    assert plan_clips(138, 81, 25).starts == (0, 56, 112)
+    assert plan_clips(26, 13, 5) == ClipPlan(13, (0, 8, 16), 26, pad_last=True)  # the golden streaming case
+    # Clip mode (the reference's max_frames_num <= frame_num): one full clip, cut, no padding.
+    assert plan_clips(200, 81, 25, max_frames=50) == ClipPlan(81, (0,), 50, pad_last=False)
+    assert plan_clips(200, 81, 25, max_frames=120) == ClipPlan(81, (0, 56), 120, pad_last=True)
+    # Audio the reference rejects (at most frame_num frames): one clip of the smallest 4n+1 length covering it.
+    assert plan_clips(81, 81, 25) == ClipPlan(81, (0,), 81, pad_last=True)
+    assert plan_clips(30, 81, 25) == ClipPlan(33, (0,), 30, pad_last=True)
+    assert plan_clips(1, 81, 25).frames == 1
     with pytest.raises(ValueError):
         plan_clips(0, 81, 25)
+    with pytest.raises(ValueError, match="motion_frame"):
+        plan_clips(100, 9, 9)
 
 
-def test_extend_audio_mirrors_the_tail():
+def test_pad_audio_appends_the_reversed_tail_the_last_windows_read():
     emb = torch.arange(4.0)[:, None, None]
-    assert extend_audio(emb, 9).flatten().tolist() == [0, 1, 2, 3, 3, 2, 1, 0, 0]
-    assert extend_audio(emb, 3) is emb
+    # clip end 4 = L: 4 - 4 + 3 = 3 frames, frame L + j = frame L - 1 - j
+    assert pad_audio(emb, 4).flatten().tolist() == [0, 1, 2, 3, 3, 2, 1]
+    assert pad_audio(emb, 5).flatten().tolist() == [0, 1, 2, 3, 3, 2, 1, 0]
+    # more missing than there is audio: all of it, reversed, once (the windows clamp to the end)
+    assert pad_audio(emb, 9).flatten().tolist() == [0, 1, 2, 3, 3, 2, 1, 0]
+    assert pad_audio(emb, 3) is emb  # the clip ends inside the audio
 
 
 @pytest.mark.parametrize("frames", [3, 9, 14])

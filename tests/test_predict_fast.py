@@ -36,6 +36,7 @@ def _predict(predictor, **inputs):
         second_audio=None, prompt="a person talks", negative_prompt="", audio_type="add", person1_bbox=None,
         person2_bbox=None, num_frames=5, resolution="480p", sampling_steps=None, turbo=True, fast=False,
         lora_url=None, lora_scale=1.0, text_guidance_scale=None, audio_guidance_scale=None, seed=1,
+        color_correction_strength=1.0, use_apg=False,
     )
     return predictor.predict(**{**defaults, **EXAMPLES, **inputs})
 

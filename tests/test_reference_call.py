@@ -1,4 +1,5 @@
-"""The reference's own call pattern (generate_multitalk.py) runs unchanged on the tiny checkpoint set."""
+"""The reference's own call pattern (generate_multitalk.py) runs unchanged on the tiny checkpoint set, and the
+switches it passes through `extra_args` (TeaCache, APG) and `color_correction_strength` take effect."""
 
 import argparse
 import os
@@ -8,12 +9,14 @@ import torch
 from PIL import Image
 
 import wan
+import wan.sampling
 from src.audio import get_embedding, load_wav2vec
+from wan.conditioning import image_to_tensor, rgb_to_lab
 from wan.configs import WAN_CONFIGS
 from wan.tiny import write_tiny_checkpoints
 
 
-def test_reference_call_pattern(tmp_path):
+def test_reference_call_pattern(tmp_path, monkeypatch):
     cwd_before = set(os.listdir())
     root = write_tiny_checkpoints(tmp_path / "weights")
     extractor, encoder = load_wav2vec(root / "chinese-wav2vec2-base")
@@ -31,9 +34,10 @@ def test_reference_call_pattern(tmp_path):
         "video_audio": str(tmp_path / "sum.wav"),
     }
     args = argparse.Namespace(
-        size="multitalk-480", frame_num=5, motion_frame=25, sample_shift=7.0, sample_steps=2,
+        size="multitalk-480", frame_num=5, motion_frame=25, sample_shift=7.0, sample_steps=7,
         sample_text_guide_scale=5.0, sample_audio_guide_scale=4.0, base_seed=42, offload_model=False, mode="clip",
-        color_correction_strength=1.0, use_teacache=True, teacache_thresh=0.2, use_apg=True, apg_momentum=-0.75,
+        # A threshold that random tiny weights reach (their time embedding moves ~100 % per step, not ~1 %).
+        color_correction_strength=1.0, use_teacache=True, teacache_thresh=1e12, use_apg=True, apg_momentum=-0.75,
         apg_norm_threshold=55,
     )
     wan_i2v = wan.MultiTalkPipeline(
@@ -41,6 +45,10 @@ def test_reference_call_pattern(tmp_path):
         t5_fsdp=False, dit_fsdp=False, use_usp=False, t5_cpu=False, lora_dir=None, lora_scales=None, quant=None,
         quant_dir=None,
     )
+    block_runs, apg_terms = [], []
+    wan_i2v.dit.blocks[0].register_forward_pre_hook(lambda module, args: block_runs.append(1))
+    apg_direction = wan.sampling.apg_direction
+    monkeypatch.setattr(wan.sampling, "apg_direction", lambda *a, **k: apg_terms.append(1) or apg_direction(*a, **k))
     video = wan_i2v.generate(
         input_data,
         size_buckget=args.size,
@@ -58,4 +66,13 @@ def test_reference_call_pattern(tmp_path):
     )
     assert video.shape == (3, 5, 320, 1216)
     assert torch.isfinite(video).all() and video.abs().max() <= 1
+    # TeaCache: after 5 computed steps of warm-up, steps 6 and 7 reuse the cached residual in all 3 passes.
+    assert len(block_runs) == 3 * 5
+    # APG: a text and an audio direction per step.
+    assert len(apg_terms) == 2 * 7
+    # Colour correction at strength 1: every frame takes the condition image's Lab mean (its std is 0 here).
+    reference = rgb_to_lab(((image_to_tensor(Image.open(input_data["cond_image"]), 320, 1216)[0, :, 0] + 1) / 2)
+                           .permute(1, 2, 0)).mean(dim=(0, 1))
+    frames = rgb_to_lab(((video.double() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)).mean(dim=(1, 2))
+    torch.testing.assert_close(frames, reference.expand_as(frames), atol=0.5, rtol=0)
     assert set(os.listdir()) == cwd_before  # nothing written to the working directory

@@ -195,4 +195,4 @@ def test_teacache_needs_a_residual_and_resets_per_clip() -> None:
     assert _run(cache.branch("uncond"), _const(7)) == "CCCCC" + "SC"
     # a second instance (another pipeline / generation) shares nothing
     other = TeaCache(0.2, "multitalk-480")
-    assert other.branch("uncond").calls == 0 and other.branch("uncond").residual is None
+    assert other.branch("uncond").decisions == [] and other.branch("uncond").residual is None

@@ -29,7 +29,7 @@ def test_reference_example_two_speakers_with_boxes(tmp_path):
         second_audio=folder / spec["cond_audio"]["person2"], prompt=spec["prompt"], negative_prompt="",
         audio_type=spec["audio_type"], person1_bbox=boxes["person1"], person2_bbox=boxes["person2"], num_frames=5,
         resolution="480p", sampling_steps=2, turbo=True, fast=False, lora_url=None, lora_scale=1.0,
-        text_guidance_scale=None, audio_guidance_scale=None, seed=7,
+        text_guidance_scale=None, audio_guidance_scale=None, seed=7, color_correction_strength=1.0, use_apg=False,
     )
     info = probe_video(output)
     assert (info["frames"], info["width"], info["height"]) == (5, 896, 448)  # 16:9 -> the 0.50 bucket

@@ -270,7 +270,7 @@ class MultiTalkDiT(nn.Module):
         speakers; ref_target_masks `[3, h, w]` (person1, person2, background) at latent resolution.
         """
         config = self.config
-        dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
+        dtype, device = self.dtype, self.patch_embedding.weight.device
         speakers = audio.shape[0]
         if speakers not in (1, 2):
             raise ValueError(f"MultiTalk supports 1 or 2 speakers, got audio for {speakers}")
@@ -281,8 +281,9 @@ class MultiTalkDiT(nn.Module):
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2)
 
-        # The reference casts t to the activation dtype before the float64 sinusoid; keep that rounding.
-        sinusoid = sinusoidal_embedding(t.to(device, dtype), config.freq_dim)
+        # t stays float32 whatever the activation dtype (the reference's timesteps are float32 tensors); the sinusoid
+        # is taken in float64. Rounding t to bf16 would merge neighbouring steps at high shift.
+        sinusoid = sinusoidal_embedding(t.to(device, torch.float32), config.freq_dim)
         e = self.time_embedding(sinusoid)
         e0 = self.time_projection(e).unflatten(1, (6, config.dim))
 
@@ -319,6 +320,11 @@ class MultiTalkDiT(nn.Module):
                 cache.residual = tokens - blocks_in
 
         return self.unpatchify(self.head(tokens, e), grid)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (that of the patch embedding, which fp8 quantisation leaves alone)."""
+        return self.patch_embedding.weight.dtype
 
     def set_self_attention(self, kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """The kernel of every block's full self-attention (`wan.attention.attention` unless set): q, k, v

@@ -56,32 +56,48 @@ class GuidanceOptions:
         return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
 
 
-def plan_clips(total_frames: int, frame_num: int, motion_frame: int) -> tuple[int, list[int]]:
-    """Frames per clip and the audio start frame of every clip, covering `total_frames` output frames.
+@dataclass(frozen=True)
+class ClipPlan:
+    """How a video is cut into clips: `frames` pixel frames per clip, each clip starting at `starts[k]` (in audio
+    frames), `total` frames kept in the end. `pad_last` says whether the last clip reads past the audio and gets the
+    reference's mirrored padding."""
 
-    Audio shorter than one clip gets a single shorter clip (the smallest 4n+1 length that covers it); longer audio
-    gets `frame_num`-frame clips that advance by `frame_num - motion_frame`.
+    frames: int
+    starts: tuple[int, ...]
+    total: int
+    pad_last: bool
+
+
+def plan_clips(audio_frames: int, frame_num: int, motion_frame: int, max_frames: int | None = None) -> ClipPlan:
+    """The reference's clip schedule for `audio_frames` frames of person 1's audio (the reference stops on person 1).
+
+    - Audio longer than `frame_num` and at most `frame_num` frames wanted: one full clip, cut (clip mode).
+    - Longer videos: `frame_num`-frame clips advancing by `frame_num - motion_frame`; the first clip whose end reaches
+      the wanted length is the last (streaming).
+    - Audio of at most `frame_num` frames (the reference rejects it): one clip of the smallest 4n+1 length covering it.
     """
-    if total_frames < 1:
+    total = audio_frames if max_frames is None else min(max_frames, audio_frames)
+    if total < 1:
         raise ValueError("the video needs at least one frame of audio (1/25 s)")
-    if total_frames <= frame_num:
-        return 4 * math.ceil((total_frames - 1) / 4) + 1, [0]
+    if audio_frames <= frame_num:
+        return ClipPlan(4 * math.ceil((total - 1) / 4) + 1, (0,), total, pad_last=True)
+    if total <= frame_num:
+        return ClipPlan(frame_num, (0,), total, pad_last=False)
     stride = frame_num - motion_frame
     if stride <= 0:
         raise ValueError(f"motion_frame ({motion_frame}) must be smaller than frame_num ({frame_num}) for long audio")
-    clips = 1 + math.ceil((total_frames - frame_num) / stride)
-    return frame_num, [k * stride for k in range(clips)]
+    clips = 1 + math.ceil((total - frame_num) / stride)
+    return ClipPlan(frame_num, tuple(k * stride for k in range(clips)), total, pad_last=True)
 
 
-def extend_audio(embedding: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad `[L, ...]` to at least `length` frames by mirroring the tail (L, L+1, ... read L-1, L-2, ...)."""
-    missing = length - embedding.shape[0]
-    if missing <= 0:
+def pad_audio(embedding: torch.Tensor, clip_end: int) -> torch.Tensor:
+    """The reference's padding for the last clip: audio that ends at or before `clip_end` gets its last
+    `clip_end - L + 3` frames appended in reverse (so frame L + j repeats frame L - 1 - j), which the audio windows
+    of the last frames (up to `clip_end + 1`) read. Audio shorter than that appends all of itself, reversed."""
+    if clip_end < embedding.shape[0]:
         return embedding
-    period = 2 * embedding.shape[0]
-    index = torch.arange(embedding.shape[0], length) % period
-    index = torch.where(index < embedding.shape[0], index, period - 1 - index)
-    return torch.cat([embedding, embedding[index]])
+    missing = clip_end - embedding.shape[0] + 3
+    return torch.cat([embedding, embedding[-missing:].flip(0)])
 
 
 def _load_image(image: Any) -> Image.Image:
@@ -298,10 +314,8 @@ class MultiTalkPipeline:
         masks = speaker_masks(image.height, image.width, len(speakers), boxes, face_scale)
         masks = latent_masks(masks, height, width, lat_h, lat_w, boxes).to(self.device)
 
-        audio_frames = max(s.shape[0] for s in speakers)
-        total = audio_frames if max_frames_num is None else min(max_frames_num, audio_frames)
-        clip_frames, starts = plan_clips(total, frame_num, motion_frame)
-        speakers = [extend_audio(s, starts[-1] + clip_frames) for s in speakers]
+        plan = plan_clips(speakers[0].shape[0], frame_num, motion_frame, max_frames_num)
+        clip_frames, starts = plan.frames, plan.starts
 
         cond_image = image_to_tensor(image, height, width).to(self.device)
         context, context_null = self._encode_text(input_data.get("prompt", ""), n_prompt, offload_model)
@@ -312,6 +326,8 @@ class MultiTalkPipeline:
         frames: list[torch.Tensor] = []
         cond_frames = cond_image
         for index, start in enumerate(starts):
+            if plan.pad_last and index == len(starts) - 1:
+                speakers = [pad_audio(s, start + clip_frames) for s in speakers]
             windows = torch.stack([audio_window(s, start, clip_frames) for s in speakers]).to(self.device)
             video = self._sample_clip(
                 cond_frames=cond_frames,
@@ -335,7 +351,7 @@ class MultiTalkPipeline:
                 video = match_colors(video, cond_image[0, :, 0], color_correction_strength)
             frames.append(video if index == 0 else video[:, motion_frame:])
             cond_frames = video[None, :, -motion_frame:]
-        return torch.cat(frames, dim=1)[:, :total].float().cpu()
+        return torch.cat(frames, dim=1)[:, : plan.total].float().cpu()
 
     def _encode_text(self, prompt: str, n_prompt: str, offload: bool) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.text_encoder
@@ -379,7 +395,9 @@ class MultiTalkPipeline:
         y = torch.cat([mask, cond_latent[None].to(mask.dtype)], dim=1)
 
         latent = torch.randn(16, latent_frames, lat_h, lat_w, generator=generator, device=self.device)
-        motion_latent = cond_latent[:, : 1 + (known - 1) // 4] if motion else None
+        # As the reference, the motion latent is cut from `y` in the DiT's dtype (bf16 at run time), then re-noised
+        # in float32.
+        motion_latent = cond_latent[:, : 1 + (known - 1) // 4].to(self.dit.dtype).float() if motion else None
 
         def renoise_motion(t: torch.Tensor) -> None:
             noise = torch.randn(motion_latent.shape, generator=generator, device=self.device)
@@ -421,6 +439,8 @@ class MultiTalkPipeline:
             if motion:
                 renoise_motion(steps[i + 1])
             report(i + 1)
+        if teacache is not None:
+            log.info("TeaCache skipped %.0f%% of this clip's DiT passes", 100 * teacache.skipped_fraction())
         return self.vae.decode(latent)
 
     @staticmethod

@@ -7,6 +7,7 @@ instance; make new ones (or `reset()`) for every clip.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -143,12 +144,21 @@ def _polyval(coefficients: list[float], x: float) -> float:
     return y
 
 
+class TeaCacheDecision(NamedTuple):
+    """One DiT call's TeaCache arithmetic; `rel_l1`/`rescaled`/`accumulated` are None during the warm-up calls."""
+
+    rel_l1: float | None
+    rescaled: float | None
+    accumulated: float | None
+    skipped: bool
+
+
 class TeaCacheBranch:
     """Skip decisions of one guidance branch; the DiT reads `skip(e0)` and maintains `residual`.
 
     Protocol: the DiT calls `skip(e0)` once per forward with the time-projection output `e0` `[1, 6, dim]`. If it
     returns True the DiT reuses `x + residual` instead of running its blocks; otherwise it runs them and stores
-    `residual = x_out - x_in`.
+    `residual = x_out - x_in`. Every call's arithmetic is kept in `decisions`, for the log and for tests.
     """
 
     def __init__(self, coefficients: list[float], thresh: float, warmup_steps: int):
@@ -156,25 +166,28 @@ class TeaCacheBranch:
         self.thresh = thresh
         self.warmup_steps = warmup_steps
         self.residual: torch.Tensor | None = None
-        self.calls = 0
         self.accumulated = 0.0
         self.previous_e0: torch.Tensor | None = None
+        self.decisions: list[TeaCacheDecision] = []
 
     def skip(self, e0: torch.Tensor) -> bool:
-        skip = False
-        if self.calls < self.warmup_steps or self.previous_e0 is None:
+        if len(self.decisions) < self.warmup_steps or self.previous_e0 is None:
             self.accumulated = 0.0
+            decision = TeaCacheDecision(None, None, None, skipped=False)
         else:
             prev = self.previous_e0
+            # As the reference: the relative L1 change in the activation dtype's float32 math, the polynomial in
+            # float64 (Python floats).
             rel_l1 = ((e0 - prev).abs().mean() / prev.abs().mean()).item()
-            self.accumulated += _polyval(self.coefficients, rel_l1)
-            if self.accumulated < self.thresh and self.residual is not None:
-                skip = True
-            else:
+            rescaled = _polyval(self.coefficients, rel_l1)
+            self.accumulated += rescaled
+            skipped = self.accumulated < self.thresh and self.residual is not None
+            decision = TeaCacheDecision(rel_l1, rescaled, self.accumulated, skipped)
+            if not skipped:
                 self.accumulated = 0.0
         self.previous_e0 = e0.detach().clone()
-        self.calls += 1
-        return skip
+        self.decisions.append(decision)
+        return decision.skipped
 
 
 class TeaCache:
@@ -204,3 +217,8 @@ class TeaCache:
 
     def reset(self) -> None:
         self.branches = {}
+
+    def skipped_fraction(self) -> float:
+        """Share of DiT calls whose blocks were skipped, over all branches."""
+        decisions = [d for branch in self.branches.values() for d in branch.decisions]
+        return sum(d.skipped for d in decisions) / max(len(decisions), 1)

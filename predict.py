@@ -13,11 +13,12 @@ from cog import BasePredictor, Input, Path, current_scope
 from PIL import Image
 
 from src.audio import audio_prepare_multi, audio_prepare_single, get_embedding, load_wav2vec
-from wan import MultiTalkPipeline
+from wan import GenerationRequest, GuidanceOptions, SamplingOptions, load_pipeline
 from wan.configs import FPS, PRESETS, QUALITY_SHIFT
-from wan.video import write_mp4
-from wan.lora import LoRAError
-from wan.weights import fetch_lora, resolve_fast_lora, resolve_weights
+from wan.generation.timing import StageClock
+from wan.generation.video import write_mp4
+from wan.loading.lora import LoRAError
+from wan.loading.weights import fetch_lora, resolve_fast_lora, resolve_weights
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("predict")
@@ -39,10 +40,10 @@ def parse_bbox(text: Optional[str], name: str) -> Optional[list[float]]:
     return box
 
 
-def check_image(path: FilePath) -> None:
+def load_image(path: FilePath) -> Image.Image:
     try:
         with Image.open(path) as image:
-            image.verify()
+            return image.convert("RGB")  # decodes the whole file: a truncated one fails here
     except Exception as error:  # PIL raises many types for corrupt files
         raise ValueError(f"image: cannot read the file as an image ({error}); upload a PNG, JPEG or WebP") from error
 
@@ -53,9 +54,7 @@ class Predictor(BasePredictor):
         on_gpu = torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
-        self.pipeline = MultiTalkPipeline(
-            checkpoint_dir=paths.wan, multitalk_dir=paths.multitalk, device=device, compile=on_gpu
-        )
+        self.pipeline = load_pipeline(paths.wan, paths.multitalk, device=device, compile=on_gpu)
         if on_gpu:
             self.pipeline.warm_up()
         self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=device)
@@ -130,7 +129,7 @@ class Predictor(BasePredictor):
         seed: Optional[int] = Input(default=None, description="Random seed; empty picks one (it is logged)."),
     ) -> Path:
         started = time.monotonic()
-        check_image(image)
+        picture = load_image(image)
         boxes = [parse_bbox(person1_bbox, "person1_bbox"), parse_bbox(person2_bbox, "person2_bbox")]
         if second_audio is None and boxes[1] is not None:
             raise ValueError("person2_bbox: given without second_audio; add the second speaker's audio or drop the box")
@@ -145,55 +144,64 @@ class Predictor(BasePredictor):
         if seed is None:
             seed = secrets.randbelow(100_000_000)
 
+        options = SamplingOptions(
+            size_bucket=bucket,
+            max_frames=num_frames or MAX_FRAMES,
+            steps=sampling_steps or preset.sampling_steps,
+            shift=shift,
+            text_scale=preset.text_guide_scale if text_guidance_scale is None else text_guidance_scale,
+            audio_scale=preset.audio_guide_scale if audio_guidance_scale is None else audio_guidance_scale,
+            seed=seed,
+            color_correction=color_correction_strength,
+            guidance=GuidanceOptions(
+                use_teacache=preset.teacache_thresh is not None,
+                teacache_thresh=preset.teacache_thresh or 0.0,
+                use_apg=use_apg,
+            ),
+        )
+
         for old in self.outputs.iterdir():
             old.unlink()
+        clock = StageClock(self.pipeline.device)
         with tempfile.TemporaryDirectory(prefix="multitalk-") as work:
-            if second_audio is None:
-                tracks = [audio_prepare_single(audio, SAMPLE_RATE, name="audio")]
-                mix = tracks[0]
-            else:
-                *tracks, mix = audio_prepare_multi(audio, second_audio, audio_type, SAMPLE_RATE)
-            soundtrack = FilePath(work) / "soundtrack.wav"
-            soundfile.write(soundtrack, mix, SAMPLE_RATE)
-            embeddings = {
-                f"person{k + 1}": get_embedding(t, self.feature_extractor, self.wav2vec, SAMPLE_RATE, self.wav2vec.device)
-                for k, t in enumerate(tracks)
-            }
+            with clock.stage("audio"):
+                if second_audio is None:
+                    tracks = [audio_prepare_single(audio, SAMPLE_RATE, name="audio")]
+                    mix = tracks[0]
+                else:
+                    *tracks, mix = audio_prepare_multi(audio, second_audio, audio_type, SAMPLE_RATE)
+                soundtrack = FilePath(work) / "soundtrack.wav"
+                soundfile.write(soundtrack, mix, SAMPLE_RATE)
+                embeddings = tuple(
+                    get_embedding(t, self.feature_extractor, self.wav2vec, SAMPLE_RATE, self.wav2vec.device)
+                    for t in tracks
+                )
+            request = GenerationRequest(
+                prompt=prompt,
+                image=picture,
+                audio=embeddings,
+                boxes=tuple(tuple(box) for box in boxes if box) or None,
+                negative_prompt=negative_prompt,
+            )
             # After the inputs are known good: a LoRA merge is the first expensive step.
             loras = [(self.fast_lora, 1.0)] if fast else []
             if lora_url:
                 loras.append((fetch_lora(lora_url, self.lora_cache), lora_scale))
-            try:
-                self.pipeline.set_loras(loras)  # merges or restores only when the set changes
-            except LoRAError as error:
-                raise ValueError(f"{'lora_url' if lora_url else 'fast'}: {error}") from error
-            input_data = {"prompt": prompt, "cond_image": str(image), "cond_audio": embeddings}
-            if any(boxes):
-                input_data["bbox"] = {f"person{k + 1}": box for k, box in enumerate(boxes) if box}
-            video = self.pipeline.generate(
-                input_data,
-                size_bucket=bucket,
-                sampling_steps=sampling_steps or preset.sampling_steps,
-                shift=shift,
-                text_guide_scale=preset.text_guide_scale if text_guidance_scale is None else text_guidance_scale,
-                audio_guide_scale=preset.audio_guide_scale if audio_guidance_scale is None else audio_guidance_scale,
-                n_prompt=negative_prompt,
-                seed=seed,
-                max_frames_num=num_frames or MAX_FRAMES,
-                offload_model=False,
-                color_correction_strength=color_correction_strength,
-                extra_args={
-                    "use_teacache": preset.teacache_thresh is not None,
-                    "teacache_thresh": preset.teacache_thresh,
-                    "use_apg": use_apg,
-                },
-            )
-            output = write_mp4(video, self.outputs / f"multitalk-{seed}-{int(time.time())}.mp4", soundtrack, fps=FPS)
+            with clock.stage("lora"):
+                try:
+                    self.pipeline.set_loras(loras)  # merges or restores only when the set changes
+                except LoRAError as error:
+                    raise ValueError(f"{'lora_url' if lora_url else 'fast'}: {error}") from error
+            video = self.pipeline.generate(request, options, clock=clock)
+            with clock.stage("mp4"):
+                output = write_mp4(
+                    video, self.outputs / f"multitalk-{seed}-{int(time.time())}.mp4", soundtrack, fps=FPS
+                )
 
         frames, height, width = video.shape[1:]
         scope = current_scope()
         scope.record_metric("video_output_count", 1)
         scope.record_metric("video_output_duration_seconds", frames / FPS)
         scope.record_metric("video_output_total_pixel_count", frames * height * width)
-        log.info("wrote %d frames %dx%d in %.1fs", frames, width, height, time.monotonic() - started)
+        log.info("wrote %d frames %dx%d in %.1fs (%s)", frames, width, height, time.monotonic() - started, clock.summary())
         return Path(output)

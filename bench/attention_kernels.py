@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from wan.attention import attention, flash_attention_4, flash_attention_4_available
-from wan.fp8 import fp8_attention, quantize_tensor
+from wan.model.attention import attention, flash_attention_4, flash_attention_4_available
+from wan.model.fp8 import fp8_attention, quantize_tensor
 
 from .attention_shapes import time_ms
 

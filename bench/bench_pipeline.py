@@ -18,18 +18,18 @@ import torch
 from PIL import Image
 
 from bench import build_random, environment
-from wan.attention import fastest_self_attention
+from wan.model.attention import fastest_self_attention
 from wan.configs import MULTITALK_14B, PRESETS
-from wan.dit import MultiTalkDiT
-from wan.fp8 import quantize_blocks
-from wan.image_encoder import ImageEncoder, clip_vision_config
-from wan.lora import merge_loras
+from wan.model.dit import MultiTalkDiT
+from wan.model.fp8 import quantize_blocks
+from wan.encoders.image import ImageEncoder, clip_vision_config
+from wan.loading.lora import merge_loras
 from wan.pipeline import MultiTalkPipeline
-from wan.text_encoder import TextEncoder, umt5_config
-from wan.tiny import (
+from wan.encoders.text import TextEncoder, umt5_config
+from wan.testing.tiny import (
     TINY_CLIP, TINY_DIT, TINY_T5, TINY_VAE, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes,
 )
-from wan.vae import VideoVAE, vae_config
+from wan.encoders.vae import VideoVAE, vae_config
 
 UMT5_XXL = T5Dims(vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24)
 VIT_H14 = ClipDims(

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--attention", default="sdpa,cudnn,flash", help="comma list of " + ", ".join(ATTENTION_CHOICES))
     parser.add_argument("--tiny", action="store_true", help="tiny config for part (b) (CPU check)")
-    parser.add_argument("--fp8", action="store_true", help="also the fp8 blocks (wan.fp8) in part (b)")
+    parser.add_argument("--fp8", action="store_true", help="also the fp8 blocks (wan.model.fp8) in part (b)")
     args = parser.parse_args(argv)
     args.attention = [a for a in args.attention.split(",") if a]
     if set(args.attention) - set(ATTENTION_CHOICES):

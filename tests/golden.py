@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from wan.configs import DiTConfig
+from wan.encoders.text import TextEncoder, load_umt5
+from wan.encoders.vae import VideoVAE
+from wan.model.dit import MultiTalkDiT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Sizes the reference fixes in code, as case.json's `config_fixed_in_code` names them -> DiTConfig field.
@@ -104,3 +110,37 @@ def cases_with_prefix(prefix: str) -> list[str]:
     if not GOLDEN_DIR.is_dir():
         return []
     return sorted(p.name for p in GOLDEN_DIR.iterdir() if p.name.startswith(prefix) and (p / "case.json").exists())
+
+
+@dataclass
+class GoldenParts:
+    """The tiny components a `pipeline_*` case names: its DiT, T5 (fed the stub tokenizer's stored ids), VAE, and
+    the fixed CLIP features the reference's stub returned."""
+
+    dit: MultiTalkDiT
+    encode_text: Callable[[list[str]], list[torch.Tensor]]
+    vae: VideoVAE
+    clip_features: torch.Tensor
+
+
+def golden_parts(case: GoldenCase, scratch: Path) -> GoldenParts:
+    inputs = case.inputs()
+    dit_weights = case.file("weights", "dit")
+    dit = MultiTalkDiT(DiTConfig.from_dict(load_case(dit_weights.parent.name).dit_config_values()))
+    dit.load_state_dict(load_file(dit_weights), strict=True)
+    t5_weights = case.file("weights", "t5")
+    # The reference run used a stub tokenizer whose ids are stored: only the encoder is real here.
+    text_len = case.config.get("text_len", dit.config.text_len)
+    t5 = TextEncoder(load_umt5(load_file(t5_weights), t5_weights, dtype=torch.float32, device="cpu"), None, text_len)
+    vae_path = scratch / "vae.pth"  # VideoVAE reads the published .pth format
+    torch.save(load_file(case.file("weights", "vae")), vae_path)
+    if "clip_stub_output" in inputs:
+        clip = inputs["clip_stub_output"]
+    else:  # newer cases reference the tensor of pipeline_e2e instead of copying it
+        clip = load_file(case.file("clip_stub_output"))["clip_stub_output"]
+    return GoldenParts(
+        dit=dit.eval(),
+        encode_text=lambda prompts: t5.encode_ids(inputs["t5_ids"], inputs["t5_mask"]),
+        vae=VideoVAE.from_checkpoint(vae_path, dtype=torch.float32),
+        clip_features=clip,
+    )

@@ -3,9 +3,9 @@ self-attention kernel (FA4 only on a CUDA device that takes it; the GPU numerics
 
 import torch
 
-from wan.attention import attention, fastest_self_attention, flash_attention_4_available
-from wan.dit import MultiTalkDiT
-from wan.tiny import TINY_DIT  # dim 64, 4 heads of 16
+from wan.model.attention import attention, fastest_self_attention, flash_attention_4_available
+from wan.model.dit import MultiTalkDiT
+from wan.testing.tiny import TINY_DIT  # dim 64, 4 heads of 16
 
 
 def test_attention_is_scaled_softmax_attention_per_head():

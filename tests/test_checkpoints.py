@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import wan.checkpoints as checkpoints
-from wan.checkpoints import WanFiles, check_files, find_dit_files, is_multitalk_key, load_dit
+import wan.loading.checkpoints as checkpoints
+from wan.loading.checkpoints import WanFiles, check_files, find_dit_files, is_multitalk_key, load_dit
 from wan.configs import DiTConfig
-from wan.tiny import write_dit
+from wan.testing.tiny import write_dit
 
 CONFIG = DiTConfig(
     dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_len=8, text_dim=16, intermediate_dim=4, output_dim=16,

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from tests.golden import cases_with_prefix, load_case
-from wan.conditioning import (
+from wan.generation.conditioning import (
     audio_window,
     audio_window_index,
     choose_bucket,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from wan.configs import MULTITALK_14B, DiTConfig
-from wan.dit import MultiTalkDiT
+from wan.model.dit import MultiTalkDiT
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "docs" / "keys" / "dit_multitalk_14b.tsv"
 

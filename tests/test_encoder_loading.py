@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.golden import load_case
-from wan.image_encoder import ImageEncoder, load_clip_vision
-from wan.text_encoder import TextEncoder, clean_prompt, load_umt5
-from wan.vae import VideoVAE, load_wan_vae
+from wan.encoders.image import ImageEncoder, load_clip_vision
+from wan.encoders.text import TextEncoder, clean_prompt, load_umt5
+from wan.encoders.vae import VideoVAE, load_wan_vae
 
 KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "docs" / "keys"
 

@@ -4,10 +4,10 @@ import dataclasses
 
 import torch
 
-from wan.attention import attention
-from wan.dit import MultiTalkDiT
-from wan.fp8 import FP8_MAX, Fp8Linear, fp8_attention, quantize_blocks, quantize_rows, quantize_tensor
-from wan.tiny import TINY_DIT
+from wan.model.attention import attention
+from wan.model.dit import MultiTalkDiT
+from wan.model.fp8 import FP8_MAX, Fp8Linear, fp8_attention, quantize_blocks, quantize_rows, quantize_tensor
+from wan.testing.tiny import TINY_DIT
 
 # dim 1024 so that the block linears are large enough to be quantised
 FP8_DIT = dataclasses.replace(TINY_DIT, dim=1024, ffn_dim=2048, num_heads=8)

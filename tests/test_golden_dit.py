@@ -13,9 +13,9 @@ import torch
 from golden import cases_with_prefix, load_case
 from safetensors.torch import load_file
 
-from wan.audio_layers import AudioProjModel, latter_audio_slots, speaker_token_masks, split_audio_windows
+from wan.model.audio_layers import AudioProjModel, latter_audio_slots, speaker_token_masks, split_audio_windows
 from wan.configs import DiTConfig
-from wan.dit import MultiTalkDiT
+from wan.model.dit import MultiTalkDiT
 
 DIT_CASES = cases_with_prefix("dit_")
 

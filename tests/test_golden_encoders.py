@@ -12,9 +12,9 @@ from transformers import PreTrainedTokenizerFast
 
 from tests.golden import GoldenCase, cases_with_prefix, load_case
 from wan.configs import VAE_LATENT_MEAN, VAE_LATENT_STD
-from wan.image_encoder import ImageEncoder
-from wan.text_encoder import TextEncoder
-from wan.vae import VideoVAE
+from wan.encoders.image import ImageEncoder
+from wan.encoders.text import TextEncoder
+from wan.encoders.vae import VideoVAE
 
 PAD_ID, EOS_ID = 0, 1  # as the t5 cases' `ids` description states
 

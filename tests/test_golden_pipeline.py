@@ -1,4 +1,4 @@
-"""MultiTalkPipeline.generate against the reference's end-to-end golden runs (every `pipeline_*` case).
+"""The generation pipeline against the reference's end-to-end golden runs (every `pipeline_*` case).
 
 Every setting comes from the case's `case.json`; every tensor the case stores is compared, per clip. The pipeline runs
 unchanged: its components are wrapped to record what they are given and return, `torch.randn` is wrapped to record
@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-import wan.sampling
-from golden import GoldenCase, cases_with_prefix, load_case
-from wan.configs import DEFAULT_NEGATIVE_PROMPT, DiTConfig
-from wan.dit import MultiTalkDiT
-from wan.pipeline import MultiTalkPipeline
-from wan.text_encoder import TextEncoder, clean_prompt, load_umt5
-from wan.vae import VideoVAE
+from golden import GoldenCase, cases_with_prefix, golden_parts, load_case
+from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
+from wan.configs import DEFAULT_NEGATIVE_PROMPT
+from wan.encoders.text import clean_prompt
+from wan.encoders.vae import VideoVAE
+from wan.generation import sampling
+from wan.model.dit import MultiTalkDiT
 
 BRANCH_COLUMNS = {"cond": 0, "drop_text": 1, "uncond": 2}  # the reference's TeaCache branch order (cnt % 3)
 
@@ -69,13 +68,6 @@ class RecordingVAE:
         return video
 
 
-def clip_stub_output(case: GoldenCase) -> torch.Tensor:
-    inputs = case.inputs()
-    if "clip_stub_output" in inputs:
-        return inputs["clip_stub_output"]
-    return load_file(case.file("clip_stub_output"))["clip_stub_output"]
-
-
 def bucket_table(config: dict) -> dict[str, list[int]]:
     """The case's bucket table as `{"h/w": [h, w]}` (the reference stores `[[h, w], 1]`)."""
     if "bucket_table" in config:
@@ -84,38 +76,53 @@ def bucket_table(config: dict) -> dict[str, list[int]]:
     return {f"{h / w:.2f}": [h, w]}
 
 
-def reference_boxes(config: dict) -> dict[str, list[float]] | None:
+def reference_boxes(config: dict) -> tuple[tuple[float, ...], ...] | None:
     """The reference reads a box as (row_min, col_min, row_max, col_max); ours is [x1, y1, x2, y2] with x = column."""
     if not config.get("bbox"):
         return None
-    return {name: [b[1], b[0], b[3], b[2]] for name, b in config["bbox"].items()}
+    return tuple((b[1], b[0], b[3], b[2]) for _, b in sorted(config["bbox"].items()))
+
+
+def case_request(case: GoldenCase) -> tuple[GenerationRequest, SamplingOptions]:
+    """The case's `generate()` call as our typed request and options; every setting from its case.json."""
+    cfg, inputs = case.config, case.inputs()
+    speakers = sorted(k for k in inputs if k.startswith("audio_emb_person"))
+    request = GenerationRequest(
+        prompt=cfg["prompt"],
+        image=Image.fromarray(inputs["cond_image_uint8_hwc"].numpy()),
+        audio=tuple(inputs[k] for k in speakers),
+        boxes=reference_boxes(cfg),
+        negative_prompt=cfg.get("negative_prompt", ""),
+    )
+    extra = cfg.get("extra_args") or {}
+    options = SamplingOptions(
+        size_bucket=bucket_table(cfg),
+        frame_num=cfg["frame_num"],
+        motion_frame=cfg.get("motion_frame", 25),
+        max_frames=cfg.get("max_frames_num", cfg["frame_num"]),
+        steps=cfg["sampling_steps"],
+        shift=cfg["shift"],
+        text_scale=cfg["text_guide_scale"],
+        audio_scale=cfg["audio_guide_scale"],
+        seed=cfg["seed"],
+        face_scale=cfg.get("face_scale", 0.05),
+        color_correction=cfg.get("color_correction_strength", 0.0),
+        guidance=GuidanceOptions(**{k: v for k, v in extra.items() if k in GuidanceOptions.__dataclass_fields__}),
+    )
+    return request, options
 
 
 def run_case(case: GoldenCase, tmp_path, monkeypatch) -> tuple[torch.Tensor, Trace]:
-    cfg, inputs = case.config, case.inputs()
     trace = Trace()
-    dit_weights = case.file("weights", "dit")
-    dit = MultiTalkDiT(DiTConfig.from_dict(load_case(dit_weights.parent.name).dit_config_values()))
-    dit.load_state_dict(load_file(dit_weights), strict=True)
-
-    t5_weights = case.file("weights", "t5")
-    # The reference run used a stub tokenizer whose ids are stored: only the encoder is real here.
-    text_encoder = TextEncoder(load_umt5(load_file(t5_weights), t5_weights, dtype=torch.float32, device="cpu"), None,
-                               cfg["text_len"])
+    parts = golden_parts(case, tmp_path)
 
     def encode_text(prompts):
         trace.prompts.append(prompts)
-        return text_encoder.encode_ids(inputs["t5_ids"], inputs["t5_mask"])
-
-    clip = clip_stub_output(case)
+        return parts.encode_text(prompts)
 
     def encode_image(frames):
         trace.clip_inputs.append(frames.clone())
-        return clip
-
-    vae_path = tmp_path / "vae.pth"
-    torch.save(load_file(case.file("weights", "vae")), vae_path)
-    vae = RecordingVAE(VideoVAE.from_checkpoint(vae_path, dtype=torch.float32), trace)
+        return parts.clip_features
 
     randn = torch.randn
 
@@ -125,42 +132,17 @@ def run_case(case: GoldenCase, tmp_path, monkeypatch) -> tuple[torch.Tensor, Tra
         return noise
 
     monkeypatch.setattr(torch, "randn", recording_randn)
-    apg_direction = wan.sampling.apg_direction
+    apg_direction = sampling.apg_direction
 
     def recording_apg(diff, v_cond, buffer, norm_threshold=55.0, eta=0.0):
         update = apg_direction(diff, v_cond, buffer, norm_threshold, eta)
         trace.apg.append((buffer.running_average.double().norm(), update))
         return update
 
-    monkeypatch.setattr(wan.sampling, "apg_direction", recording_apg)
-
-    pipeline = MultiTalkPipeline.from_components(RecordingDiT(dit.eval(), trace), encode_text, encode_image, vae)
-    speakers = sorted(k.removeprefix("audio_emb_") for k in inputs if k.startswith("audio_emb_person"))
-    input_data = {
-        "prompt": cfg["prompt"],
-        "cond_image": Image.fromarray(inputs["cond_image_uint8_hwc"].numpy()),
-        "cond_audio": {name: inputs[f"audio_emb_{name}"] for name in speakers},
-    }
-    if reference_boxes(cfg):
-        input_data["bbox"] = reference_boxes(cfg)
-    video = pipeline.generate(
-        input_data,
-        size_buckget=bucket_table(cfg),
-        motion_frame=cfg.get("motion_frame", 25),
-        frame_num=cfg["frame_num"],
-        shift=cfg["shift"],
-        sampling_steps=cfg["sampling_steps"],
-        text_guide_scale=cfg["text_guide_scale"],
-        audio_guide_scale=cfg["audio_guide_scale"],
-        n_prompt=cfg.get("negative_prompt", ""),
-        seed=cfg["seed"],
-        max_frames_num=cfg.get("max_frames_num", cfg["frame_num"]),
-        face_scale=cfg.get("face_scale", 0.05),
-        color_correction_strength=cfg.get("color_correction_strength", 0.0),
-        extra_args=cfg.get("extra_args"),
-        progress=False,
-    )
-    return video, trace
+    monkeypatch.setattr(sampling, "apg_direction", recording_apg)
+    pipeline = Pipeline(RecordingDiT(parts.dit, trace), encode_text, encode_image, RecordingVAE(parts.vae, trace))
+    request, options = case_request(case)
+    return pipeline.generate(request, options, progress=False), trace
 
 
 def mirrored(full: torch.Tensor, length: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.golden import load_case
-from wan.sampling import add_noise, euler_step, timesteps
+from wan.generation.sampling import add_noise, euler_step, timesteps
 
 CASE = load_case("scheduler")
 COMBOS = [(int(steps), float(shift)) for steps, shift in CASE.meta["combos(sample_steps, shift)"]]

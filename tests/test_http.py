@@ -122,7 +122,7 @@ class CogServer:
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("cog-http")
     weights = work / "tiny-weights"
-    subprocess.run([sys.executable, "-m", "wan.tiny", str(weights)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "wan.testing.tiny", str(weights)], cwd=REPO, check=True, capture_output=True)
     tmpdir = work / "tmp"
     tmpdir.mkdir()
     port = _free_port()

@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.golden import load_case
 from wan.configs import DiTConfig
-from wan.dit import MultiTalkDiT
-from wan.lora import LoRAError, load_lora_file, merge_loras, normalize_lora_keys
+from wan.model.dit import MultiTalkDiT
+from wan.loading.lora import LoRAError, load_lora_file, merge_loras, normalize_lora_keys
 
 RANK = 4
 

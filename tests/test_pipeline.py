@@ -1,4 +1,4 @@
-"""MultiTalkPipeline behaviour beyond the golden run: lengths, streaming, seeds, guidance modes, input errors.
+"""The generation pipeline beyond the golden runs: lengths, streaming, seeds, guidance modes, input errors.
 
 Built from the golden tiny DiT / T5 / VAE weights with a fixed CLIP feature, so a generate() call takes seconds.
 """
@@ -6,14 +6,10 @@ Built from the golden tiny DiT / T5 / VAE weights with a fixed CLIP feature, so 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from golden import load_case
-from wan.configs import DiTConfig
-from wan.dit import MultiTalkDiT
-from wan.pipeline import ClipPlan, MultiTalkPipeline, pad_audio, plan_clips
-from wan.text_encoder import TextEncoder, load_umt5
-from wan.vae import VideoVAE
+from golden import golden_parts, load_case
+from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
+from wan.generation.clips import ClipPlan, pad_audio, plan_clips
 
 BUCKET = {"0.67": [32, 48]}
 
@@ -28,39 +24,43 @@ class CountingDiT(torch.nn.Module):
         return self.dit.dtype
 
     def forward(self, x, t, context, clip_fea, y, audio, masks, cache=None):
-        self.calls.append((float(t), audio.shape[0], bool(audio.any()), cache))
+        self.calls.append(dict(t=float(t), speakers=audio.shape[0], sound=bool(audio.any()), cache=cache, x=x.clone()))
         return self.dit(x, t, context, clip_fea, y, audio, masks, cache=cache)
+
+
+class RecordingVAE:
+    def __init__(self, vae):
+        self.vae, self.encoded, self.decoded = vae, [], []
+
+    def encode(self, video):
+        latent = self.vae.encode(video)
+        self.encoded.append((video, latent))
+        return latent
+
+    def decode(self, latent):
+        video = self.vae.decode(latent)
+        self.decoded.append((latent, video))
+        return video
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    case = load_case("pipeline_e2e")
-    dit_weights = case.file("weights", "dit")
-    dit = MultiTalkDiT(DiTConfig.from_dict(load_case(dit_weights.parent.name).dit_config_values()))
-    dit.load_state_dict(load_file(dit_weights), strict=True)
-    t5_path = case.file("weights", "t5")
-    text_encoder = TextEncoder(load_umt5(load_file(t5_path), t5_path, dtype=torch.float32, device="cpu"), None, 24)
-    ids, mask = case.inputs()["t5_ids"], case.inputs()["t5_mask"]
-    vae_path = tmp_path_factory.mktemp("vae") / "vae.pth"
-    torch.save(load_file(case.file("weights", "vae")), vae_path)
-    clip = case.inputs()["clip_stub_output"]
-    return MultiTalkPipeline.from_components(
-        CountingDiT(dit.eval()),
-        lambda prompts: text_encoder.encode_ids(ids, mask),
-        lambda frames: clip,
-        VideoVAE.from_checkpoint(vae_path, dtype=torch.float32),
-    )
+    parts = golden_parts(load_case("pipeline_e2e"), tmp_path_factory.mktemp("parts"))
+    return Pipeline(CountingDiT(parts.dit), parts.encode_text, lambda frames: parts.clip_features,
+                    RecordingVAE(parts.vae))
 
 
-def _generate(pipeline, frames, speakers=1, **kwargs):
+def _generate(pipeline, frames, speakers=1, boxes=None, **options):
     generator = torch.Generator().manual_seed(frames)
-    audio = {f"person{k + 1}": torch.randn(frames, 12, 768, generator=generator) for k in range(speakers)}
+    audio = tuple(torch.randn(frames, 12, 768, generator=generator) for _ in range(speakers))
     image = Image.new("RGB", (96, 64), (120, 80, 60))
     pipeline.dit.calls.clear()
-    extra = kwargs.pop("extra", {})
-    args = dict(size_buckget=BUCKET, frame_num=9, motion_frame=5, sampling_steps=2, shift=7.0, seed=3, progress=False)
-    args.update(kwargs)
-    return pipeline.generate({"prompt": "talk", "cond_image": image, "cond_audio": audio, **extra}, **args)
+    pipeline.vae.encoded.clear()
+    pipeline.vae.decoded.clear()
+    settings = dict(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, shift=7.0, seed=3)
+    settings.update(options)
+    request = GenerationRequest("talk", image, audio, boxes=boxes)
+    return pipeline.generate(request, SamplingOptions(**settings), progress=False)
 
 
 def test_plan_clips_hand_computed():
@@ -98,15 +98,37 @@ def test_video_is_as_long_as_the_audio(pipeline, frames):
     assert video.abs().max() <= 1
 
 
-def test_streaming_two_clips_and_motion_frames(pipeline):
-    video = _generate(pipeline, 14)  # clips of 9 frames, each later one adds 9 - 5 = 4: 9 + 4 + 4 >= 14
-    steps_per_clip = 2 * 3
-    assert len(pipeline.dit.calls) == 3 * steps_per_clip
+def test_streaming_reencodes_and_renoises_the_motion_frames(pipeline):
+    video = _generate(pipeline, 14, seed=3)  # clips of 9 frames advancing by 4: 9 + 4 + 4 >= 14
+    calls, encoded, decoded = pipeline.dit.calls, pipeline.vae.encoded, pipeline.vae.decoded
+    assert len(calls) == 3 * 2 * 3 and len(encoded) == len(decoded) == 3
     assert video.shape[1] == 14
+    # The reference's draws from one generator: clip noise, then per later clip its noise and one motion noise
+    # before the first step and after each of the 2 steps.
+    generator = torch.Generator().manual_seed(3)
+    clip_noise = [torch.randn(16, 3, 4, 6, generator=generator)]
+    motion_noise = [None]
+    for _ in (1, 2):
+        clip_noise.append(torch.randn(16, 3, 4, 6, generator=generator))
+        motion_noise.append([torch.randn(16, 2, 4, 6, generator=generator) for _ in range(3)])
+    assert torch.equal(calls[0]["x"], clip_noise[0])
+    for k in (1, 2):
+        pixels, latent = encoded[k]
+        # The next clip's first 5 pixel frames are the previous clip's last 5, then zeros.
+        assert torch.equal(pixels[:, :5], decoded[k - 1][1][:, -5:]) and not pixels[:, 5:].any()
+        first_step = calls[k * 6]["x"]
+        # At t = 1000 the re-noised motion latent (1 + (5 - 1) // 4 = 2 latent frames) is its noise draw exactly;
+        # after the last step (t = 0) it is the motion latent exactly.
+        assert torch.equal(first_step[:, :2], motion_noise[k][0]) and torch.equal(first_step[:, 2:], clip_noise[k][:, 2:])
+        assert torch.equal(decoded[k][0][:, :2], latent[:, :2])
+        # Clip k adds its frames after the 5 it shares with clip k - 1.
+        start = 9 + 4 * (k - 1)
+        count = min(4, 14 - start)
+        assert torch.equal(video[:, start : start + count], decoded[k][1][:, 5 : 5 + count])
 
 
-def test_max_frames_num_caps_the_video(pipeline):
-    assert _generate(pipeline, 14, max_frames_num=9).shape[1] == 9
+def test_max_frames_caps_the_video(pipeline):
+    assert _generate(pipeline, 14, max_frames=9).shape[1] == 9
 
 
 def test_same_seed_same_video_other_seed_differs(pipeline):
@@ -120,15 +142,15 @@ def test_same_seed_same_video_other_seed_differs(pipeline):
 def test_three_pass_and_two_pass_guidance(pipeline):
     _generate(pipeline, 9, speakers=2)
     calls = pipeline.dit.calls
-    assert [(c[1], c[2]) for c in calls[:3]] == [(2, True), (2, True), (1, False)]  # cond, drop_text, uncond
-    _generate(pipeline, 9, speakers=2, text_guide_scale=1.0)
+    assert [(c["speakers"], c["sound"]) for c in calls[:3]] == [(2, True), (2, True), (1, False)]
+    _generate(pipeline, 9, speakers=2, text_scale=1.0)
     calls = pipeline.dit.calls
-    assert len(calls) == 2 * 2 and [(c[1], c[2]) for c in calls[:2]] == [(2, True), (1, False)]  # cond, drop_audio
+    assert len(calls) == 2 * 2 and [(c["speakers"], c["sound"]) for c in calls[:2]] == [(2, True), (1, False)]
 
 
 def test_teacache_branch_per_pass_and_fresh_per_clip(pipeline):
-    _generate(pipeline, 14, text_guide_scale=1.0, extra_args={"use_teacache": True, "teacache_thresh": 0.3})
-    caches = [c[3] for c in pipeline.dit.calls]
+    _generate(pipeline, 14, text_scale=1.0, guidance=GuidanceOptions(use_teacache=True, teacache_thresh=0.3))
+    caches = [c["cache"] for c in pipeline.dit.calls]
     assert all(cache is not None for cache in caches)
     first_clip, second_clip = caches[:4], caches[4:8]
     assert first_clip[0] is first_clip[2] and first_clip[1] is first_clip[3] and first_clip[0] is not first_clip[1]
@@ -139,22 +161,17 @@ def test_input_errors_are_clear(pipeline):
     with pytest.raises(ValueError, match="1 or 2 speakers"):
         _generate(pipeline, 9, speakers=3)
     with pytest.raises(ValueError, match="NaN"):
-        pipeline.generate(
-            {"prompt": "", "cond_image": Image.new("RGB", (96, 64)), "cond_audio": {"person1": torch.full((9, 12, 768), float("nan"))}},
-            size_buckget=BUCKET, frame_num=9, sampling_steps=1,
-        )
+        GenerationRequest("", Image.new("RGB", (96, 64)), (torch.full((9, 12, 768), float("nan")),))
     with pytest.raises(ValueError, match="do not match the model"):
-        pipeline.generate(
-            {"prompt": "", "cond_image": Image.new("RGB", (96, 64)), "cond_audio": {"person1": torch.zeros(9, 3, 32)}},
-            size_buckget=BUCKET, frame_num=9, sampling_steps=1,
-        )
+        pipeline.generate(GenerationRequest("", Image.new("RGB", (96, 64)), (torch.zeros(9, 3, 32),)),
+                          SamplingOptions(size_bucket=BUCKET, frame_num=9, steps=1))
     with pytest.raises(ValueError, match="speaker 2"):
-        _generate(pipeline, 9, speakers=2, extra={"bbox": {"person1": [0, 0, 40, 60], "person2": [95, 0, 96, 1]}})
+        _generate(pipeline, 9, speakers=2, boxes=((0, 0, 40, 60), (95, 0, 96, 1)))
     with pytest.raises(ValueError, match="4n\\+1"):
-        _generate(pipeline, 9, frame_num=8)
+        SamplingOptions(frame_num=8)
 
 
 def test_warm_up_runs_both_speaker_graphs(pipeline):
     pipeline.dit.calls.clear()
     pipeline.warm_up(frame_num=1)
-    assert [c[1] for c in pipeline.dit.calls] == [2, 2, 1]  # cond and drop_text with two speakers, uncond with one
+    assert [c["speakers"] for c in pipeline.dit.calls] == [2, 2, 1]  # cond and drop_text with two, uncond with one

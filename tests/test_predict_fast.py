@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from predict import Predictor
-from wan.tiny import write_tiny_checkpoints
+from wan.testing.tiny import write_tiny_checkpoints
 
 EXAMPLES = {"image": "examples/two_people.png", "audio": "examples/person1.wav"}
 

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 import wan
-import wan.sampling
+from wan.generation import sampling
 from src.audio import get_embedding, load_wav2vec
-from wan.conditioning import image_to_tensor, rgb_to_lab
+from wan.generation.conditioning import image_to_tensor, rgb_to_lab
 from wan.configs import WAN_CONFIGS
-from wan.tiny import write_tiny_checkpoints
+from wan.testing.tiny import write_tiny_checkpoints
 
 
 def test_reference_call_pattern(tmp_path, monkeypatch):
@@ -46,9 +46,9 @@ def test_reference_call_pattern(tmp_path, monkeypatch):
         quant_dir=None,
     )
     block_runs, apg_terms = [], []
-    wan_i2v.dit.blocks[0].register_forward_pre_hook(lambda module, args: block_runs.append(1))
-    apg_direction = wan.sampling.apg_direction
-    monkeypatch.setattr(wan.sampling, "apg_direction", lambda *a, **k: apg_terms.append(1) or apg_direction(*a, **k))
+    wan_i2v.pipeline.dit.blocks[0].register_forward_pre_hook(lambda module, args: block_runs.append(1))
+    apg_direction = sampling.apg_direction
+    monkeypatch.setattr(sampling, "apg_direction", lambda *a, **k: apg_terms.append(1) or apg_direction(*a, **k))
     video = wan_i2v.generate(
         input_data,
         size_buckget=args.size,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from wan.sampling import (
+from wan.generation.sampling import (
     MomentumBuffer,
     TeaCache,
     add_noise,

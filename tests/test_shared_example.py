@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from predict import Predictor
-from wan.tiny import write_tiny_checkpoints
-from wan.video import probe_video
+from wan.testing.tiny import write_tiny_checkpoints
+from wan.generation.video import probe_video
 
 EXAMPLE = Path(os.environ.get("MULTITALK_EXAMPLES_DIR", Path(__file__).resolve().parents[2] / "shared" / "examples"))
 

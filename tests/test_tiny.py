@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from src.audio.wav2vec import get_embedding, load_wav2vec
-from wan.checkpoints import WanFiles, check_files, load_dit
+from wan.loading.checkpoints import WanFiles, check_files, load_dit
 from wan.configs import DiTConfig
-from wan.image_encoder import ImageEncoder
-from wan.text_encoder import TextEncoder
-from wan.tiny import (
+from wan.encoders.image import ImageEncoder
+from wan.encoders.text import TextEncoder
+from wan.testing.tiny import (
     TINY_CLIP,
     TINY_DIT,
     TINY_T5,
@@ -32,7 +32,7 @@ from wan.tiny import (
     vae_shapes,
     write_tiny_checkpoints,
 )
-from wan.vae import VideoVAE
+from wan.encoders.vae import VideoVAE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 KEYS_DIR = SHARED / "docs" / "keys"
@@ -254,15 +254,15 @@ def test_loads_through_every_loader(root: Path):
 
 
 def test_command_line(tmp_path: Path, monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["wan.tiny", str(tmp_path / "cli"), "--seed", "3"])
+    monkeypatch.setattr("sys.argv", ["wan.testing.tiny", str(tmp_path / "cli"), "--seed", "3"])
     main()
     assert "wrote tiny checkpoints" in capsys.readouterr().out
     assert (tmp_path / "cli" / WAN / SHARD_2).is_file()
 
 
 def test_fast_lora_is_in_the_published_key_format_and_merges(root: Path):
-    from wan.checkpoints import FAST_LORA_DIR_NAME, FAST_LORA_NAME, dit_tensor_reader, load_dit
-    from wan.lora import merge_loras
+    from wan.loading.checkpoints import FAST_LORA_DIR_NAME, FAST_LORA_NAME, dit_tensor_reader, load_dit
+    from wan.loading.lora import merge_loras
 
     lora = load_file(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME)
     assert all(k.startswith("diffusion_model.blocks.") for k in lora)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from wan.video import frames_to_uint8, probe_video, write_mp4
+from wan.generation.video import frames_to_uint8, probe_video, write_mp4
 
 FRAMES, HEIGHT, WIDTH, FPS = 9, 48, 64, 25
 

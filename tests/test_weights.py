@@ -1,4 +1,4 @@
-"""wan.weights: local dirs and tars win, present weights never touch the network, Hub downloads are verified."""
+"""wan.loading.weights: local dirs and tars win, present weights never touch the network, Hub downloads are verified."""
 
 import fnmatch
 import functools
@@ -15,8 +15,8 @@ import huggingface_hub
 import pytest
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
-from wan.tiny import write_tiny_checkpoints
-from wan.weights import HUB_REPOS, WeightPaths, resolve_weights
+from wan.testing.tiny import write_tiny_checkpoints
+from wan.loading.weights import HUB_REPOS, WeightPaths, resolve_weights
 
 FOLDERS = list(HUB_REPOS)
 

@@ -17,15 +17,13 @@ import triton.language as tl
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 _MIN_AMAX = 1e-12
-# One op namespace per copy of the package (bench imports a second copy under another name).
-OP_NAMESPACE = __name__.split(".")[0]
 
 
 def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`[M, K]` -> e4m3 values `[M, K]` and float32 scales `[M, 1]` with f(x) ≈ values * scales, where f is the
     identity or, with `gelu`, `F.gelu(x, approximate="tanh")` rounded to x's dtype (as the unquantised model)."""
     if x.is_cuda and gelu:
-        return getattr(torch.ops, OP_NAMESPACE).quantize_rows(x, gelu)
+        return torch.ops.multitalk.quantize_rows(x, gelu)
     if gelu:
         x = F.gelu(x, approximate="tanh")
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(_MIN_AMAX) / FP8_MAX
@@ -51,7 +49,7 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, n_cols, row_stride, GEL
     tl.store(scales_ptr + row, scale)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::quantize_rows", mutates_args=())
+@torch.library.custom_op("multitalk::quantize_rows", mutates_args=())
 def _quantize_rows_cuda(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -50,10 +50,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
-# One op namespace per copy of the package (bench imports a second copy under another name).
-_OP_NAMESPACE = __name__.split(".")[0]
-
-
 @functools.cache
 def _flash_attn_cute():
     try:
@@ -103,10 +99,10 @@ def flash_attention_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """
     if q.dtype not in _FLASH_DTYPES:
         return attention(q, k, v)
-    return getattr(torch.ops, _OP_NAMESPACE).flash_attention_4(q, k, v)
+    return torch.ops.multitalk.flash_attention_4(q, k, v)
 
 
-@torch.library.custom_op(f"{_OP_NAMESPACE}::flash_attention_4", mutates_args=())
+@torch.library.custom_op("multitalk::flash_attention_4", mutates_args=())
 def _flash_attention_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     out = _flash_attn_cute().flash_attn_func(q, k, v)
     return out[0] if isinstance(out, tuple) else out  # (out, lse)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .attention import attention
-from .fp8_rows import FP8, FP8_MAX, OP_NAMESPACE, quantize_rows
+from .fp8_rows import FP8, FP8_MAX, quantize_rows
 
 # The attention output is a convex combination of V's rows, so |O| <= amax(V); scaling O by half of e4m3's range
 # over amax(V) leaves a binade for rounding and costs no precision (a power of two only shifts the exponent).
@@ -61,14 +61,14 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
     out_descale = descale_v * (FP8_MAX / _OUT_RANGE)
     if q.is_cuda:
-        out8 = getattr(torch.ops, OP_NAMESPACE).cudnn_fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v)
+        out8 = torch.ops.multitalk.cudnn_fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v)
     else:
         out = attention(*(t.float() * d for t, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v))))
         out8 = (out / out_descale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return (out8.float() * out_descale).to(q.dtype)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::cudnn_fp8_attention", mutates_args=())
+@torch.library.custom_op("multitalk::cudnn_fp8_attention", mutates_args=())
 def _cudnn_fp8_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
     descale_v: torch.Tensor,

@@ -25,7 +25,7 @@ from .audio_layers import (
     speaker_token_masks,
     split_audio_windows,
 )
-from .configs import DiTConfig
+from ..configs import DiTConfig
 from .rope import apply_rope, grid_rope
 
 CLIP_TOKENS = 257

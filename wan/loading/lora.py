@@ -247,3 +247,26 @@ def merge_loras(
         delta = sum(_delta(entry, bias, scale, alpha_mode, param) for scale, entry, bias in contributions[name])
         param.copy_((param.float() + delta).to(param.dtype))
     return MergedLoRA(model, touched, originals, reload)
+
+
+class LoraSet:
+    """The LoRAs merged into a model, switched exactly: `set()` undoes the current set (restoring the exact base
+    weights) before merging the new one, and does nothing when the set is unchanged."""
+
+    def __init__(
+        self, model: torch.nn.Module, reload: Callable[[str], torch.Tensor] | None = None, alpha_mode: str = "standard"
+    ):
+        self.model, self.reload, self.alpha_mode = model, reload, alpha_mode
+        self.active: list[tuple[str, float]] = []
+        self._merged: MergedLoRA | None = None
+
+    def set(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        wanted = [(str(path), float(scale)) for path, scale in loras]
+        if wanted == self.active:
+            return
+        if self._merged is not None:
+            self._merged.restore()
+            self._merged, self.active = None, []
+        if wanted:
+            self._merged = merge_loras(self.model, wanted, alpha_mode=self.alpha_mode, reload=self.reload)
+            self.active = wanted

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .configs import NUM_TRAIN_TIMESTEPS, TEACACHE_COEFFICIENTS
+from ..configs import NUM_TRAIN_TIMESTEPS, TEACACHE_COEFFICIENTS
 
 GUIDANCE_BRANCHES = ("cond", "drop_text", "drop_audio", "uncond")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .configs import ASPECT_RATIO_BUCKETS
+from ..configs import ASPECT_RATIO_BUCKETS
 
 MAX_SPEAKERS = 2
 

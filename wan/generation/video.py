@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import FPS
+from ..configs import FPS
 
 STDERR_TAIL = 4000
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .configs import DiTConfig
-from .dit import MultiTalkDiT
+from ..configs import DiTConfig
+from ..model.dit import MultiTalkDiT
 
 WAN_DIR_NAME = "Wan2.1-I2V-14B-480P"
 MULTITALK_DIR_NAME = "MeiGen-MultiTalk"

@@ -1,0 +1,56 @@
+"""What conditions one clip besides text and audio: the CLIP frame, `y` (known-frame mask + VAE latent) and the motion
+latent held fixed while sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class VideoEncoder(Protocol):
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MotionLatent:
+    """Latent frames a clip takes over from the one before: `latent[:, :T]` is set to them before the first step and
+    after every step, re-noised to the current t (MultiTalk)."""
+
+    latent: torch.Tensor  # [16, T, h, w] float32
+
+
+@dataclass(frozen=True)
+class ClipCondition:
+    clip_frame: torch.Tensor  # [1, 3, 1, H, W] in [-1, 1], the CLIP input
+    y: torch.Tensor  # [1, 4 + 16, T, h, w]: mask of the known pixel frames, then their VAE latent
+    motion: MotionLatent | None
+
+
+def known_frames_mask(known: int, frames: int, lat_h: int, lat_w: int, device: torch.device) -> torch.Tensor:
+    """`[1, 4, T, h, w]`: 1 on the first `known` pixel frames; the first frame is repeated 4x so the pixel frames
+    group into latent frames of 4, as the VAE's time compression does."""
+    mask = torch.zeros(1, frames, lat_h, lat_w, device=device)
+    mask[:, :known] = 1
+    mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)
+    return mask.view(1, mask.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)
+
+
+def multitalk_condition(
+    vae: VideoEncoder, cond_frames: torch.Tensor, frames: int, first_clip: bool, dit_dtype: torch.dtype
+) -> ClipCondition:
+    """MultiTalk: clip 0 is conditioned on the image, later clips on the last `motion_frame` frames of the previous
+    clip (`cond_frames` `[1, 3, known, H, W]`), which are VAE-encoded with zeros after them."""
+    known = cond_frames.shape[2]
+    pixels = torch.cat([cond_frames[0], cond_frames.new_zeros(3, frames - known, *cond_frames.shape[-2:])], dim=1)
+    latent = vae.encode(pixels)
+    mask = known_frames_mask(known, frames, *latent.shape[-2:], device=latent.device)
+    y = torch.cat([mask, latent[None].to(mask.dtype)], dim=1)
+    motion = None
+    if not first_clip:
+        # As the reference, the motion latent is cut from `y` in the DiT's dtype (bf16 at run time), then re-noised
+        # in float32.
+        motion = MotionLatent(latent[:, : 1 + (known - 1) // 4].to(dit_dtype).float())
+    return ClipCondition(clip_frame=cond_frames[:, :, -1:], y=y, motion=motion)

@@ -1,0 +1,71 @@
+"""How a video is cut into clips, and the audio each clip reads.
+
+Clip mode and streaming are one schedule: the first clip is conditioned on the image, every later one on the last
+`motion_frame` frames of the one before, until the video is as long as it must be (the reference's rules).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .conditioning import audio_window
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """`frames` pixel frames per clip, clip k starting at audio frame `starts[k]`, `total` frames kept in the end.
+    `pad_last`: the last clip reads past the audio and gets the reference's mirrored padding."""
+
+    frames: int
+    starts: tuple[int, ...]
+    total: int
+    pad_last: bool
+
+    @property
+    def clips(self) -> int:
+        return len(self.starts)
+
+
+def plan_clips(audio_frames: int, frame_num: int, motion_frame: int, max_frames: int | None = None) -> ClipPlan:
+    """The reference's clip schedule for `audio_frames` frames of person 1's audio (the reference stops on person 1).
+
+    - Audio longer than `frame_num` and at most `frame_num` frames wanted: one full clip, cut (clip mode).
+    - Longer videos: `frame_num`-frame clips advancing by `frame_num - motion_frame`; the first clip whose end reaches
+      the wanted length is the last (streaming).
+    - Audio of at most `frame_num` frames (the reference rejects it): one clip of the smallest 4n+1 length covering it.
+    """
+    total = audio_frames if max_frames is None else min(max_frames, audio_frames)
+    if total < 1:
+        raise ValueError("the video needs at least one frame of audio (1/25 s)")
+    if audio_frames <= frame_num:
+        return ClipPlan(4 * math.ceil((total - 1) / 4) + 1, (0,), total, pad_last=True)
+    if total <= frame_num:
+        return ClipPlan(frame_num, (0,), total, pad_last=False)
+    stride = frame_num - motion_frame
+    if stride <= 0:
+        raise ValueError(f"motion_frame ({motion_frame}) must be smaller than frame_num ({frame_num}) for long audio")
+    clips = 1 + math.ceil((total - frame_num) / stride)
+    return ClipPlan(frame_num, tuple(k * stride for k in range(clips)), total, pad_last=True)
+
+
+def pad_audio(embedding: torch.Tensor, clip_end: int) -> torch.Tensor:
+    """The reference's padding for the last clip: audio that ends at or before `clip_end` gets its last
+    `clip_end - L + 3` frames appended in reverse (so frame L + j repeats frame L - 1 - j), which the audio windows
+    of the last frames (up to `clip_end + 1`) read. Audio shorter than that appends all of itself, reversed."""
+    if clip_end < embedding.shape[0]:
+        return embedding
+    missing = clip_end - embedding.shape[0] + 3
+    return torch.cat([embedding, embedding[-missing:].flip(0)])
+
+
+def clip_audio(speakers: Sequence[torch.Tensor], plan: ClipPlan, index: int, window: int = 5) -> torch.Tensor:
+    """Audio windows of clip `index`, `[speakers, frames, window, layers, channels]`; each speaker's windows clamp to
+    its own length, and the last clip reads the reference's padding."""
+    start = plan.starts[index]
+    if plan.pad_last and index == plan.clips - 1:
+        speakers = [pad_audio(s, start + plan.frames) for s in speakers]
+    return torch.stack([audio_window(s, start, plan.frames, window) for s in speakers])

@@ -1,0 +1,169 @@
+"""The generation loop: a typed request in, a talking video out, clip by clip.
+
+Randomness comes from one `torch.Generator` seeded per call, drawn in the reference's order and shapes: each clip's
+initial noise, then (later clips) one draw per re-noising of the motion latent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from ..configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
+from ..loading.lora import LoraSet
+from . import sampling
+from .clip_condition import multitalk_condition
+from .clips import clip_audio, plan_clips
+from .conditioning import choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
+from .denoise import ClipInputs, GuidedVelocity, denoise
+from .request import GenerationRequest, SamplingOptions
+from .timing import StageClock
+
+log = logging.getLogger(__name__)
+
+# Where the text encoder lives: on the device for good, on the device only while encoding, or on the CPU.
+TextEncoderPlacement = Literal["device", "while_encoding", "cpu"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # 1-based within the clip
+    steps: int
+    clip: int  # 1-based
+    clips: int
+    elapsed: float  # seconds since generate() started
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+class Pipeline:
+    """MultiTalk generation from ready components: the DiT, the text encoder (prompts -> embeddings), the image
+    encoder (frames -> CLIP features) and the VAE. Build one from the published files with `wan.load_pipeline`."""
+
+    def __init__(
+        self,
+        dit: torch.nn.Module,
+        text_encoder: Callable[[list[str]], list[torch.Tensor]],
+        image_encoder: Callable[[torch.Tensor], torch.Tensor],
+        vae: Any,
+        *,
+        device: str | torch.device = "cpu",
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        text_encoder_placement: TextEncoderPlacement = "device",
+        loras: LoraSet | None = None,
+    ):
+        self.dit = dit
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.vae = vae
+        self.device = torch.device(device)
+        self.negative_prompt = negative_prompt
+        self.text_encoder_placement = text_encoder_placement
+        # Without a checkpoint reader, undoing a LoRA needs copies of the weights it touched (kept on the host).
+        self.loras = loras if loras is not None else LoraSet(dit)
+
+    def set_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Make `loras` ((file, scale) pairs) the merged set; the previous set is undone exactly first."""
+        self.loras.set(loras)
+
+    def warm_up(self, size_bucket: str = "multitalk-480", frame_num: int = 81) -> None:
+        """One guided step on a two-speaker clip of the most common shape: compiles the one- and two-speaker graphs
+        of compiled blocks (and warms kernels) before the first request."""
+        config = self.dit.config
+        height, width = ASPECT_RATIO_BUCKETS[size_bucket]["0.50"]
+        audio = torch.zeros(frame_num, config.audio_layers, config.audio_channels)
+        request = GenerationRequest("", Image.new("RGB", (width, height)), (audio, audio))
+        self.generate(request, SamplingOptions(size_bucket=size_bucket, frame_num=frame_num, steps=1, seed=0),
+                      progress=False)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        request: GenerationRequest,
+        options: SamplingOptions,
+        *,
+        on_step: StepCallback | None = None,
+        clock: StageClock | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Video `[3, frames, H, W]` in [-1, 1] at 25 fps, as long as person 1's audio (at most `max_frames`)."""
+        started = time.monotonic()
+        clock = clock or StageClock()
+        seed = options.seed if options.seed is not None and options.seed >= 0 else random.SystemRandom().randint(0, 99_999_999)
+        log.info("seed %d", seed)
+
+        # Inputs, checked before any model work.
+        config = self.dit.config
+        wanted = (config.audio_layers, config.audio_channels)
+        if any(tuple(a.shape[1:]) != wanted for a in request.audio):
+            shapes = [tuple(a.shape) for a in request.audio]
+            raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
+        speakers = [a.float() for a in request.audio]
+        image = request.image.convert("RGB")
+        height, width = choose_bucket(image.height, image.width, options.size_bucket)
+        lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+        boxes = None if request.boxes is None else [list(box) for box in request.boxes]
+        masks = speaker_masks(image.height, image.width, len(speakers), boxes, options.face_scale)
+        masks = latent_masks(masks, height, width, lat_h, lat_w, boxes).to(self.device)
+        plan = plan_clips(speakers[0].shape[0], options.frame_num, options.motion_frame, options.max_frames)
+
+        cond_image = image_to_tensor(image, height, width).to(self.device)
+        with clock.stage("text_encoder"):
+            context, context_null = self._encode_text(request.prompt, request.negative_prompt)
+        timesteps = sampling.timesteps(options.steps, options.shift).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        teacache_bucket = options.size_bucket if isinstance(options.size_bucket, str) else "multitalk-480"
+
+        kept: list[torch.Tensor] = []
+        cond_frames = cond_image
+        for index in range(plan.clips):
+            with clock.stage("vae_encode"):
+                condition = multitalk_condition(self.vae, cond_frames, plan.frames, index == 0, self.dit.dtype)
+            with clock.stage("image_encoder"):
+                clip_fea = self.image_encoder(condition.clip_frame)
+            audio = clip_audio(speakers, plan, index).to(self.device)
+            inputs = ClipInputs(context, context_null, clip_fea, condition.y, audio, masks)
+            velocity = GuidedVelocity(
+                self.dit, inputs, options.text_scale, options.audio_scale, options.guidance, teacache_bucket
+            )
+            latent = torch.randn(16, condition.y.shape[2], lat_h, lat_w, generator=generator, device=self.device)
+
+            def report(step: int, clip: int = index + 1) -> None:
+                info = StepInfo(step, options.steps, clip, plan.clips, time.monotonic() - started)
+                if progress:
+                    log.info("step %d/%d clip %d/%d elapsed %.1fs", info.step, info.steps, info.clip, info.clips,
+                             info.elapsed)
+                if on_step is not None:
+                    on_step(info)
+
+            with clock.stage("dit"):
+                latent = denoise(velocity, latent, timesteps, condition.motion, generator, report)
+            if velocity.teacache is not None:
+                log.info("TeaCache skipped %.0f%% of clip %d's DiT passes", 100 * velocity.teacache.skipped_fraction(),
+                         index + 1)
+            with clock.stage("vae_decode"):
+                video = self.vae.decode(latent)
+            if options.color_correction > 0:
+                with clock.stage("color_correction"):
+                    video = match_colors(video, cond_image[0, :, 0], options.color_correction)
+            kept.append(video if index == 0 else video[:, options.motion_frame :])
+            cond_frames = video[None, :, -options.motion_frame :]
+        return torch.cat(kept, dim=1)[:, : plan.total].float().cpu()
+
+    def _encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.text_encoder
+        movable = self.device.type == "cuda" and hasattr(encoder, "to")
+        if movable and self.text_encoder_placement != "cpu":
+            encoder.to(self.device)
+        context, context_null = encoder([prompt, negative_prompt or self.negative_prompt])
+        if movable and self.text_encoder_placement == "while_encoding":
+            encoder.to("cpu")
+        return context.to(self.device), context_null.to(self.device)

@@ -1,0 +1,75 @@
+"""What a generation is asked for: the content (`GenerationRequest`) and how to sample it (`SamplingOptions`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in source-image pixels, x = column
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """TeaCache and APG: the switches the reference reads from `extra_args`, with its CLI defaults."""
+
+    use_teacache: bool = False
+    teacache_thresh: float = 0.2
+    use_apg: bool = False
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 55.0
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to turn a request into frames. Defaults are the reference's `generate()` defaults, except `max_frames`
+    (None: as long as person 1's audio)."""
+
+    size_bucket: str | Mapping[str, Sequence[int]] = "multitalk-480"  # a table name, or `{"h/w": [h, w]}`
+    frame_num: int = 81  # pixel frames per clip, 4n+1
+    motion_frame: int = 25  # frames a clip takes over from the previous one, 4n+1
+    max_frames: int | None = None
+    steps: int = 40
+    shift: float = 5.0
+    text_scale: float = 5.0
+    audio_scale: float = 4.0
+    seed: int | None = None  # None: a random seed, logged
+    face_scale: float = 0.05
+    color_correction: float = 0.0  # strength in [0, 1]
+    guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
+
+    def __post_init__(self) -> None:
+        if self.frame_num % 4 != 1 or self.motion_frame % 4 != 1:
+            raise ValueError(f"frame_num ({self.frame_num}) and motion_frame ({self.motion_frame}) must both be 4n+1")
+        if self.steps < 1:
+            raise ValueError(f"sampling_steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.color_correction <= 1.0:
+            raise ValueError(f"color_correction_strength must be in [0, 1], got {self.color_correction}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames_num must be >= 1, got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video's content. `audio`: one wav2vec2 embedding `[frames, layers, channels]` per speaker (1 or 2, person 1
+    first, 25 frames a second); `boxes`: one box per speaker, or None for the left/right halves."""
+
+    prompt: str
+    image: Image.Image
+    audio: tuple[torch.Tensor, ...]
+    boxes: tuple[Box, ...] | None = None
+    negative_prompt: str = ""  # empty: the model's default
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.audio) <= 2:
+            raise ValueError(f"cond_audio: MultiTalk drives 1 or 2 speakers, got {len(self.audio)}")
+        for k, embedding in enumerate(self.audio):
+            if embedding.ndim != 3 or embedding.shape[0] == 0:
+                shape = tuple(embedding.shape)
+                raise ValueError(f"cond_audio.person{k + 1}: expected a [frames, layers, channels] embedding, got {shape}")
+            if not torch.isfinite(embedding).all():
+                raise ValueError(f"cond_audio.person{k + 1}: the embedding contains NaN or inf")
+        if self.boxes is not None and len(self.boxes) != len(self.audio):
+            raise ValueError(f"bbox: {len(self.boxes)} boxes for {len(self.audio)} speakers; give one box per speaker")

@@ -1,0 +1,1 @@
+"""From files to weights: the published layout, the streaming DiT loader, LoRAs, and downloads."""

@@ -1,0 +1,1 @@
+"""Test fixtures that ship with the package: the tiny checkpoint set in the published layout."""

@@ -51,6 +51,7 @@ def load_image(path: FilePath) -> Image.Image:
 class Predictor(BasePredictor):
     def setup(self, weights: Optional[str] = None) -> None:
         paths = resolve_weights(weights)
+        self.size_buckets = paths.size_buckets()
         on_gpu = torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
@@ -137,10 +138,10 @@ class Predictor(BasePredictor):
             raise ValueError("person1_bbox, person2_bbox: give both boxes or neither")
         if fast and self.fast_lora is None:
             raise ValueError(f"fast: the lightx2v LoRA could not be set up ({self.fast_lora_error}); use turbo instead")
-        bucket = RESOLUTIONS[resolution]
+        bucket = self.size_buckets.get(RESOLUTIONS[resolution], RESOLUTIONS[resolution])
         mode = "fast" if fast else "turbo" if turbo else "quality"
         preset = PRESETS[mode]
-        shift = QUALITY_SHIFT[bucket] if mode == "quality" else preset.shift
+        shift = QUALITY_SHIFT[RESOLUTIONS[resolution]] if mode == "quality" else preset.shift
         if seed is None:
             seed = secrets.randbelow(100_000_000)
 

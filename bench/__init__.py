@@ -1,24 +1,24 @@
-"""GPU benchmark and correctness check of the MultiTalk DiT; helpers shared by `bench_dit` and `gpu_check`.
+"""GPU benchmarks and correctness checks; helpers shared by the scripts.
 
-Everything here needs only torch and the repo's `wan/` modules (imported without `wan/__init__`, whose pipeline
-import would pull in PIL and, later, heavier libraries that the device machine may lack).
+The scripts are clients of `wan`: they import it as any user does (`wan.model.*` needs only torch, so they run on the
+device machine's image). Two revisions are compared in separate processes by `bench.compare`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import importlib.util
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn as nn
+
+from wan.configs import MULTITALK_14B, DiTConfig
+from wan.model.attention import attention, flash_attention_4, flash_attention_4_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -33,38 +33,12 @@ TINY_DIT = dict(
 ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math", "fa4")
 
 
-def import_wan(root: Path = REPO_ROOT, alias: str = "wan") -> ModuleType:
-    """The `wan` package found under `root`, registered as `alias`, with its `__init__` left unrun.
-
-    Submodules import on demand (`importlib.import_module(alias + ".dit")`) and resolve their relative imports
-    inside the same copy, so two checkouts can live in one process under two aliases.
-    """
-    package_dir = (root / "wan").resolve()
-    loaded = sys.modules.get(alias)
-    if loaded is not None:
-        if [str(package_dir)] != list(getattr(loaded, "__path__", [])):
-            raise RuntimeError(f"module {alias!r} is already loaded from {loaded.__path__}, not {package_dir}")
-        return loaded
-    if not (package_dir / "dit.py").is_file():
-        raise FileNotFoundError(f"no wan/dit.py under {root}")
-    spec = importlib.util.spec_from_file_location(
-        alias, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
-    )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = package
-    return package
+def tiny_config() -> DiTConfig:
+    return DiTConfig(**TINY_DIT)
 
 
-def wan_module(package: ModuleType, name: str) -> ModuleType:
-    return importlib.import_module(f"{package.__name__}.{name}")
-
-
-def tiny_config(configs: ModuleType):
-    return configs.DiTConfig(**TINY_DIT)
-
-
-def full_config(configs: ModuleType):
-    return getattr(configs, "MULTITALK_14B", None) or configs.DiTConfig()
+def full_config() -> DiTConfig:
+    return MULTITALK_14B
 
 
 @torch.no_grad()
@@ -238,16 +212,12 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def set_self_attention(package: ModuleType, model: nn.Module, name: str) -> str | None:
+def set_self_attention(model: nn.Module, name: str) -> str | None:
     """Give the model's blocks the self-attention kernel that attention choice `name` means; None, or why not."""
-    attention = wan_module(package, "attention")
     if name != "fa4":
-        if hasattr(model, "set_self_attention"):
-            model.set_self_attention(attention.attention)
+        model.set_self_attention(attention)
         return None
-    if not hasattr(attention, "flash_attention_4"):
-        return f"{package.__name__} has no attention.flash_attention_4"
-    if not attention.flash_attention_4_available(next(model.parameters()).device):
+    if not flash_attention_4_available(next(model.parameters()).device):
         return "flash_attn.cute (FA4) is not installed or not usable on this device"
-    model.set_self_attention(attention.flash_attention_4)
+    model.set_self_attention(flash_attention_4)
     return None

@@ -1,6 +1,6 @@
 """Time the MultiTalk DiT on one GPU: random bf16 weights, the 81-frame 448x896 clip, 1 and 2 speakers.
 
-    python -m bench.bench_dit --out $OUT/bench.json [--compile] [--attention cudnn,flash] [--baseline-rev .bench/prev]
+    python -m bench.bench_dit --out $OUT/bench.json [--compile] [--attention cudnn,flash] [--fp8]
     python -m bench.bench_dit --tiny --out /tmp/bench.json     # every code path on a tiny config, CPU, seconds
 
 Cases: `1p`, `2p` (one forward pass each), `step1p`, `step2p` (one guided denoising step: cond, drop_text and uncond
@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
-import importlib.util
 import json
 import math
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch._dynamo
+
+from wan.generation import sampling
+from wan.model.dit import MultiTalkDiT
+from wan.model.fp8 import quantize_blocks
 
 from . import (
     ATTENTION_CHOICES,
@@ -31,11 +34,9 @@ from . import (
     build_random,
     environment,
     full_config,
-    import_wan,
     set_self_attention,
     time_calls,
     tiny_config,
-    wan_module,
 )
 
 # Reference MultiTalk DiT on an H100 80GB HBM3 (shared/perf/reference-h100-2026-11-25.json): seconds per forward
@@ -98,7 +99,7 @@ def dit_inputs(config, clip: ClipShape, speakers: int, device: torch.device, gen
     )
 
 
-def guided_step(model, sampling: ModuleType, inputs: dict, null_context: torch.Tensor) -> torch.Tensor:
+def guided_step(model, inputs: dict, null_context: torch.Tensor) -> torch.Tensor:
     """One denoising step as the pipeline's quality preset takes it: three passes, guidance, Euler update."""
     silent = torch.zeros_like(inputs["audio"][-1:])
     v_cond = model(**inputs)
@@ -126,26 +127,15 @@ def probe_attention(name: str, config, clip: ClipShape, device: torch.device, dt
     return {key: backend_supports(name, *qkv(*shape)) for key, shape in shapes.items()}
 
 
-def run_dit_cases(
-    label: str, package: ModuleType, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
-) -> list[dict]:
-    """Build one DiT version, time the selected cases under each attention backend, free it."""
-    configs, dit, sampling = (wan_module(package, n) for n in ("configs", "dit", "sampling"))
-    config = tiny_config(configs) if args.tiny else full_config(configs)
+def run_dit_cases(label: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Build the DiT, time the selected cases under each attention backend, free it."""
+    config = tiny_config() if args.tiny else full_config()
     clip = TINY_CLIP if args.tiny else FULL_CLIP
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    quantize = None
-    if args.fp8:
-        quantize = getattr(_optional_module(package, "fp8"), "quantize_blocks", None)
-        if quantize is None:
-            reason = f"{package.__name__} has no fp8.quantize_blocks(model)"
-            print(f"[{label}] fp8 skipped: {reason}", flush=True)
-            return [dict(model=label, case="fp8", skipped=reason)]
-
     start = time.perf_counter()
-    model = build_random(lambda: dit.MultiTalkDiT(config), device, dtype, generator)
-    if quantize is not None:
-        quantize(model)
+    model = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
+    if args.fp8:
+        quantize_blocks(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     params = sum(p.numel() for p in model.parameters())
@@ -153,11 +143,11 @@ def run_dit_cases(
 
     records = []
     for backend in args.attention:
-        # fp8 brings its own self-attention kernel; the other choices set theirs (an older wan/ may not have any).
-        if quantize is not None:
+        # fp8 brings its own self-attention kernel; the other choices set theirs.
+        if args.fp8:
             skipped = "fp8 sets the self-attention" if backend == "fa4" else None
         else:
-            skipped = set_self_attention(package, model, backend)
+            skipped = set_self_attention(model, backend)
         if skipped:
             print(f"[{label}] attention {backend} skipped: {skipped}", flush=True)
             records.append(dict(model=label, case=backend, skipped=skipped))
@@ -175,12 +165,11 @@ def run_dit_cases(
             inputs = dit_inputs(config, clip, speakers, device, generator)
             if case.startswith("step"):
                 null_context = torch.randn(inputs["context"].shape, generator=generator, device=device)
-                record = _measure(
-                    lambda: guided_step(model, sampling, inputs, null_context), device, 1, args.step_repeats, backend
-                )
+                step = functools.partial(guided_step, model, inputs, null_context)
+                record = _measure(step, device, 1, args.step_repeats, backend)
                 passes = 3
             else:
-                record = _measure(lambda: model(**inputs), device, args.warmup, args.repeats, backend)
+                record = _measure(functools.partial(model, **inputs), device, args.warmup, args.repeats, backend)
                 passes = 1
             record.update(model=label, case=case, passes=passes, attention=backend, attention_support=support)
             record["s_per_pass"] = record["median_s"] / passes
@@ -193,12 +182,6 @@ def run_dit_cases(
         torch._dynamo.reset()  # compiled graphs hold on to the blocks
     _free(device)
     return records
-
-
-def _optional_module(package: ModuleType, name: str) -> ModuleType | None:
-    if importlib.util.find_spec(f"{package.__name__}.{name}") is None:
-        return None
-    return wan_module(package, name)
 
 
 def _measure(fn, device: torch.device, warmup: int, repeats: int, backend: str) -> dict:
@@ -240,10 +223,7 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
         latent_shape = (1, 16, latent_frames, clip.height // 8, clip.width // 8)
         latent = torch.randn(latent_shape, generator=generator, device=device)
         video, latent = video.to(dtype), latent.to(dtype)
-        jobs = {
-            "encode": lambda: vae.encode(video).latent_dist.mode(),
-            "decode": lambda: vae.decode(latent).sample,
-        }
+        jobs = {"encode": functools.partial(encode_mode, vae, video), "decode": functools.partial(decode_sample, vae, latent)}
         for op, fn in jobs.items():
             record = _measure(fn, device, 1, args.vae_repeats, "sdpa")
             key = f"{op}_{dtype_name}"
@@ -254,6 +234,14 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
         del vae, video, latent, jobs
         _free(device)
     return records
+
+
+def encode_mode(vae, video: torch.Tensor) -> torch.Tensor:
+    return vae.encode(video).latent_dist.mode()
+
+
+def decode_sample(vae, latent: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latent).sample
 
 
 def _row(r: dict) -> str:
@@ -286,8 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--inductor-options", type=json.loads, default={}, help='JSON, e.g. {"coordinate_descent_tuning": true}'
     )
-    parser.add_argument("--fp8", action="store_true", help="fp8 linear layers, if wan has fp8.quantize_blocks")
-    parser.add_argument("--baseline-rev", type=Path, help="a checkout root holding another wan/ to time too")
+    parser.add_argument("--fp8", action="store_true", help="fp8 linear layers and self-attention")
     parser.add_argument("--warmup", type=int, help="untimed passes before each case (default 2)")
     parser.add_argument("--repeats", type=int, help="timed passes per case (default 5)")
     parser.add_argument("--step-repeats", type=int, help="timed guided steps, after one untimed (default 3)")
@@ -325,9 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     started = time.perf_counter()
     if any(c != "vae" for c in args.cases):
-        records += run_dit_cases("current", import_wan(), args, device, dtype)
-        if args.baseline_rev is not None:
-            records += run_dit_cases("baseline", import_wan(args.baseline_rev, "wan_baseline"), args, device, dtype)
+        records += run_dit_cases(args.label or "current", args, device, dtype)
     if "vae" in args.cases:
         records += run_vae(args, device)
     results["records"] = records

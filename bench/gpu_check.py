@@ -4,8 +4,8 @@
     python -m bench.gpu_check --golden ../shared/golden --tiny --out /tmp/check.json   # CPU, seconds
 
 (a) Every golden `dit_*` case under --golden: float32 on the device without TF32 against the golden output at the
-    case's strict tolerance; bf16 against a float32 run of the same inputs, and, for information, against the
-    golden (the bf16 model rounds t to bf16 before the sinusoid, as the reference does).
+    case's strict tolerance; bf16 against a float32 run of the same inputs, and against the golden (t reaches the
+    time embedding in float32 on every dtype, as in the reference).
 (b) The full-size DiT cut to one block (dim 5120, 40 heads, 32928 tokens), 1 and 2 speakers, random weights: bf16
     under each SDPA backend against float32 (no TF32) as truth, at the block output and at the model output; with
     --fp8 also the fp8 block (`wan.fp8.quantize_blocks`) against the same truth and against bf16.
@@ -28,6 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from wan.model.dit import MultiTalkDiT
+from wan.model.fp8 import quantize_blocks
+from wan.model.fp8_rows import quantize_rows
+from wan.testing.golden import dit_config
+
 from . import (
     ATTENTION_CHOICES,
     attention_backend,
@@ -35,14 +40,10 @@ from . import (
     environment,
     exact_float32,
     full_config,
-    import_wan,
     relative_error,
     set_self_attention,
     tiny_config,
-    wan_module,
 )
-from tests.golden import dit_config_values
-
 from .bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
 
 BF16_REL_TOL = {1: 2e-2, 2: 5e-2}  # by number of speakers, see above
@@ -93,9 +94,9 @@ def golden_cases(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("dit_") and (p / "case.json").is_file())
 
 
-def check_golden_case(case_dir: Path, wan, device: torch.device, report: Report) -> None:
+def check_golden_case(case_dir: Path, device: torch.device, report: Report) -> None:
     meta = json.loads((case_dir / "case.json").read_text())
-    config = wan_module(wan, "configs").DiTConfig.from_dict(dit_config_values(meta))
+    config = dit_config(meta)
     files = meta["files"]
     # A weights entry may carry a note after the path.
     weights = load_file(case_dir / files["weights"].split()[0])
@@ -105,7 +106,7 @@ def check_golden_case(case_dir: Path, wan, device: torch.device, report: Report)
     tolerance = meta["tolerance"]["per_tensor"]["out"]
     strict, loose = tolerance["strict_max_abs_err"], tolerance["loose_max_abs_err"]
 
-    model = wan_module(wan, "dit").MultiTalkDiT(config).eval().requires_grad_(False)
+    model = MultiTalkDiT(config).eval().requires_grad_(False)
     model.load_state_dict(weights, strict=True)
     model.to(device)
     with exact_float32():
@@ -119,33 +120,30 @@ def check_golden_case(case_dir: Path, wan, device: torch.device, report: Report)
         **err,
     )
 
-    # The float32 truth gets the bf16 weights and the bf16-rounded t (the bf16 model rounds t before the sinusoid),
-    # so that only the arithmetic differs.
+    # The float32 truth gets the bf16 weights, so that only the arithmetic differs.
     model16 = copy.deepcopy(model).to(torch.bfloat16)
-    rounded_t = {**inputs, "t": inputs["t"].to(torch.bfloat16).float()}
     run16 = forward_with_probes(model16, inputs)
     with exact_float32():
-        run32 = forward_with_probes(model16.float(), rounded_t)
+        run32 = forward_with_probes(copy.deepcopy(model16).float(), inputs)
     vs_fp32, vs_golden = relative_error(run16["out"], run32["out"]), relative_error(run16["out"][None], golden)
     tol, flips = BF16_REL_TOL[inputs["audio"].shape[0]], routing_flips(run16, run32)
     report.add(
         f"golden {case_dir.name} bf16",
         vs_fp32["rel"] < tol,
         f"vs fp32 rel {vs_fp32['rel']:.3g} max_abs {vs_fp32['max_abs']:.3g} (< {tol}), routing flips {flips}; "
-        f"vs golden rel {vs_golden['rel']:.3g} max_abs {vs_golden['max_abs']:.3g} (t rounding included)",
+        f"vs golden rel {vs_golden['rel']:.3g} max_abs {vs_golden['max_abs']:.3g}",
         vs_fp32=vs_fp32,
         vs_golden=vs_golden,
         routing_flips=flips,
     )
 
 
-def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch.device, report: Report) -> None:
+def check_full_block(speakers: int, args: argparse.Namespace, device: torch.device, report: Report) -> None:
     """One full-width block inside the real model (embeddings, audio projection, head): bf16 vs float32."""
-    configs, dit = wan_module(wan, "configs"), wan_module(wan, "dit")
-    config = dataclasses.replace(tiny_config(configs) if args.tiny else full_config(configs), num_layers=1)
+    config = dataclasses.replace(tiny_config() if args.tiny else full_config(), num_layers=1)
     clip = TINY_CLIP if args.tiny else FULL_CLIP
     generator = torch.Generator(device=device).manual_seed(100 + speakers)
-    model16 = build_random(lambda: dit.MultiTalkDiT(config), device, torch.bfloat16, generator)
+    model16 = build_random(lambda: MultiTalkDiT(config), device, torch.bfloat16, generator)
     model = copy.deepcopy(model16).float()  # the truth computes in float32 on the same (bf16) weights
     inputs = dit_inputs(config, clip, speakers, device, generator)  # t = 992 is exact in bf16
     tokens = (clip.frames - 1) // config.vae_scale + 1
@@ -155,7 +153,7 @@ def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch
     with exact_float32():
         run32 = forward_with_probes(model, inputs)
     for backend in args.attention:
-        skipped = set_self_attention(wan, model16, backend)
+        skipped = set_self_attention(model16, backend)
         if skipped:
             report.add(f"dim{config.dim} block {speakers}p bf16 [{backend}]", True, f"skipped: {skipped}")
             continue
@@ -174,10 +172,10 @@ def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch
             routing_flips=flips,
         )
     if args.fp8:
-        set_self_attention(wan, model16, "sdpa")
+        set_self_attention(model16, "sdpa")
         run16 = forward_with_probes(model16, inputs)  # the bf16 run the fp8 one is compared with
         model8 = copy.deepcopy(model16)
-        wan_module(wan, "fp8").quantize_blocks(model8)
+        quantize_blocks(model8)
         run8 = forward_with_probes(model8, inputs)
         vs_fp32, vs_bf16 = relative_error(run8["out"], run32["out"]), relative_error(run8["out"], run16["out"])
         block_err = relative_error(run8["block"], run32["block"])
@@ -198,17 +196,15 @@ def check_full_block(wan, speakers: int, args: argparse.Namespace, device: torch
         torch.cuda.empty_cache()
 
 
-def check_quantize_rows(wan, device: torch.device, report: Report) -> None:
+def check_quantize_rows(device: torch.device, report: Report) -> None:
     """The one-pass row quantisation (Triton on CUDA) against its torch arithmetic on the CPU: same bits."""
     if device.type != "cuda":
         return
-    rows_module = wan_module(wan, "fp8_rows")
-    quantize_rows = rows_module.quantize_rows
     generator = torch.Generator().manual_seed(5)
     for rows, cols, gelu in ((333, 5120, False), (257, 13824, True), (64, 1024, False)):
         # Rows of very different magnitudes, as tokens are.
         x = (torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 3, rows)[:, None]).bfloat16()
-        values, scales = getattr(torch.ops, rows_module.OP_NAMESPACE).quantize_rows(x.to(device), gelu)
+        values, scales = torch.ops.multitalk.quantize_rows(x.to(device), gelu)
         ref_values, ref_scales = quantize_rows(x, gelu=gelu)
         same = (values.cpu().float() == ref_values.float()).float().mean().item()
         scale_err = ((scales.cpu() - ref_scales).abs() / ref_scales).max().item()
@@ -236,17 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     print(f"{env['device_name']} | torch {env['torch']} | {env['date']} | commit {env['commit']}", flush=True)
-    wan = import_wan()
     report = Report()
     cases = golden_cases(args.golden) if args.golden.is_dir() else []
     if not cases:
         report.add("golden cases", False, f"no dit_* case under {args.golden}")
     for case_dir in cases:
-        check_golden_case(case_dir, wan, device, report)
+        check_golden_case(case_dir, device, report)
     if args.fp8:
-        check_quantize_rows(wan, device, report)
+        check_quantize_rows(device, report)
     for speakers in (1, 2):
-        check_full_block(wan, speakers, args, device, report)
+        check_full_block(speakers, args, device, report)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(env=env, checks=report.checks, failed=report.failed), indent=1))

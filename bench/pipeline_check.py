@@ -1,4 +1,4 @@
-"""The serving path on the GPU: `MultiTalkPipeline` built from a checkpoint folder as the predictor builds it
+"""The serving path on the GPU: the pipeline built from a checkpoint folder as the predictor builds it
 (compiled blocks, FA4 self-attention where it passes its self-check, or fp8), then two short clips, one and two
 speakers. Meant for the tiny set, which any machine can write:
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from wan.pipeline import MultiTalkPipeline
+from wan import GenerationRequest, SamplingOptions, load_pipeline
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     started = time.perf_counter()
-    pipeline = MultiTalkPipeline(
-        checkpoint_dir=args.weights / "Wan2.1-I2V-14B-480P", multitalk_dir=args.weights / "MeiGen-MultiTalk",
+    pipeline = load_pipeline(
+        args.weights / "Wan2.1-I2V-14B-480P", args.weights / "MeiGen-MultiTalk",
         device=args.device, compile=args.device == "cuda", fp8=args.fp8,
     )
     kernel = pipeline.dit.blocks[0].self_attn.attend.__name__
@@ -40,15 +40,13 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     failed = False
     for speakers in (1, 2):
-        audio = {
-            f"person{i + 1}": torch.randn(9, config.audio_layers, config.audio_channels, generator=generator)
-            for i in range(speakers)
-        }
-        started = time.perf_counter()
-        video = pipeline.generate(
-            {"prompt": "two people talk", "cond_image": Image.new("RGB", (96, 64), (120, 100, 90)), "cond_audio": audio},
-            size_bucket={"0.67": [64, 96]}, frame_num=9, sampling_steps=2, seed=1, progress=False,
+        audio = tuple(
+            torch.randn(9, config.audio_layers, config.audio_channels, generator=generator) for _ in range(speakers)
         )
+        started = time.perf_counter()
+        request = GenerationRequest("two people talk", Image.new("RGB", (96, 64), (120, 100, 90)), audio)
+        options = SamplingOptions(size_bucket={"0.67": [64, 96]}, frame_num=9, steps=2, seed=1)
+        video = pipeline.generate(request, options, progress=False)
         finite = bool(torch.isfinite(video).all())
         failed |= not finite
         print(f"{speakers} speaker(s): video {tuple(video.shape)} in {time.perf_counter() - started:.1f} s, "

@@ -12,8 +12,10 @@ from collections import defaultdict
 
 import torch
 
-from bench import build_random, full_config, import_wan, wan_module
+from bench import build_random, full_config
 from bench.bench_dit import FULL_CLIP, dit_inputs
+from wan.model.dit import MultiTalkDiT
+from wan.model.fp8 import quantize_blocks
 
 # Inductor's kernels come first: their names list the fused ops ("..._scaled_mm_...", "..._cudnn_attention_...")
 # although they run none of them.
@@ -42,13 +44,11 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda")
-    package = import_wan()
-    configs, dit = wan_module(package, "configs"), wan_module(package, "dit")
-    config = dataclasses.replace(full_config(configs), num_layers=args.layers)
+    config = dataclasses.replace(full_config(), num_layers=args.layers)
     generator = torch.Generator(device=device).manual_seed(0)
-    model = build_random(lambda: dit.MultiTalkDiT(config), device, torch.bfloat16, generator)
+    model = build_random(lambda: MultiTalkDiT(config), device, torch.bfloat16, generator)
     if args.fp8:
-        wan_module(package, "fp8").quantize_blocks(model)
+        quantize_blocks(model)
     model.compile_blocks()
     inputs = dit_inputs(config, FULL_CLIP, args.speakers, device, generator)
     with torch.no_grad():

@@ -20,16 +20,9 @@ from wan.configs import DiTConfig
 from wan.encoders.text import TextEncoder, load_umt5
 from wan.encoders.vae import VideoVAE
 from wan.model.dit import MultiTalkDiT
+from wan.testing.golden import dit_config_values
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Sizes the reference fixes in code, as case.json's `config_fixed_in_code` names them -> DiTConfig field.
-FIXED_IN_CODE = {
-    "clip_dim": "clip_dim",
-    "audio_blocks": "audio_layers",
-    "audio_channels": "audio_channels",
-    "class_range": "class_range",
-    "class_interval": "class_interval",
-}
 GOLDEN_DIR = Path(os.environ.get("MULTITALK_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
 
 
@@ -89,13 +82,6 @@ class GoldenCase:
         tol = tolerance if tolerance is not None else self.strict_tolerance(name)
         err = (actual[~missing].double() - expected[~missing].double()).abs().max().item() if (~missing).any() else 0.0
         assert err <= tol, f"{self.name}/{name}: max abs err {err:.3g} > strict {tol:.3g}"
-
-
-def dit_config_values(meta: dict) -> dict:
-    values = dict(meta["config"])
-    fixed = meta.get("config_fixed_in_code", {})
-    values.update({field: fixed[key] for key, field in FIXED_IN_CODE.items() if key in fixed})
-    return values
 
 
 def load_case(name: str) -> GoldenCase:

@@ -28,6 +28,8 @@ MULTITALK_WEIGHTS_NAME = "multitalk.safetensors"
 # lightx2v's step-distillation LoRA (4 steps, text guidance 1), as published in Kijai/WanVideo_comfy.
 FAST_LORA_DIR_NAME = "loras"
 FAST_LORA_NAME = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
+# Optional, beside the three folders: bucket tables replacing the built-in ones (the tiny set serves thumbnails).
+SIZE_BUCKETS_NAME = "size_buckets.json"
 
 T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CLIP_TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

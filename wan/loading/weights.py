@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from .checkpoints import (
     FAST_LORA_NAME,
     MULTITALK_DIR_NAME,
     MULTITALK_WEIGHTS_NAME,
+    SIZE_BUCKETS_NAME,
     WAN_DIR_NAME,
     WAV2VEC_DIR_NAME,
     WAV2VEC_FILES,
@@ -53,6 +55,11 @@ class WeightPaths:
     def under(cls, base: Path) -> "WeightPaths":
         base = Path(base)
         return cls(base / WAN_DIR_NAME, base / MULTITALK_DIR_NAME, base / WAV2VEC_DIR_NAME)
+
+    def size_buckets(self) -> dict[str, dict[str, list[int]]]:
+        """Bucket tables that replace the built-in ones of the same name, if the weights bring any."""
+        path = self.wan.parent / SIZE_BUCKETS_NAME
+        return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path("weights")) -> WeightPaths:

@@ -32,12 +32,13 @@ from ..loading.checkpoints import (
     FAST_LORA_NAME,
     MULTITALK_DIR_NAME,
     MULTITALK_WEIGHTS_NAME,
+    SIZE_BUCKETS_NAME,
     WAN_DIR_NAME,
     WAV2VEC_DIR_NAME,
     WanFiles,
     is_multitalk_key,
 )
-from ..configs import DiTConfig
+from ..configs import ASPECT_RATIO_BUCKETS, DiTConfig
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -364,7 +365,17 @@ def write_tiny_checkpoints(root: Path, seed: int = 0) -> Path:
     write_xlmr_tokenizer(wan.clip_tokenizer)
     write_wav2vec(root / WAV2VEC_DIR_NAME, _generator(seed, 4))
     write_fast_lora(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME, TINY_DIT, _generator(seed, 5))
+    _write_json(root / SIZE_BUCKETS_NAME, tiny_size_buckets())
     return root
+
+
+def tiny_size_buckets(shrink: int = 14) -> dict[str, dict[str, list[int]]]:
+    """The published bucket tables shrunk `shrink` times (sides multiples of 16, the VAE stride times the patch, and at
+    least 32: two tokens), so that the tiny set serves thumbnails and any request on it finishes in seconds on a CPU."""
+    return {
+        table: {ratio: [max(32, 16 * round(side / shrink / 16)) for side in size] for ratio, size in buckets.items()}
+        for table, buckets in ASPECT_RATIO_BUCKETS.items()
+    }
 
 
 def write_fast_lora(path: Path, config: DiTConfig, generator: torch.Generator, rank: int = 4) -> None:

@@ -14,6 +14,7 @@ demo: install ffmpeg
 	$(PY) -m tools.demo --weights $(TINY)
 
 test: install ffmpeg
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""Access to the golden reference cases (`../shared/golden` or $MULTITALK_GOLDEN_DIR).
+"""Access to the golden reference cases (`tests/data/golden`, or $MULTITALK_GOLDEN_DIR for another set).
 
 Everything a golden test needs (configs, shapes, tolerances, file paths) is read from each case's `case.json`,
 so a further case set in the same format runs unchanged.
@@ -23,7 +23,7 @@ from wan.model.dit import MultiTalkDiT
 from wan.testing.golden import dit_config_values
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("MULTITALK_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+GOLDEN_DIR = Path(os.environ.get("MULTITALK_GOLDEN_DIR", REPO_ROOT / "tests" / "data" / "golden"))
 
 
 @dataclass

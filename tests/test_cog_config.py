@@ -10,7 +10,7 @@ import jsonschema
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = Path(os.environ.get("COG_CONFIG_SCHEMA", REPO.parent / "shared" / "cog" / "config_schema_v1.0.json"))
+SCHEMA = Path(os.environ.get("COG_CONFIG_SCHEMA", REPO / "tests" / "data" / "cog" / "config_schema_v1.0.json"))
 
 
 def _config() -> dict:

@@ -9,7 +9,7 @@ import torch
 from wan.configs import MULTITALK_14B, DiTConfig
 from wan.model.dit import MultiTalkDiT
 
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "docs" / "keys" / "dit_multitalk_14b.tsv"
+KEYS_TSV = Path(__file__).resolve().parent / "data" / "keys" / "dit_multitalk_14b.tsv"
 
 
 def read_key_table(path: Path) -> tuple[dict[str, tuple[int, ...]], int, int]:

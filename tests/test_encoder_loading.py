@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.golden import load_case
+from golden import load_case
 from wan.encoders.image import ImageEncoder, load_clip_vision
 from wan.encoders.text import TextEncoder, clean_prompt, load_umt5
 from wan.encoders.vae import VideoVAE, load_wan_vae
 
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "docs" / "keys"
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "keys"
 
 
 def read_key_table(name: str) -> tuple[dict[str, torch.Tensor], int]:

@@ -17,6 +17,8 @@ from wan.model.audio_layers import AudioProjModel, latter_audio_slots, speaker_t
 from wan.configs import DiTConfig
 from wan.model.dit import MultiTalkDiT
 
+pytestmark = pytest.mark.golden
+
 DIT_CASES = cases_with_prefix("dit_")
 
 def dit_config(case) -> DiTConfig:

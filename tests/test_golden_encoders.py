@@ -10,11 +10,13 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from tests.golden import GoldenCase, cases_with_prefix, load_case
+from golden import GoldenCase, cases_with_prefix, load_case
 from wan.configs import VAE_LATENT_MEAN, VAE_LATENT_STD
 from wan.encoders.image import ImageEncoder
 from wan.encoders.text import TextEncoder
 from wan.encoders.vae import VideoVAE
+
+pytestmark = pytest.mark.golden
 
 PAD_ID, EOS_ID = 0, 1  # as the t5 cases' `ids` description states
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.golden import load_case
+from golden import load_case
 from wan.generation.sampling import add_noise, euler_step, timesteps
+
+pytestmark = pytest.mark.golden
 
 CASE = load_case("scheduler")
 COMBOS = [(int(steps), float(shift)) for steps, shift in CASE.meta["combos(sample_steps, shift)"]]

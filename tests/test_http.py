@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.server
 import io
 import json
 import os
@@ -18,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import pytest
 import requests
 import soundfile
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.http, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 FPS = 25
@@ -51,42 +49,6 @@ def _speech(seconds: float, pitch: float) -> bytes:
 
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-class LoopbackHandler(http.server.BaseHTTPRequestHandler):
-    """GET /files/<name> serves an input; POST /webhook/<key> records the JSON body."""
-
-    def do_GET(self):
-        data = self.server.files.get(self.path.removeprefix("/files/"))
-        if data is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.events.setdefault(self.path.removeprefix("/webhook/"), []).append(body)
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def loopback():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoopbackHandler)
-    server.files, server.events, server.lock = {}, {}, threading.Lock()
-    server.base = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def _free_port() -> int:

@@ -3,7 +3,6 @@
 import inspect
 import json
 import typing
-from pathlib import Path
 
 import pytest
 

@@ -13,12 +13,11 @@ from wan.generation import sampling
 from src.audio import get_embedding, load_wav2vec
 from wan.generation.conditioning import image_to_tensor, rgb_to_lab
 from wan.configs import WAN_CONFIGS
-from wan.testing.tiny import write_tiny_checkpoints
 
 
-def test_reference_call_pattern(tmp_path, monkeypatch):
+def test_reference_call_pattern(tiny_weights, tmp_path, monkeypatch):
     cwd_before = set(os.listdir())
-    root = write_tiny_checkpoints(tmp_path / "weights")
+    root = tiny_weights
     extractor, encoder = load_wav2vec(root / "chinese-wav2vec2-base")
     t = np.arange(int(0.2 * 16000)) / 16000
     for k, f0 in enumerate((180.0, 240.0)):

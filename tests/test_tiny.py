@@ -34,9 +34,9 @@ from wan.testing.tiny import (
 )
 from wan.encoders.vae import VideoVAE
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-KEYS_DIR = SHARED / "docs" / "keys"
-WAV2VEC_GOLDEN = SHARED / "golden" / "wav2vec2_embed" / "case.json"
+DATA = Path(__file__).resolve().parent / "data"
+KEYS_DIR = DATA / "keys"
+WAV2VEC_GOLDEN = DATA / "golden" / "wav2vec2_embed" / "case.json"
 
 WAN = "Wan2.1-I2V-14B-480P"
 SHARD_1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
@@ -55,6 +55,8 @@ PUBLISHED_FILES = {
     "chinese-wav2vec2-base/pytorch_model.bin", "chinese-wav2vec2-base/model.safetensors",
     # lightx2v's step-distillation LoRA (Kijai/WanVideo_comfy), for the fast preset
     "loras/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+    # not published: the tiny set's thumbnail bucket tables (wan.testing.tiny.tiny_size_buckets)
+    "size_buckets.json",
 }
 
 
@@ -86,9 +88,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"), seed=0)
+@pytest.fixture
+def root(tiny_weights) -> Path:
+    return tiny_weights  # written with seed 0
 
 
 @pytest.mark.parametrize(

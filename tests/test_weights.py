@@ -1,13 +1,11 @@
 """wan.loading.weights: local dirs and tars win, present weights never touch the network, Hub downloads are verified."""
 
 import fnmatch
-import functools
 import hashlib
-import http.server
+import io
 import shutil
 import socket
 import tarfile
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,15 +13,9 @@ import huggingface_hub
 import pytest
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
-from wan.testing.tiny import write_tiny_checkpoints
 from wan.loading.weights import HUB_REPOS, WeightPaths, resolve_weights
 
 FOLDERS = list(HUB_REPOS)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(autouse=True)
@@ -48,17 +40,17 @@ def _assert_paths(paths: WeightPaths, base: Path) -> None:
     assert (paths.wan / "Wan2.1_VAE.pth").is_file() and (paths.multitalk / "multitalk.safetensors").is_file()
 
 
-def test_weights_in_root_need_no_network(tiny, tmp_path, no_network):
+def test_weights_in_root_need_no_network(tiny_weights, tmp_path, no_network):
     root = tmp_path / "weights"
-    shutil.copytree(tiny, root)
+    shutil.copytree(tiny_weights, root)
     _assert_paths(resolve_weights(None, root), root)
 
 
-def test_weights_argument_and_cog_weights_env_win_over_root(tiny, tmp_path, no_network, monkeypatch):
+def test_weights_argument_and_cog_weights_env_win_over_root(tiny_weights, tmp_path, no_network, monkeypatch):
     empty_root = tmp_path / "weights"
-    _assert_paths(resolve_weights(str(tiny), empty_root), tiny)
-    monkeypatch.setenv("COG_WEIGHTS", str(tiny))
-    _assert_paths(resolve_weights(None, empty_root), tiny)
+    _assert_paths(resolve_weights(str(tiny_weights), empty_root), tiny_weights)
+    monkeypatch.setenv("COG_WEIGHTS", str(tiny_weights))
+    _assert_paths(resolve_weights(None, empty_root), tiny_weights)
     assert not empty_root.exists()
 
 
@@ -73,19 +65,19 @@ def test_missing_weights_without_network_raise_one_clear_error(tmp_path, monkeyp
         assert what in message, what
 
 
-def test_incomplete_weights_argument_is_an_error_not_a_download(tiny, tmp_path, no_network):
+def test_incomplete_weights_argument_is_an_error_not_a_download(tiny_weights, tmp_path, no_network):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny, broken)
+    shutil.copytree(tiny_weights, broken)
     (broken / FOLDERS[0] / "Wan2.1_VAE.pth").unlink()
     with pytest.raises(RuntimeError, match="Wan2.1_VAE.pth"):
         resolve_weights(str(broken), tmp_path / "weights")
 
 
 class FakeHub:
-    """The Hub as seen by huggingface_hub: file metadata and snapshots, served from the tiny set on disk."""
+    """The Hub as seen by huggingface_hub: file metadata and snapshots, served from the tiny_weights set on disk."""
 
-    def __init__(self, tiny: Path, corrupt: str | None = None, fail_after: int | None = None):
-        self.repos = {repo: tiny / name for name, repo in HUB_REPOS.items()}
+    def __init__(self, tiny_weights: Path, corrupt: str | None = None, fail_after: int | None = None):
+        self.repos = {repo: tiny_weights / name for name, repo in HUB_REPOS.items()}
         self.corrupt, self.fail_after = corrupt, fail_after
         self.calls = []
 
@@ -123,10 +115,10 @@ class FakeHub:
 
 
 @pytest.fixture
-def tiny_with_extra(tiny, tmp_path) -> Path:
-    """The tiny set plus a file the published wav2vec repo has but we never read."""
+def tiny_with_extra(tiny_weights, tmp_path) -> Path:
+    """The tiny_weights set plus a file the published wav2vec repo has but we never read."""
     copy = tmp_path / "hub"
-    shutil.copytree(tiny, copy)
+    shutil.copytree(tiny_weights, copy)
     (copy / FOLDERS[2] / "chinese-wav2vec2-base-fairseq-ckpt.pt").write_bytes(b"unused" * 100)
     return copy
 
@@ -143,9 +135,9 @@ def test_hub_download_fetches_only_our_files_verifies_and_renames(tiny_with_extr
     assert (root / FOLDERS[0] / "google" / "umt5-xxl" / "spiece.model").is_file()
 
 
-def test_corrupt_download_is_rejected_kept_partial_and_refetched(tiny, tmp_path, monkeypatch):
+def test_corrupt_download_is_rejected_kept_partial_and_refetched(tiny_weights, tmp_path, monkeypatch):
     root = tmp_path / "weights"
-    bad = FakeHub(tiny, corrupt="Wan2.1_VAE.pth")
+    bad = FakeHub(tiny_weights, corrupt="Wan2.1_VAE.pth")
     bad.install(monkeypatch)
     with pytest.raises(RuntimeError, match="sha256") as caught:
         resolve_weights(None, root)
@@ -155,22 +147,22 @@ def test_corrupt_download_is_rejected_kept_partial_and_refetched(tiny, tmp_path,
     assert not (partial / "Wan2.1_VAE.pth").exists()  # deleted so the rerun fetches it again
     assert (partial / "config.json").is_file()  # the good files stay for the resume
 
-    FakeHub(tiny).install(monkeypatch)
+    FakeHub(tiny_weights).install(monkeypatch)
     _assert_paths(resolve_weights(None, root), root)
     assert not partial.exists()
 
 
-def test_interrupted_download_keeps_partial_and_reports_missing_files(tiny, tmp_path, monkeypatch):
+def test_interrupted_download_keeps_partial_and_reports_missing_files(tiny_weights, tmp_path, monkeypatch):
     root = tmp_path / "weights"
-    FakeHub(tiny, fail_after=3).install(monkeypatch)
+    FakeHub(tiny_weights, fail_after=3).install(monkeypatch)
     with pytest.raises(RuntimeError, match="connection reset by peer") as caught:
         resolve_weights(None, root)
     assert "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth" in str(caught.value)
     assert len(list((root / (FOLDERS[0] + ".partial")).iterdir())) == 3
 
 
-def test_size_mismatch_is_rejected(tiny, tmp_path, monkeypatch):
-    hub = FakeHub(tiny)
+def test_size_mismatch_is_rejected(tiny_weights, tmp_path, monkeypatch):
+    hub = FakeHub(tiny_weights)
     real_info = hub.model_info
 
     def info_with_wrong_size(repo_id, **kwargs):
@@ -185,26 +177,13 @@ def test_size_mismatch_is_rejected(tiny, tmp_path, monkeypatch):
         resolve_weights(None, tmp_path / "weights")
 
 
-@pytest.fixture
-def file_server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("prefix", ["", "multitalk-weights/"])
-def test_tar_url_is_downloaded_once_and_extracted_under_root(tiny, tmp_path, file_server, monkeypatch, prefix):
-    served, base_url = file_server
-    with tarfile.open(served / "trained.tar", "w") as tar:
+def test_tar_url_is_downloaded_once_and_extracted_under_root(tiny_weights, tmp_path, loopback, monkeypatch, prefix):
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
         for name in FOLDERS:
-            tar.add(tiny / name, arcname=prefix + name)
-    url = f"{base_url}/trained.tar"
+            tar.add(tiny_weights / name, arcname=prefix + name)
+    url = loopback.url(f"trained-{len(prefix)}.tar", archive.getvalue())
     root = tmp_path / "weights"
     # A stale partial from an interrupted attempt: this server ignores Range, so it must be overwritten, not appended.
     root.mkdir()

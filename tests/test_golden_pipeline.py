@@ -1,4 +1,5 @@
-"""The generation pipeline against the reference's end-to-end golden runs (every `pipeline_*` case).
+"""The generation pipeline against the reference's end-to-end golden runs: every `pipeline_*` case (MultiTalk's
+`generate`) and every `infinitetalk_*` case (InfiniteTalk's `generate_infinitetalk`).
 
 Every setting comes from the case's `case.json`; every tensor the case stores is compared, per clip. The pipeline runs
 unchanged: its components are wrapped to record what they are given and return, `torch.randn` is wrapped to record
@@ -85,19 +86,27 @@ def reference_boxes(config: dict) -> tuple[tuple[float, ...], ...] | None:
     return tuple((b[1], b[0], b[3], b[2]) for _, b in sorted(config["bbox"].items()))
 
 
+def case_model(case: GoldenCase) -> str:
+    """Which pipeline made the case: InfiniteTalk's `generate_infinitetalk`, or MultiTalk's `generate`."""
+    return "infinitetalk" if "generate_infinitetalk" in case.meta.get("reference", "") else "multitalk"
+
+
 def case_request(case: GoldenCase) -> tuple[GenerationRequest, SamplingOptions]:
     """The case's `generate()` call as our typed request and options; every setting from its case.json."""
     cfg, inputs = case.config, case.inputs()
     speakers = sorted(k for k in inputs if k.startswith("audio_emb_person"))
+    image = inputs.get("cond_image_uint8_hwc")
     request = GenerationRequest(
         prompt=cfg["prompt"],
-        image=Image.fromarray(inputs["cond_image_uint8_hwc"].numpy()),
+        image=None if image is None else Image.fromarray(image.numpy()),
         audio=tuple(inputs[k] for k in speakers),
         boxes=reference_boxes(cfg),
         negative_prompt=cfg.get("negative_prompt", ""),
+        video=inputs.get("cond_video_uint8_thwc"),
     )
     extra = cfg.get("extra_args") or {}
     options = SamplingOptions(
+        model=case_model(case),
         size_bucket=bucket_table(cfg),
         frame_num=cfg["frame_num"],
         motion_frame=cfg.get("motion_frame", 25),
@@ -156,18 +165,20 @@ def mirrored(full: torch.Tensor, length: int) -> torch.Tensor:
 def observed_tensors(case: GoldenCase, video: torch.Tensor, trace: Trace) -> dict[str, torch.Tensor]:
     """Everything the run produced, under the case's tensor names (clip k >= 1 under `debug.clip{k}.`)."""
     cfg = case.config
+    infinitetalk = case_model(case) == "infinitetalk"
     steps = cfg["sampling_steps"]
     passes = 2 if cfg["text_guide_scale"] == 1.0 else 3
     branches = ("cond", "drop_audio") if passes == 2 else ("cond", "drop_text", "uncond")
     clips = len(trace.decoded)
-    assert len(trace.dit) == clips * steps * passes and len(trace.encoded) == clips
+    encodes = 2 if infinitetalk else 1  # InfiniteTalk encodes the anchor frame for y, then the motion frames
+    assert len(trace.dit) == clips * steps * passes and len(trace.encoded) == encodes * clips
     found: dict[str, torch.Tensor] = {"video": video}
     draws = iter(trace.noise)
     kept = 0
     for k in range(clips):
         name = (lambda n: n) if k == 0 else (lambda n, k=k: f"debug.clip{k}.{n}")
         calls = trace.dit[k * steps * passes : (k + 1) * steps * passes]
-        pixels, latent = trace.encoded[k]
+        pixels, latent = trace.encoded[encodes * k]
         x0, decoded = trace.decoded[k]
         found[name("vae_encode_latent")] = latent
         found[name("x0")] = x0
@@ -181,14 +192,24 @@ def observed_tensors(case: GoldenCase, video: torch.Tensor, trace: Trace) -> dic
             found["context"] = calls[0]["context"]
             if passes == 3:
                 found["context_null"] = calls[1]["context"]
-        else:
+        if infinitetalk:
+            # Every clip is anchored on a source frame: y's only known frame, and the CLIP input.
+            found[name("cond_image_normalized")] = pixels[None, :, :1]
+            torch.testing.assert_close(trace.clip_inputs[k], pixels[None, :, :1], rtol=0, atol=0)
+            motion = trace.encoded[encodes * k + 1][1]
+            found[name("latent_motion_frames")] = motion
+            # Held clean in the latent at every step, the last included.
+            assert torch.equal(x0[:, : motion.shape[1]], motion)
+            assert torch.equal(calls[0]["x"][:, : motion.shape[1]], motion)
+        elif k > 0:
             motion = 1 + (cfg["motion_frame"] - 1) // 4
             found[name("latent_motion_frames")] = x0[:, :motion]  # re-noised at t = 0 last: exactly the motion latent
-            for j in range(steps + 1):
-                found[name(f"motion_noise.{j}")] = next(draws)
             # MultiTalk conditions clip k on the last motion frame of clip k - 1 as kept in the video.
             if kept - 1 < video.shape[1]:
                 torch.testing.assert_close(trace.clip_inputs[k][0, :, 0], video[:, kept - 1], rtol=0, atol=0)
+        if k > 0:
+            for j in range(steps + 1):
+                found[name(f"motion_noise.{j}")] = next(draws)
         kept += decoded.shape[1] if k == 0 else decoded.shape[1] - cfg["motion_frame"]
         for i in range(steps):
             step = calls[i * passes : (i + 1) * passes]
@@ -244,7 +265,7 @@ def teacache_tables(caches, steps: int) -> dict[str, torch.Tensor]:
     return {"teacache_skipped": skipped, **{f"teacache_{key}": table for key, table in tables.items()}}
 
 
-@pytest.mark.parametrize("name", cases_with_prefix("pipeline_"))
+@pytest.mark.parametrize("name", cases_with_prefix("pipeline_") + cases_with_prefix("infinitetalk_"))
 def test_golden_pipeline(name, tmp_path, monkeypatch):
     case = load_case(name)
     cfg, expected = case.config, case.outputs()

@@ -102,11 +102,17 @@ ASPECT_RATIO_BUCKETS: dict[str, dict[str, list[int]]] = {
     },
 }
 
-# TeaCache polynomial coefficients (highest degree first), ret-steps mode, per size bucket.
+# InfiniteTalk names the same tables after itself.
+ASPECT_RATIO_BUCKETS["infinitetalk-480"] = ASPECT_RATIO_BUCKETS["multitalk-480"]
+ASPECT_RATIO_BUCKETS["infinitetalk-720"] = ASPECT_RATIO_BUCKETS["multitalk-720"]
+
+# TeaCache polynomial coefficients (highest degree first), ret-steps mode, per size bucket (InfiniteTalk: the same).
 TEACACHE_COEFFICIENTS: dict[str, list[float]] = {
     "multitalk-480": [2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01],
     "multitalk-720": [8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02],
 }
+TEACACHE_COEFFICIENTS["infinitetalk-480"] = TEACACHE_COEFFICIENTS["multitalk-480"]
+TEACACHE_COEFFICIENTS["infinitetalk-720"] = TEACACHE_COEFFICIENTS["multitalk-720"]
 
 # VAE latent normalisation (per channel), applied on encode and inverted on decode.
 VAE_LATENT_MEAN = [

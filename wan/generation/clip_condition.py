@@ -16,10 +16,13 @@ class VideoEncoder(Protocol):
 
 @dataclass(frozen=True)
 class MotionLatent:
-    """Latent frames a clip takes over from the one before: `latent[:, :T]` is set to them before the first step and
-    after every step, re-noised to the current t (MultiTalk)."""
+    """Latent frames held in `latent[:, :T]` before the first step and after every step: re-noised to the current t
+    with a fresh draw (MultiTalk), or put back as they are (InfiniteTalk, which still makes the draws, so the random
+    sequence stays the reference's, except on its first clip)."""
 
     latent: torch.Tensor  # [16, T, h, w] float32
+    renoise: bool = True
+    draws: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,19 @@ def multitalk_condition(
         # in float32.
         motion = MotionLatent(latent[:, : 1 + (known - 1) // 4].to(dit_dtype).float())
     return ClipCondition(clip_frame=cond_frames[:, :, -1:], y=y, motion=motion)
+
+
+def infinitetalk_condition(
+    vae: VideoEncoder, source_frame: torch.Tensor, motion_frames: torch.Tensor | None, frames: int
+) -> ClipCondition:
+    """InfiniteTalk: every clip is anchored on the source frame at its start (`source_frame` `[1, 3, 1, H, W]`: the
+    CLIP input and the only known frame of `y`), and holds the VAE latent of the previous clip's last frames
+    (`motion_frames` `[1, 3, n, H, W]`; on the first clip, of the source frame) clean in `latent[:, :T]`."""
+    pixels = torch.cat([source_frame[0], source_frame.new_zeros(3, frames - 1, *source_frame.shape[-2:])], dim=1)
+    latent = vae.encode(pixels)
+    mask = known_frames_mask(1, frames, *latent.shape[-2:], device=latent.device)
+    y = torch.cat([mask, latent[None].to(mask.dtype)], dim=1)
+    first_clip = motion_frames is None
+    # The VAE encodes frame 0 alone, then groups of 4: frames past the last full group are dropped, as the reference.
+    motion = vae.encode((source_frame if first_clip else motion_frames)[0])
+    return ClipCondition(clip_frame=source_frame, y=y, motion=MotionLatent(motion, renoise=False, draws=not first_clip))

@@ -100,11 +100,12 @@ def denoise(
     on_step: Callable[[int], None] = lambda step: None,
 ) -> torch.Tensor:
     """Euler steps along `timesteps` (`[steps + 1]`, ending at 0). A motion latent takes `latent[:, :T]` before the
-    first step and after every step, re-noised to the next t with a fresh draw (the last, at t = 0, is exact)."""
+    first step and after every step (see `MotionLatent`; re-noised, the last hold at t = 0 is exact)."""
 
     def hold_motion(t: torch.Tensor) -> None:
-        noise = torch.randn(motion.latent.shape, generator=generator, device=latent.device)
-        latent[:, : motion.latent.shape[1]] = sampling.add_noise(motion.latent, noise, t)
+        frames = motion.latent.shape[1]
+        noise = torch.randn(motion.latent.shape, generator=generator, device=latent.device) if motion.draws else None
+        latent[:, :frames] = sampling.add_noise(motion.latent, noise, t) if motion.renoise else motion.latent
 
     if motion is not None:
         hold_motion(timesteps[0])

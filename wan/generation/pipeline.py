@@ -19,7 +19,7 @@ from PIL import Image
 from ..configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
 from ..loading.lora import LoraSet
 from . import sampling
-from .clip_condition import multitalk_condition
+from .clip_condition import infinitetalk_condition, multitalk_condition
 from .clips import clip_audio, plan_clips
 from .conditioning import choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
 from .denoise import ClipInputs, GuidedVelocity, denoise
@@ -107,7 +107,7 @@ class Pipeline:
             shapes = [tuple(a.shape) for a in request.audio]
             raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
         speakers = [a.float() for a in request.audio]
-        image = request.image.convert("RGB")
+        image = request.source_frame(0)
         height, width = choose_bucket(image.height, image.width, options.size_bucket)
         lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
         boxes = None if request.boxes is None else [list(box) for box in request.boxes]
@@ -123,10 +123,16 @@ class Pipeline:
         teacache_bucket = options.size_bucket if isinstance(options.size_bucket, str) else "multitalk-480"
 
         kept: list[torch.Tensor] = []
-        cond_frames = cond_image
-        for index in range(plan.clips):
+        previous: torch.Tensor | None = None  # the last clip's video, colour-corrected
+        for index, start in enumerate(plan.starts):
+            motion_frames = None if previous is None else previous[None, :, -options.motion_frame :]
             with clock.stage("vae_encode"):
-                condition = multitalk_condition(self.vae, cond_frames, plan.frames, index == 0, self.dit.dtype)
+                if options.model == "infinitetalk":
+                    source = cond_image if index == 0 else image_to_tensor(request.source_frame(start), height, width)
+                    condition = infinitetalk_condition(self.vae, source.to(self.device), motion_frames, plan.frames)
+                else:
+                    cond_frames = cond_image if motion_frames is None else motion_frames
+                    condition = multitalk_condition(self.vae, cond_frames, plan.frames, index == 0, self.dit.dtype)
             with clock.stage("image_encoder"):
                 clip_fea = self.image_encoder(condition.clip_frame)
             audio = clip_audio(speakers, plan, index).to(self.device)
@@ -155,7 +161,7 @@ class Pipeline:
                 with clock.stage("color_correction"):
                     video = match_colors(video, cond_image[0, :, 0], options.color_correction)
             kept.append(video if index == 0 else video[:, options.motion_frame :])
-            cond_frames = video[None, :, -options.motion_frame :]
+            previous = video
         return torch.cat(kept, dim=1)[:, : plan.total].float().cpu()
 
     def _encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

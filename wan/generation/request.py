@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from PIL import Image
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in source-image pixels, x = column
+# MultiTalk continues each clip from the last frames of the one before; InfiniteTalk also re-anchors every clip on
+# the source (image, or the video being dubbed) at the clip's start.
+Model = Literal["multitalk", "infinitetalk"]
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,10 @@ class SamplingOptions:
     """How to turn a request into frames. Defaults are the reference's `generate()` defaults, except `max_frames`
     (None: as long as person 1's audio)."""
 
+    model: Model = "multitalk"
     size_bucket: str | Mapping[str, Sequence[int]] = "multitalk-480"  # a table name, or `{"h/w": [h, w]}`
     frame_num: int = 81  # pixel frames per clip, 4n+1
-    motion_frame: int = 25  # frames a clip takes over from the previous one, 4n+1
+    motion_frame: int = 25  # frames a clip takes over from the previous one
     max_frames: int | None = None
     steps: int = 40
     shift: float = 5.0
@@ -41,28 +46,46 @@ class SamplingOptions:
     guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
 
     def __post_init__(self) -> None:
-        if self.frame_num % 4 != 1 or self.motion_frame % 4 != 1:
-            raise ValueError(f"frame_num ({self.frame_num}) and motion_frame ({self.motion_frame}) must both be 4n+1")
+        if self.frame_num % 4 != 1:
+            raise ValueError(f"frame_num must be 4n+1 (the VAE groups frames in 4s after the first), got {self.frame_num}")
+        if self.motion_frame < 1:
+            raise ValueError(f"motion_frame must be >= 1, got {self.motion_frame}")
         if self.steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.steps}")
         if not 0.0 <= self.color_correction <= 1.0:
             raise ValueError(f"color_correction_strength must be in [0, 1], got {self.color_correction}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames_num must be >= 1, got {self.max_frames}")
+        if self.model not in ("multitalk", "infinitetalk"):
+            raise ValueError(f"model must be 'multitalk' or 'infinitetalk', got {self.model!r}")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One video's content. `audio`: one wav2vec2 embedding `[frames, layers, channels]` per speaker (1 or 2, person 1
-    first, 25 frames a second); `boxes`: one box per speaker, or None for the left/right halves."""
+    """One video's content. `image`: the picture to animate; or `video`: uint8 `[frames, H, W, 3]` RGB at 25 fps, the
+    video to dub (its frame 0 stands in for the image). `audio`: one wav2vec2 embedding `[frames, layers, channels]`
+    per speaker (1 or 2, person 1 first, 25 frames a second); `boxes`: one box per speaker, or None for the
+    left/right halves."""
 
     prompt: str
-    image: Image.Image
+    image: Image.Image | None
     audio: tuple[torch.Tensor, ...]
     boxes: tuple[Box, ...] | None = None
     negative_prompt: str = ""  # empty: the model's default
+    video: torch.Tensor | None = None
+
+    def source_frame(self, index: int) -> Image.Image:
+        """The source at frame `index`: the image, or the video's frame (its last frame past the end, as the
+        reference's `extract_specific_frames`)."""
+        if self.video is None:
+            return self.image.convert("RGB")
+        return Image.fromarray(self.video[min(index, self.video.shape[0] - 1)].numpy())
 
     def __post_init__(self) -> None:
+        if self.image is None and self.video is None:
+            raise ValueError("image: give an image to animate, or a video to dub")
+        if self.video is not None and (self.video.ndim != 4 or self.video.shape[-1] != 3 or not len(self.video)):
+            raise ValueError(f"video: expected uint8 [frames, H, W, 3] frames, got {tuple(self.video.shape)}")
         if not 1 <= len(self.audio) <= 2:
             raise ValueError(f"cond_audio: MultiTalk drives 1 or 2 speakers, got {len(self.audio)}")
         for k, embedding in enumerate(self.audio):

@@ -55,6 +55,7 @@ PUBLISHED_FILES = {
     "chinese-wav2vec2-base/pytorch_model.bin", "chinese-wav2vec2-base/model.safetensors",
     # lightx2v's step-distillation LoRA (Kijai/WanVideo_comfy), for the fast preset
     "loras/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+    "InfiniteTalk/single/infinitetalk.safetensors", "InfiniteTalk/multi/infinitetalk.safetensors",
     # not published: the tiny set's thumbnail bucket tables (wan.testing.tiny.tiny_size_buckets)
     "size_buckets.json",
 }

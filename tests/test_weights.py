@@ -36,7 +36,7 @@ def no_network(monkeypatch):
 
 
 def _assert_paths(paths: WeightPaths, base: Path) -> None:
-    assert paths == WeightPaths(base / FOLDERS[0], base / FOLDERS[1], base / FOLDERS[2])
+    assert paths == WeightPaths(*(base / folder for folder in FOLDERS))
     assert (paths.wan / "Wan2.1_VAE.pth").is_file() and (paths.multitalk / "multitalk.safetensors").is_file()
 
 

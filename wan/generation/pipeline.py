@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
+from ..loading.audio_layers import AudioLayers
 from ..loading.lora import LoraSet
 from . import sampling
 from .clip_condition import infinitetalk_condition, multitalk_condition
@@ -59,6 +60,7 @@ class Pipeline:
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         text_encoder_placement: TextEncoderPlacement = "device",
         loras: LoraSet | None = None,
+        audio_layers: AudioLayers | None = None,
     ):
         self.dit = dit
         self.text_encoder = text_encoder
@@ -69,9 +71,15 @@ class Pipeline:
         self.text_encoder_placement = text_encoder_placement
         # Without a checkpoint reader, undoing a LoRA needs copies of the weights it touched (kept on the host).
         self.loras = loras if loras is not None else LoraSet(dit)
+        self.audio_layers = audio_layers  # None: the DiT keeps the audio layers it was built with
 
-    def set_loras(self, loras: list[tuple[str, float]]) -> None:
-        """Make `loras` ((file, scale) pairs) the merged set; the previous set is undone exactly first."""
+    def set_weights(self, audio_layers: str | None = None, loras: Sequence[tuple[str, float]] = ()) -> None:
+        """The DiT's audio-layer set (`multitalk`, `infinitetalk-single`, `infinitetalk-multi`; None: unchanged) and
+        merged LoRAs ((file, scale) pairs) for the next requests. Only what changes is touched, and every change is
+        exact: LoRAs come off (restoring the base) before the audio layers are swapped, as they may touch them."""
+        if audio_layers is not None and self.audio_layers is not None and audio_layers != self.audio_layers.active:
+            self.loras.set([])
+            self.audio_layers.use(audio_layers)
         self.loras.set(loras)
 
     def warm_up(self, size_bucket: str = "multitalk-480", frame_num: int = 81) -> None:
@@ -106,6 +114,9 @@ class Pipeline:
         if any(tuple(a.shape[1:]) != wanted for a in request.audio):
             shapes = [tuple(a.shape) for a in request.audio]
             raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
+        if self.audio_layers is not None and not self.audio_layers.active.startswith(options.model):
+            raise ValueError(f"model: the DiT holds the {self.audio_layers.active} audio layers, not {options.model}'s; "
+                             "call set_weights first")
         speakers = [a.float() for a in request.audio]
         image = request.source_frame(0)
         height, width = choose_bucket(image.height, image.width, options.size_bucket)

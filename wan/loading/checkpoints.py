@@ -23,6 +23,10 @@ from ..model.dit import MultiTalkDiT
 WAN_DIR_NAME = "Wan2.1-I2V-14B-480P"
 MULTITALK_DIR_NAME = "MeiGen-MultiTalk"
 WAV2VEC_DIR_NAME = "chinese-wav2vec2-base"
+# InfiniteTalk's audio-layer sets over the same base: one for one speaker, one for two (MeiGen-AI/InfiniteTalk).
+INFINITETALK_DIR_NAME = "InfiniteTalk"
+INFINITETALK_FILES = {"infinitetalk-single": "single/infinitetalk.safetensors",
+                      "infinitetalk-multi": "multi/infinitetalk.safetensors"}
 DIT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 MULTITALK_WEIGHTS_NAME = "multitalk.safetensors"
 # lightx2v's step-distillation LoRA (4 steps, text guidance 1), as published in Kijai/WanVideo_comfy.
@@ -197,11 +201,16 @@ def load_dit(
     return model.eval().requires_grad_(False)
 
 
-def check_files(checkpoint_dir: Path, multitalk_dir: Path | None = None, wav2vec_dir: Path | None = None) -> None:
+def check_files(
+    checkpoint_dir: Path,
+    multitalk_dir: Path | None = None,
+    wav2vec_dir: Path | None = None,
+    infinitetalk_dir: Path | None = None,
+) -> None:
     """Raise one FileNotFoundError that lists every missing published file, or return if all are there.
 
     Checks the Wan dir (config, encoders, VAE, tokenizers, the DiT shards its index or MultiTalk's names), the
-    MultiTalk weights, and the wav2vec2 dir when given.
+    MultiTalk weights, and the wav2vec2 and InfiniteTalk dirs when given.
     """
     checkpoint_dir = Path(checkpoint_dir)
     wan = WanFiles(checkpoint_dir)
@@ -211,6 +220,8 @@ def check_files(checkpoint_dir: Path, multitalk_dir: Path | None = None, wav2vec
     if wav2vec_dir is not None:
         wav2vec_dir = Path(wav2vec_dir)
         required += [wav2vec_dir / name for name in WAV2VEC_FILES]
+    if infinitetalk_dir is not None:
+        required += [Path(infinitetalk_dir) / name for name in INFINITETALK_FILES.values()]
     problems = [f"missing: {path}" for path in required if not path.is_file()]
     if wav2vec_dir is not None and not any((wav2vec_dir / name).is_file() for name in WAV2VEC_WEIGHT_NAMES):
         problems.append(f"missing: {wav2vec_dir / WAV2VEC_WEIGHT_NAMES[0]} (or {WAV2VEC_WEIGHT_NAMES[1]})")

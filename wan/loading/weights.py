@@ -23,6 +23,8 @@ from .checkpoints import (
     DIT_INDEX_NAME,
     FAST_LORA_DIR_NAME,
     FAST_LORA_NAME,
+    INFINITETALK_DIR_NAME,
+    INFINITETALK_FILES,
     MULTITALK_DIR_NAME,
     MULTITALK_WEIGHTS_NAME,
     SIZE_BUCKETS_NAME,
@@ -40,9 +42,11 @@ HUB_REPOS = {
     WAN_DIR_NAME: "Wan-AI/Wan2.1-I2V-14B-480P",
     MULTITALK_DIR_NAME: "MeiGen-AI/MeiGen-MultiTalk",
     WAV2VEC_DIR_NAME: "TencentGameMate/chinese-wav2vec2-base",
+    INFINITETALK_DIR_NAME: "MeiGen-AI/InfiniteTalk",
 }
 FAST_LORA_REPO = "Kijai/WanVideo_comfy"  # where lightx2v's step-distillation LoRA is published
 HASH_CHUNK = 16 << 20
+LORA_CACHE_BYTES = 8 << 30  # user LoRAs kept between requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +54,12 @@ class WeightPaths:
     wan: Path
     multitalk: Path
     wav2vec: Path
+    infinitetalk: Path
 
     @classmethod
     def under(cls, base: Path) -> "WeightPaths":
         base = Path(base)
-        return cls(base / WAN_DIR_NAME, base / MULTITALK_DIR_NAME, base / WAV2VEC_DIR_NAME)
+        return cls(base / WAN_DIR_NAME, base / MULTITALK_DIR_NAME, base / WAV2VEC_DIR_NAME, base / INFINITETALK_DIR_NAME)
 
     def size_buckets(self) -> dict[str, dict[str, list[int]]]:
         """Bucket tables that replace the built-in ones of the same name, if the weights bring any."""
@@ -63,7 +68,7 @@ class WeightPaths:
 
 
 def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path("weights")) -> WeightPaths:
-    """The three checkpoint dirs, fetched first if needed; raises one RuntimeError naming every missing file."""
+    """The checkpoint dirs, fetched first if needed; raises one RuntimeError naming every missing file."""
     root = Path(root)
     source = str(weights) if weights else os.environ.get("COG_WEIGHTS") or None
     if source:
@@ -86,7 +91,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path(
             f"MultiTalk weights not found and the download failed ({type(error).__name__}: {error}).\n"
             f"Looked in: the weights argument and COG_WEIGHTS (both unset), then {root.resolve()}.\n"
             f"Missing:\n{missing_files(paths)}\n"
-            f"Put the three folders {list(HUB_REPOS)} in {root.resolve()}, or pass weights=DIR / a tar URL."
+            f"Put the folders {list(HUB_REPOS)} in {root.resolve()}, or pass weights=DIR / a tar URL."
         ) from error
     problems = missing_files(paths)
     if problems:
@@ -97,7 +102,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path(
 def missing_files(paths: WeightPaths) -> str:
     """Empty if every file the loaders read is there, else a readable list (from `wan.checkpoints.check_files`)."""
     try:
-        check_files(paths.wan, paths.multitalk, paths.wav2vec)
+        check_files(paths.wan, paths.multitalk, paths.wav2vec, paths.infinitetalk)
     except FileNotFoundError as error:
         return str(error)
     return ""
@@ -115,6 +120,8 @@ def hub_patterns(name: str) -> list[str]:
         return [MULTITALK_WEIGHTS_NAME, DIT_INDEX_NAME]
     if name == WAV2VEC_DIR_NAME:
         return [*WAV2VEC_FILES, *WAV2VEC_WEIGHT_NAMES]
+    if name == INFINITETALK_DIR_NAME:
+        return list(INFINITETALK_FILES.values())  # not the quantised or ComfyUI variants
     raise ValueError(f"unknown weights folder {name!r}")
 
 
@@ -184,20 +191,36 @@ def resolve_fast_lora(paths: WeightPaths) -> Path:
     return path
 
 
-def fetch_lora(url: str, cache: Path) -> Path:
-    """A user's LoRA file from an http(s) URL, downloaded once into `cache` (named after the URL's hash)."""
+def fetch_lora(url: str, cache: Path, max_bytes: int = LORA_CACHE_BYTES) -> Path:
+    """A user's LoRA file from an http(s) URL, downloaded once into `cache` (named after the URL's hash). The cache
+    keeps at most `max_bytes`: the least recently used files go first (the one just asked for always stays)."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"lora_url: expected an http(s) URL of a .safetensors file, got {url!r}")
     target = cache / f"lora-{hashlib.sha256(url.encode()).hexdigest()[:16]}.safetensors"
-    if not target.is_file():
+    if target.is_file():
+        os.utime(target)  # recently used
+    else:
         cache.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
         try:
             _download(url, partial)
         except (urllib.error.URLError, OSError) as error:
+            partial.unlink(missing_ok=True)
             raise ValueError(f"lora_url: cannot download {url} ({error})") from error
         partial.rename(target)
+    evict_least_recently_used(cache, max_bytes, keep=target)
     return target
+
+
+def evict_least_recently_used(cache: Path, max_bytes: int, keep: Path) -> None:
+    files = sorted((p for p in cache.glob("lora-*.safetensors") if p != keep), key=lambda p: p.stat().st_mtime)
+    total = keep.stat().st_size + sum(p.stat().st_size for p in files)
+    for old in files:
+        if total <= max_bytes:
+            break
+        total -= old.stat().st_size
+        old.unlink()
+        log.info("LoRA cache: evicted %s", old.name)
 
 
 def fetch_tar(url: str, root: Path) -> Path:

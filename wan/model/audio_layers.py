@@ -56,6 +56,9 @@ class AudioProjModel(nn.Module):
         self.proj2 = nn.Linear(intermediate_dim, intermediate_dim)
         self.proj3 = nn.Linear(intermediate_dim, context_tokens * output_dim)
         self.norm = nn.LayerNorm(output_dim) if norm_output else nn.Identity()
+        # InfiniteTalk's audio weights were trained with the output norm in float32 (the reference's autocast); set by
+        # `wan.loading.audio_layers.AudioLayers` with those weights. A no-op for float32 parameters.
+        self.float32_norm = False
 
     def forward(self, first: torch.Tensor, latter: torch.Tensor) -> torch.Tensor:
         """first `[H_a, 1, window, layers, channels]`, latter `[H_a, T-1, slots, layers, channels]`
@@ -64,6 +67,9 @@ class AudioProjModel(nn.Module):
         latter = F.relu(self.proj1_vf(latter.flatten(2)))
         hidden = F.relu(self.proj2(torch.cat([first, latter], dim=1)))
         tokens = self.proj3(hidden).unflatten(-1, (self.context_tokens, self.output_dim))
+        if self.float32_norm and isinstance(self.norm, nn.LayerNorm):
+            norm = self.norm
+            return F.layer_norm(tokens.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
         return self.norm(tokens)
 
 

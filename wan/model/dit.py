@@ -293,7 +293,8 @@ class MultiTalkDiT(nn.Module):
         cross_context = torch.cat([self.img_emb(clip_fea.to(device, dtype)), self.text_embedding(text[None])], dim=1)
 
         audio_tokens = self.audio_proj(*split_audio_windows(audio.to(device, dtype), config.vae_scale))
-        audio_tokens = audio_tokens.transpose(0, 1).flatten(1, 2)  # [T, speakers * context_tokens, output_dim]
+        # [T, speakers * context_tokens, output_dim], in the activation dtype (InfiniteTalk's norm returns float32)
+        audio_tokens = audio_tokens.transpose(0, 1).flatten(1, 2).to(dtype)
 
         token_masks = key_positions = None
         if speakers == 2:

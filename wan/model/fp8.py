@@ -32,10 +32,18 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.gelu_input = gelu_input
+        self.source_dtype = linear.weight.dtype  # what a new weight is rounded to before quantising, as this one was
         weight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale.T.contiguous())  # [1, N], the layout _scaled_mm wants
         self.bias = linear.bias
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantise a new weight `[out, in]` (e.g. another audio-layer set) into this layer."""
+        values, scale = quantize_rows(weight.to(self.weight.device, self.source_dtype))
+        self.weight.copy_(values)
+        self.weight_scale.copy_(scale.T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -44,6 +52,19 @@ class Fp8Linear(nn.Module):
             values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
         )
         return out.view(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def assign_weight(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Write `tensor` into the model's state-dict entry `key`, cast to its dtype and device; an fp8 layer's weight is
+    quantised as `quantize_blocks` quantised the original."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, Fp8Linear) and leaf == "weight":
+        module.set_weight(tensor)
+        return
+    target = getattr(module, leaf)
+    target.copy_(tensor.to(target.device, target.dtype))
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

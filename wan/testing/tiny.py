@@ -30,6 +30,8 @@ from ..loading.checkpoints import (
     DIT_INDEX_NAME,
     FAST_LORA_DIR_NAME,
     FAST_LORA_NAME,
+    INFINITETALK_DIR_NAME,
+    INFINITETALK_FILES,
     MULTITALK_DIR_NAME,
     MULTITALK_WEIGHTS_NAME,
     SIZE_BUCKETS_NAME,
@@ -365,6 +367,8 @@ def write_tiny_checkpoints(root: Path, seed: int = 0) -> Path:
     write_xlmr_tokenizer(wan.clip_tokenizer)
     write_wav2vec(root / WAV2VEC_DIR_NAME, _generator(seed, 4))
     write_fast_lora(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME, TINY_DIT, _generator(seed, 5))
+    for index, relative in enumerate(INFINITETALK_FILES.values()):
+        write_audio_layers(root / INFINITETALK_DIR_NAME / relative, TINY_DIT, _generator(seed, 6 + index))
     _write_json(root / SIZE_BUCKETS_NAME, tiny_size_buckets())
     return root
 
@@ -421,6 +425,13 @@ def write_dit(wan_dir: Path, multitalk_dir: Path, config: DiTConfig, generator: 
     audio_total = total + sum(_nbytes(t) for t in audio.values())
     _write_index(multitalk_dir / DIT_INDEX_NAME, {**base_map, **audio_map}, audio_total)
     _write_json(wan_dir / "config.json", dit_config_json(config))
+
+
+def write_audio_layers(path: Path, config: DiTConfig, generator: torch.Generator) -> None:
+    """Another audio-layer set (InfiniteTalk's files): the DiT's audio keys alone, as published."""
+    shapes = {key: shape for key, shape in dit_shapes(config).items() if is_multitalk_key(key)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_weights(shapes, generator), path, metadata={"format": "pt"})
 
 
 def dit_config_json(config: DiTConfig) -> dict:

@@ -1,6 +1,7 @@
-"""Cog predictor: inputs in, library calls, one mp4 out."""
+"""Cog runner: inputs in, library calls, one mp4 out."""
 
 import logging
+import os
 import secrets
 import tempfile
 import time
@@ -9,26 +10,30 @@ from typing import Optional
 
 import soundfile
 import torch
-from cog import BasePredictor, Input, Path, current_scope
+from cog import BaseRunner, Input, Path, current_scope
 from PIL import Image
 
-from src.audio import audio_prepare_multi, audio_prepare_single, get_embedding, load_wav2vec
-from wan import GenerationRequest, GuidanceOptions, SamplingOptions, load_pipeline
-from wan.configs import FPS, PRESETS, QUALITY_SHIFT
+from src.audio import audio_prepare_multi, audio_prepare_single, get_embedding, load_wav2vec, video_frame_count
+from src.video import read_video
+from wan import GenerationRequest, load_pipeline
+from wan.configs import FPS
 from wan.generation.timing import StageClock
 from wan.generation.video import write_mp4
+from wan.loading.audio_layers import infinitetalk_set
 from wan.loading.lora import LoRAError
 from wan.loading.weights import fetch_lora, resolve_fast_lora, resolve_weights
+from wan.serving import MAX_REQUEST_SECONDS, Recipe, check_time, plan_request, sampling_options, trimmed_samples
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("predict")
 
 MAX_FRAMES = 1000  # 40 s at 25 fps, the reference's streaming cap
 SAMPLE_RATE = 16000
-RESOLUTIONS = {"480p": "multitalk-480", "720p": "multitalk-720"}
+RESOLUTIONS = ("480p", "720p")
+MODELS = ("multitalk", "infinitetalk")
 
 
-def parse_bbox(text: Optional[str], name: str) -> Optional[list[float]]:
+def parse_bbox(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
     if not text:
         return None
     try:
@@ -37,7 +42,7 @@ def parse_bbox(text: Optional[str], name: str) -> Optional[list[float]]:
         box = []
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"{name}: expected 'x1,y1,x2,y2' in image pixels with x2 > x1 and y2 > y1, got {text!r}")
-    return box
+    return tuple(box)
 
 
 def load_image(path: FilePath) -> Image.Image:
@@ -48,18 +53,25 @@ def load_image(path: FilePath) -> Image.Image:
         raise ValueError(f"image: cannot read the file as an image ({error}); upload a PNG, JPEG or WebP") from error
 
 
-class Predictor(BasePredictor):
+class Runner(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
         paths = resolve_weights(weights)
-        self.size_buckets = paths.size_buckets()
+        self.size_buckets = paths.size_buckets()  # the tiny set serves thumbnails
         on_gpu = torch.cuda.is_available()
-        device = "cuda" if on_gpu else "cpu"
+        # Every stage stays on the GPU for the predictor's life where it fits (an 80 GB card and up: 57 GiB at peak);
+        # on smaller cards the text encoder visits the GPU only while it encodes.
+        roomy = not on_gpu or torch.cuda.get_device_properties(0).total_memory >= 70 * 2**30
+        placement = "device" if roomy else "while_encoding"
+        log.info("memory plan: every model resident" if roomy else "memory plan: text encoder on the GPU only to encode")
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
-        self.pipeline = load_pipeline(paths.wan, paths.multitalk, device=device, compile=on_gpu)
-        if on_gpu:
-            self.pipeline.warm_up()
-        self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=device)
-        # Both go away with the predictor (cog never deletes outputs; each request removes the previous one).
+        self.pipeline = load_pipeline(
+            paths.wan, paths.multitalk, paths.infinitetalk, device="cuda" if on_gpu else "cpu", compile=on_gpu,
+            text_encoder_placement=placement,
+        )
+        self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
+        self.costs = self.pipeline.warm_up(self._buckets("480p", "multitalk"))
+        self.max_seconds = float(os.environ.get("MULTITALK_MAX_REQUEST_SECONDS", MAX_REQUEST_SECONDS))
+        # Both go away with the runner (cog never deletes outputs; each request removes the previous one).
         self._outputs = tempfile.TemporaryDirectory(prefix="multitalk-outputs-")
         self._lora_cache = tempfile.TemporaryDirectory(prefix="multitalk-loras-")
         self.outputs, self.lora_cache = FilePath(self._outputs.name), FilePath(self._lora_cache.name)
@@ -69,11 +81,33 @@ class Predictor(BasePredictor):
             self.fast_lora, self.fast_lora_error = None, f"{type(error).__name__}: {error}"
             log.warning("fast mode unavailable: %s", self.fast_lora_error)
 
-    def predict(
+    def _buckets(self, resolution: str, model: str):
+        name = f"{model}-{resolution.removesuffix('p')}"
+        return self.size_buckets.get(f"multitalk-{resolution.removesuffix('p')}", name)
+
+    def run(
         self,
-        image: Path = Input(description="Image with one or two people (two: person 1 left, person 2 right)."),
-        audio: Path = Input(description="Speech of person 1: any audio file, or a video to take the sound from."),
+        image: Optional[Path] = Input(
+            default=None,
+            description="Image with one or two people (two: person 1 left, person 2 right). Optional with a video.",
+        ),
+        audio: Optional[Path] = Input(
+            default=None,
+            description="Speech of person 1: any audio file, or a video to take the sound from. Optional with a "
+            "video: its own soundtrack is used.",
+        ),
+        video: Optional[Path] = Input(
+            default=None,
+            description="A video to dub: with model=infinitetalk every clip follows its frames; with multitalk its "
+            "first frame stands in for the image. Any container and codec, read at 25 fps.",
+        ),
         second_audio: Optional[Path] = Input(default=None, description="Speech of person 2 (optional)."),
+        model: str = Input(
+            default="multitalk",
+            choices=list(MODELS),
+            description="multitalk: MeiGen MultiTalk; infinitetalk: its successor, which re-anchors every clip on the "
+            "image or the source video (dubbing, long videos).",
+        ),
         prompt: str = Input(
             default="A person talking naturally, clear lip movements, realistic facial expressions.",
             description="What the video shows.",
@@ -130,49 +164,54 @@ class Predictor(BasePredictor):
         seed: Optional[int] = Input(default=None, description="Random seed; empty picks one (it is logged)."),
     ) -> Path:
         started = time.monotonic()
-        picture = load_image(image)
-        boxes = [parse_bbox(person1_bbox, "person1_bbox"), parse_bbox(person2_bbox, "person2_bbox")]
+        clock = StageClock(self.pipeline.device)
+        if image is None and video is None:
+            raise ValueError("image: give an image to animate, or a video to dub (video)")
+        if audio is None and video is None:
+            raise ValueError("audio: give the speech of person 1 (or a video with sound as `video`)")
+        boxes = (parse_bbox(person1_bbox, "person1_bbox"), parse_bbox(person2_bbox, "person2_bbox"))
         if second_audio is None and boxes[1] is not None:
             raise ValueError("person2_bbox: given without second_audio; add the second speaker's audio or drop the box")
         if any(boxes) and second_audio is not None and not all(boxes):
             raise ValueError("person1_bbox, person2_bbox: give both boxes or neither")
         if fast and self.fast_lora is None:
             raise ValueError(f"fast: the lightx2v LoRA could not be set up ({self.fast_lora_error}); use turbo instead")
-        bucket = self.size_buckets.get(RESOLUTIONS[resolution], RESOLUTIONS[resolution])
-        mode = "fast" if fast else "turbo" if turbo else "quality"
-        preset = PRESETS[mode]
-        shift = QUALITY_SHIFT[RESOLUTIONS[resolution]] if mode == "quality" else preset.shift
-        if seed is None:
-            seed = secrets.randbelow(100_000_000)
-
-        options = SamplingOptions(
-            size_bucket=bucket,
-            max_frames=num_frames or MAX_FRAMES,
-            steps=sampling_steps or preset.sampling_steps,
-            shift=shift,
-            text_scale=preset.text_guide_scale if text_guidance_scale is None else text_guidance_scale,
-            audio_scale=preset.audio_guide_scale if audio_guidance_scale is None else audio_guidance_scale,
-            seed=seed,
+        seed = secrets.randbelow(100_000_000) if seed is None else seed
+        recipe = Recipe(
+            preset="fast" if fast else "turbo" if turbo else "quality",
+            model=model,
+            resolution=resolution,
+            size_bucket=self._buckets(resolution, model),
+            steps=sampling_steps,
+            text_scale=text_guidance_scale,
+            audio_scale=audio_guidance_scale,
             color_correction=color_correction_strength,
-            guidance=GuidanceOptions(
-                use_teacache=preset.teacache_thresh is not None,
-                teacache_thresh=preset.teacache_thresh or 0.0,
-                use_apg=use_apg,
-            ),
+            use_apg=use_apg,
         )
+        options = sampling_options(recipe, num_frames or MAX_FRAMES, seed)
 
         for old in self.outputs.iterdir():
             old.unlink()
-        clock = StageClock(self.pipeline.device)
+        with clock.stage("decode"):
+            picture = load_image(image) if image is not None else None
+            source = read_video(video, timing="timestamps") if video is not None else None
+            speech = audio if audio is not None else video  # a video without separate audio speaks for itself
+            if second_audio is None:
+                tracks = [audio_prepare_single(speech, SAMPLE_RATE, name="audio" if audio is not None else "video")]
+                mix = tracks[0]
+            else:
+                *tracks, mix = audio_prepare_multi(speech, second_audio, audio_type, SAMPLE_RATE)
+        frames = video_frame_count(len(tracks[0]), SAMPLE_RATE)
+        source_hw = (picture.height, picture.width) if picture is not None else source.frames.shape[1:3]
+        check_time(self.costs, frames, source_hw, recipe, options, self.max_seconds)
+        # wav2vec2 runs over the audio the video reads, not the whole file.
+        _, needed = plan_request(frames, options)
+        tracks = [track[: trimmed_samples(needed, SAMPLE_RATE)] for track in tracks]
+
         with tempfile.TemporaryDirectory(prefix="multitalk-") as work:
-            with clock.stage("audio"):
-                if second_audio is None:
-                    tracks = [audio_prepare_single(audio, SAMPLE_RATE, name="audio")]
-                    mix = tracks[0]
-                else:
-                    *tracks, mix = audio_prepare_multi(audio, second_audio, audio_type, SAMPLE_RATE)
-                soundtrack = FilePath(work) / "soundtrack.wav"
-                soundfile.write(soundtrack, mix, SAMPLE_RATE)
+            soundtrack = FilePath(work) / "soundtrack.wav"
+            soundfile.write(soundtrack, mix[: trimmed_samples(needed, SAMPLE_RATE)], SAMPLE_RATE)
+            with clock.stage("wav2vec2"):
                 embeddings = tuple(
                     get_embedding(t, self.feature_extractor, self.wav2vec, SAMPLE_RATE, self.wav2vec.device)
                     for t in tracks
@@ -181,28 +220,31 @@ class Predictor(BasePredictor):
                 prompt=prompt,
                 image=picture,
                 audio=embeddings,
-                boxes=tuple(tuple(box) for box in boxes if box) or None,
+                boxes=tuple(box for box in boxes if box) or None,
                 negative_prompt=negative_prompt,
+                video=None if source is None else torch.from_numpy(source.frames),
             )
-            # After the inputs are known good: a LoRA merge is the first expensive step.
+            # After the inputs are known good: swapping weights is the first expensive step.
             loras = [(self.fast_lora, 1.0)] if fast else []
             if lora_url:
                 loras.append((fetch_lora(lora_url, self.lora_cache), lora_scale))
-            with clock.stage("lora"):
+            audio_layers = infinitetalk_set(len(embeddings)) if model == "infinitetalk" else "multitalk"
+            with clock.stage("weights"):
                 try:
-                    self.pipeline.set_loras(loras)  # merges or restores only when the set changes
+                    self.pipeline.set_weights(audio_layers, loras)  # touches only what changes
                 except LoRAError as error:
                     raise ValueError(f"{'lora_url' if lora_url else 'fast'}: {error}") from error
-            video = self.pipeline.generate(request, options, clock=clock)
+            video_out = self.pipeline.generate(request, options, clock=clock)
             with clock.stage("mp4"):
                 output = write_mp4(
-                    video, self.outputs / f"multitalk-{seed}-{int(time.time())}.mp4", soundtrack, fps=FPS
+                    video_out, self.outputs / f"{model}-{seed}-{int(time.time())}.mp4", soundtrack, fps=FPS
                 )
 
-        frames, height, width = video.shape[1:]
+        frames, height, width = video_out.shape[1:]
         scope = current_scope()
         scope.record_metric("video_output_count", 1)
         scope.record_metric("video_output_duration_seconds", frames / FPS)
         scope.record_metric("video_output_total_pixel_count", frames * height * width)
-        log.info("wrote %d frames %dx%d in %.1fs (%s)", frames, width, height, time.monotonic() - started, clock.summary())
+        log.info("wrote %d frames %dx%d in %.1fs (%s)", frames, width, height, time.monotonic() - started,
+                 clock.summary())
         return Path(output)

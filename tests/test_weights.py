@@ -3,6 +3,7 @@
 import fnmatch
 import hashlib
 import io
+import os
 import shutil
 import socket
 import tarfile
@@ -13,7 +14,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
-from wan.loading.weights import HUB_REPOS, WeightPaths, resolve_weights
+from wan.loading.weights import HUB_REPOS, WeightPaths, fetch_lora, resolve_weights
 
 FOLDERS = list(HUB_REPOS)
 
@@ -196,3 +197,18 @@ def test_tar_url_is_downloaded_once_and_extracted_under_root(tiny_weights, tmp_p
 
     monkeypatch.setattr(socket.socket, "connect", _refuse)
     assert resolve_weights(url, root) == paths
+
+
+def test_lora_cache_keeps_the_recently_used_within_its_budget(tmp_path, loopback):
+    urls = [loopback.url(f"lora{k}.safetensors", bytes([k]) * 1000) for k in range(3)]
+    cache = tmp_path / "cache"
+    first = fetch_lora(urls[0], cache, max_bytes=2500)
+    second = fetch_lora(urls[1], cache, max_bytes=2500)
+    os.utime(first, (1, 1))  # used long ago
+    os.utime(second, (2, 2))
+    assert fetch_lora(urls[0], cache, max_bytes=2500) == first  # a hit: no download, now the most recent
+    third = fetch_lora(urls[2], cache, max_bytes=2500)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, third.name])  # `second` was evicted
+    assert third.read_bytes() == bytes([2]) * 1000
+    assert fetch_lora(urls[1], cache, max_bytes=500).read_bytes() == bytes([1]) * 1000  # alone over budget: kept
+    assert [p.name for p in cache.iterdir()] == [second.name]

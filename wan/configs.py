@@ -151,8 +151,10 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset(sampling_steps=4, shift=5.0, text_guide_scale=1.0, audio_guide_scale=2.0, teacache_thresh=None),
 }
 
-# Shift of the quality preset per resolution (the reference CLI uses 11 for 720p).
-QUALITY_SHIFT = {"multitalk-480": 7.0, "multitalk-720": 11.0}
+# Shift of the quality preset per resolution (the reference CLIs of both models use 11 for 720p).
+QUALITY_SHIFT = {"480p": 7.0, "720p": 11.0}
+# InfiniteTalk's CLI default: clips overlap by 9 frames (MultiTalk's: 25).
+INFINITETALK_MOTION_FRAME = 9
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,11 @@ def plan_clips(audio_frames: int, frame_num: int, motion_frame: int, max_frames:
     return ClipPlan(frame_num, tuple(k * stride for k in range(clips)), total, pad_last=True)
 
 
+def frames_read(plan: ClipPlan, window: int = 5) -> int:
+    """How many audio frames the plan's windows can read: up to half a window past the last clip's end."""
+    return plan.starts[-1] + plan.frames + window // 2
+
+
 def pad_audio(embedding: torch.Tensor, clip_end: int) -> torch.Tensor:
     """The reference's padding for the last clip: audio that ends at or before `clip_end` gets its last
     `clip_end - L + 3` frames appended in reverse (so frame L + j repeats frame L - 1 - j), which the audio windows

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from .clip_condition import infinitetalk_condition, multitalk_condition
 from .clips import clip_audio, plan_clips
 from .conditioning import choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
 from .denoise import ClipInputs, GuidedVelocity, denoise
+from .estimate import Costs, tokens_of
 from .request import GenerationRequest, SamplingOptions
 from .timing import StageClock
 
@@ -82,15 +83,30 @@ class Pipeline:
             self.audio_layers.use(audio_layers)
         self.loras.set(loras)
 
-    def warm_up(self, size_bucket: str = "multitalk-480", frame_num: int = 81) -> None:
-        """One guided step on a two-speaker clip of the most common shape: compiles the one- and two-speaker graphs
-        of compiled blocks (and warms kernels) before the first request."""
+    def warm_up(self, size_bucket: str | Mapping[str, Sequence[int]] = "multitalk-480", frame_num: int = 81) -> Costs:
+        """Two one-step generations of a two-speaker clip of the most common shape: the first builds the compiled
+        graphs (one and two speakers) and warms the kernels, the second measures what `estimate_seconds` needs."""
         config = self.dit.config
-        height, width = ASPECT_RATIO_BUCKETS[size_bucket]["0.50"]
+        table = ASPECT_RATIO_BUCKETS[size_bucket] if isinstance(size_bucket, str) else size_bucket
+        height, width = table["0.50"] if "0.50" in table else next(iter(table.values()))
         audio = torch.zeros(frame_num, config.audio_layers, config.audio_channels)
         request = GenerationRequest("", Image.new("RGB", (width, height)), (audio, audio))
-        self.generate(request, SamplingOptions(size_bucket=size_bucket, frame_num=frame_num, steps=1, seed=0),
-                      progress=False)
+        options = SamplingOptions(size_bucket={"0.50": [height, width]}, frame_num=frame_num, steps=1, seed=0,
+                                  color_correction=1.0)
+        self.generate(request, options, progress=False)
+        clock = StageClock(self.device)
+        self.generate(request, options, progress=False, clock=clock)
+        seconds = clock.seconds
+        costs = Costs(
+            pass_seconds=seconds["dit"] / sampling.passes_per_step(options.text_scale),
+            tokens=tokens_of(frame_num, height, width),
+            clip_seconds=sum(seconds[s] for s in ("vae_encode", "image_encoder", "vae_decode", "color_correction")),
+            pixels=height * width,
+            frames=frame_num,
+            text_seconds=seconds["text_encoder"],
+        )
+        log.info("warm-up: %s", costs)
+        return costs
 
     @torch.inference_mode()
     def generate(

@@ -1,0 +1,109 @@
+"""What the predictor decides per request, kept out of `predict.py`: the sampling recipe from a preset and the
+user's overrides, the audio a request needs, and the time check that refuses a request before it runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from .configs import FPS, INFINITETALK_MOTION_FRAME, PRESETS, QUALITY_SHIFT
+from .generation.clips import ClipPlan, frames_read, plan_clips
+from .generation.conditioning import choose_bucket
+from .generation.estimate import Costs, estimate_seconds
+from .generation.request import GuidanceOptions, Model, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_SECONDS = 1800.0  # Replicate's limit for one prediction
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A request's sampling settings as the user chose them."""
+
+    preset: str  # fast, turbo, quality
+    model: Model
+    resolution: str  # 480p, 720p
+    size_bucket: str | Mapping[str, Sequence[int]]  # that resolution's bucket table (or its name)
+    steps: int | None = None
+    text_scale: float | None = None
+    audio_scale: float | None = None
+    color_correction: float = 1.0
+    use_apg: bool = False
+
+
+def sampling_options(recipe: Recipe, max_frames: int | None, seed: int) -> SamplingOptions:
+    """The preset's steps, shift and guidance with the user's overrides; InfiniteTalk's motion frames and names."""
+    preset = PRESETS[recipe.preset]
+    return SamplingOptions(
+        model=recipe.model,
+        size_bucket=recipe.size_bucket,
+        motion_frame=INFINITETALK_MOTION_FRAME if recipe.model == "infinitetalk" else 25,
+        max_frames=max_frames,
+        steps=recipe.steps or preset.sampling_steps,
+        shift=QUALITY_SHIFT[recipe.resolution] if recipe.preset == "quality" else preset.shift,
+        text_scale=preset.text_guide_scale if recipe.text_scale is None else recipe.text_scale,
+        audio_scale=preset.audio_guide_scale if recipe.audio_scale is None else recipe.audio_scale,
+        seed=seed,
+        color_correction=recipe.color_correction,
+        guidance=GuidanceOptions(
+            use_teacache=preset.teacache_thresh is not None,
+            teacache_thresh=preset.teacache_thresh or 0.0,
+            use_apg=recipe.use_apg,
+        ),
+    )
+
+
+def plan_request(audio_frames: int, options: SamplingOptions) -> tuple[ClipPlan, int]:
+    """The clip plan for person 1's audio, and how many of its frames the plan reads (the rest need no wav2vec2)."""
+    plan = plan_clips(audio_frames, options.frame_num, options.motion_frame, options.max_frames)
+    return plan, min(audio_frames, frames_read(plan))
+
+
+def check_time(
+    costs: Costs,
+    audio_frames: int,
+    source_hw: tuple[int, int],
+    recipe: Recipe,
+    options: SamplingOptions,
+    limit: float = MAX_REQUEST_SECONDS,
+) -> float:
+    """The request's estimated seconds; a ValueError that says what fits if that is over `limit`."""
+
+    def estimate(options: SamplingOptions, frames: int) -> float:
+        plan = plan_clips(frames, options.frame_num, options.motion_frame, options.max_frames)
+        height, width = choose_bucket(*source_hw, options.size_bucket)
+        return estimate_seconds(costs, plan, height, width, options.steps, options.text_scale)
+
+    seconds = estimate(options, audio_frames)
+    log.info("estimate: %.0f s for %.1f s of video (%s)", seconds, _video_frames(audio_frames, options) / FPS,
+             recipe.preset)
+    if seconds <= limit:
+        return seconds
+    length = _video_frames(audio_frames, options) / FPS
+    others = {name: sampling_options(replace(recipe, preset=name, steps=None), options.max_frames, 0)
+              for name in PRESETS if name != recipe.preset}
+    fits = [name for name, other in others.items() if estimate(other, audio_frames) <= limit]
+    frames = audio_frames
+    while frames > 1 and estimate(options, frames) > limit:
+        frames = max(1, frames - (options.frame_num - options.motion_frame))
+    advice = []
+    if fits:
+        advice.append(f"the {' or '.join(fits)} preset")
+    if estimate(options, frames) <= limit:
+        advice.append(f"at most {frames / FPS:.0f} s of audio (num_frames={frames}) with this preset")
+    raise ValueError(
+        f"audio: {length:.1f} s of video would take about {seconds / 60:.0f} min here, over the "
+        f"{limit / 60:.0f} min limit; use {', or '.join(advice) or 'a shorter audio'}"
+    )
+
+
+def _video_frames(audio_frames: int, options: SamplingOptions) -> int:
+    return audio_frames if options.max_frames is None else min(audio_frames, options.max_frames)
+
+
+def trimmed_samples(frames: int, sample_rate: int) -> int:
+    """Samples of audio that give `frames` video frames (`int(seconds * 25)`, as the embedding counts them)."""
+    return math.ceil(frames * sample_rate / FPS)

@@ -85,12 +85,12 @@ def write_mp4(
 def _add_h264(container: av.container.OutputContainer, width: int, height: int, fps: int, crf: int, preset: str):
     stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": preset})
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.codec_context.time_base = Fraction(1, fps)
-    # Threads as the ffmpeg command line sets them (x264 picks the count, frame threads: encoding runs in x264's
-    # threads while the next frame is converted here); PyAV's defaults are one thread, slice threads.
-    stream.codec_context.thread_count, stream.codec_context.thread_type = 0, "FRAME"
-    # Tagged so that players convert back to RGB with the matrix used above.
     codec = stream.codec_context
+    codec.time_base = Fraction(1, fps)
+    # Threads as the ffmpeg command line sets them: x264 picks the count and uses frame threads, which encode while
+    # the next frame is converted here, and give the command line's bitstream (PyAV's default is slice threads).
+    codec.thread_count, codec.thread_type = 0, "FRAME"
+    # Tagged so that players convert back to RGB with the matrix used above.
     codec.color_primaries, codec.color_trc, codec.colorspace, codec.color_range = BT709, BT709, BT709, 1
     return stream
 

@@ -210,6 +210,15 @@ def test_frames_to_uint8_rounds() -> None:
     assert out[0, 0, :, 0].tolist() == [0, 255, 128, 127, 255, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frames_to_uint8_equals_the_plain_formula(dtype: torch.dtype) -> None:
+    video = (torch.rand(3, 4, 64, 64, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1).to(dtype)
+    before = video.clone()
+    plain = ((video.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+    assert torch.equal(frames_to_uint8(video), plain)
+    assert torch.equal(video, before)  # the input is not modified
+
+
 def test_write_mp4_errors(tmp_path, clean_dirs) -> None:
     with pytest.raises(ValueError, match="even"):
         write_mp4(torch.zeros(3, 2, 15, 16), tmp_path / "odd.mp4")

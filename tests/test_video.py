@@ -1,18 +1,24 @@
-"""MP4 writing checked by decoding the file with ffprobe / ffmpeg."""
+"""MP4 writing, checked three ways: PyAV reads the file back; a small MP4 box parser (no libav) reads the structure
+the file declares; and, where the binaries are installed, ffprobe / ffmpeg read it independently."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import struct
 import subprocess
 import tempfile
 import wave
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
 
+from synthetic_media import write_media
 from wan.generation.video import frames_to_uint8, probe_video, write_mp4
 
 FRAMES, HEIGHT, WIDTH, FPS = 9, 48, 64, 25
@@ -36,9 +42,74 @@ def _wav(path: Path, seconds: float, rate: int = 16000) -> Path:
 
 
 def _decode(path: Path) -> torch.Tensor:
-    cmd = ["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
-    raw = subprocess.run(cmd, capture_output=True, check=True).stdout
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(-1, HEIGHT, WIDTH, 3).copy())
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    return torch.from_numpy(np.stack(frames))
+
+
+# --- an MP4 reader that shares no code with libav (ISO/IEC 14496-12 boxes) ------------------------------------------
+
+CONTAINER_BOXES = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
+
+
+def _boxes(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[bytes, bytes]]:
+    """(type, payload) of the boxes in data[start:end], containers flattened in file order after their parent."""
+    found, index, end = [], start, len(data) if end is None else end
+    while index < end:
+        size, kind = struct.unpack(">I4s", data[index : index + 8])
+        header = 16 if size == 1 else 8
+        size = struct.unpack(">Q", data[index + 8 : index + 16])[0] if size == 1 else size
+        found.append((kind, data[index + header : index + size]))
+        if kind in CONTAINER_BOXES:
+            found += _boxes(data, index + header, index + size)
+        index += size
+    return found
+
+
+def _tracks(path: Path) -> dict[str, dict]:
+    """Per handler type ('vide', 'soun'): codec, sample count, sample durations, media and edit-list seconds."""
+    data = path.read_bytes()
+    top = [kind for kind, _ in _boxes(data) if kind in (b"ftyp", b"moov", b"mdat")]
+    assert top == [b"ftyp", b"moov", b"mdat"], top  # moov first: playable while downloading (+faststart)
+    moov = next(payload for kind, payload in _boxes(data) if kind == b"moov")
+    movie_timescale = struct.unpack(">I", next(p for k, p in _boxes(moov) if k == b"mvhd")[12:16])[0]
+    tracks = {}
+    for trak in (payload for kind, payload in _boxes(moov) if kind == b"trak"):
+        box = {kind: payload for kind, payload in _boxes(trak)}  # one of each in these files
+        handler = box[b"hdlr"][8:12].decode()
+        timescale, duration = struct.unpack(">II", box[b"mdhd"][12:20])
+        entries = struct.unpack(f">{2 * struct.unpack('>I', box[b'stts'][4:8])[0]}I", box[b"stts"][8:])
+        segment, media_time = struct.unpack(">Ii", box[b"elst"][8:16])
+        entry = box[b"stsd"][8:]
+        tracks[handler] = {
+            "codec": entry[4:8].decode(),
+            "samples": struct.unpack(">I", box[b"stsz"][8:12])[0],
+            "deltas": {entries[i + 1] / timescale for i in range(0, len(entries), 2)},
+            "media_seconds": duration / timescale,
+            "skip_seconds": media_time / timescale,  # the edit list starts here: B-frame reorder or encoder delay
+            "edit_seconds": segment / movie_timescale,
+            "sample_entry": entry,
+        }
+    return tracks
+
+
+def _avc_format(sample_entry: bytes) -> dict:
+    """Profile, chroma format and bit depth from the avcC box of an avc1 sample entry."""
+    avcc = next(payload for kind, payload in _boxes(sample_entry, 8 + 78) if kind == b"avcC")
+    index = 6 + 2 + struct.unpack(">H", avcc[6:8])[0]  # one SPS (x264)
+    index += 1 + 2 + struct.unpack(">H", avcc[index + 1 : index + 3])[0]  # one PPS
+    # High-profile extension (14496-15 5.3.3.1.2): chroma_format_idc, bit_depth_luma_minus8 in the low bits.
+    return {"profile": avcc[1], "chroma_format_idc": avcc[index] & 3, "bit_depth": (avcc[index + 1] & 7) + 8}
+
+
+def _colour(sample_entry: bytes) -> tuple:
+    colr = next(payload for kind, payload in _boxes(sample_entry, 8 + 78) if kind == b"colr")
+    assert colr[:4] == b"nclx"
+    primaries, transfer, matrix, full_range = struct.unpack(">HHHB", colr[4:11])
+    return primaries, transfer, matrix, full_range >> 7
+
+
+# --- tests ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -63,20 +134,73 @@ def test_write_mp4_streams_and_durations(tmp_path, clean_dirs, audio_seconds: fl
     assert facts["fps"] == FPS
     assert (facts["width"], facts["height"]) == (WIDTH, HEIGHT)
     assert facts["video_codec"] == "h264" and facts["pix_fmt"] == "yuv420p"
-    assert facts["audio_codec"] == "aac"
+    assert facts["audio_codec"] == "aac" and facts["audio_sample_rate"] == 16000
     assert abs(facts["video_duration"] - FRAMES / FPS) < 1 / FPS
     assert abs(facts["audio_duration"] - facts["video_duration"]) < 1 / FPS
+
+    tracks = _tracks(out)
+    video, sound = tracks["vide"], tracks["soun"]
+    assert video["codec"] == "avc1" and video["samples"] == FRAMES and video["deltas"] == {1 / FPS}
+    assert video["media_seconds"] == video["edit_seconds"] == FRAMES / FPS
+    assert _avc_format(video["sample_entry"]) == {"profile": 100, "chroma_format_idc": 1, "bit_depth": 8}  # 4:2:0
+    assert _colour(video["sample_entry"]) == (1, 1, 1, 0)  # BT.709 primaries, transfer, matrix; limited range
+    assert sound["codec"] == "mp4a" and max(sound["deltas"]) == 1024 / 16000  # AAC-LC frames (the last may be short)
+    # The soundtrack is padded or cut to exactly the video's length (after the encoder delay the edit list skips).
+    assert sound["media_seconds"] - sound["skip_seconds"] == pytest.approx(FRAMES / FPS, abs=1e-9)
+    assert sound["edit_seconds"] == pytest.approx(FRAMES / FPS, abs=1e-3)  # the movie timescale is 1 ms
+
+
+def test_write_mp4_soundtrack_content(tmp_path) -> None:
+    """A stereo 44.1 kHz flac soundtrack keeps its rate and channels; the tone comes back where it was."""
+    t = np.arange(int(0.5 * 44100)) / 44100
+    tone = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 880 * t)]).astype(np.float32) * 0.5
+    soundtrack = write_media(tmp_path / "tone.flac", audio=tone, audio_codec="flac")
+    out = write_mp4(_video(), tmp_path / "out.mp4", soundtrack, fps=FPS)
+    with av.open(str(out)) as container:
+        stream = container.streams.audio[0]
+        assert (stream.rate, stream.channels) == (44100, 2)
+        decoded = np.concatenate([frame.to_ndarray() for frame in container.decode(stream)], axis=1)
+    sound, length = _tracks(out)["soun"], round(FRAMES / FPS * 44100)
+    assert sound["media_seconds"] * 44100 - sound["skip_seconds"] * 44100 == length
+    # libav drops the encoder delay the edit list skips, but decodes the last AAC frame whole (1024 samples).
+    assert length <= decoded.shape[1] < length + 1024
+    decoded = decoded[:, :length]
+    for channel in range(2):
+        spectrum = np.abs(np.fft.rfft(decoded[channel]))
+        assert np.argmax(spectrum) * 44100 / length == pytest.approx(440 * (channel + 1), abs=2 * 44100 / length)
+        assert np.corrcoef(decoded[channel, 2000:-2000], tone[channel, 2000 : length - 2000])[0, 1] > 0.99
 
 
 def test_write_mp4_pixels_round_trip(tmp_path, clean_dirs) -> None:
     video = _video()
     out = write_mp4(video, tmp_path / "silent.mp4", None)
     assert probe_video(out)["audio_codec"] is None
+    assert "soun" not in _tracks(out)
     decoded = _decode(out)
     assert decoded.shape == (FRAMES, HEIGHT, WIDTH, 3)
     error = (decoded.int() - frames_to_uint8(video).int()).abs().float()
     assert error.mean() < 3.0  # 8-bit limited-range YUV 4:2:0 at crf 18
     assert error.max() < 20
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None or shutil.which("ffmpeg") is None, reason="no ffmpeg binaries")
+def test_ffmpeg_binaries_read_the_file_alike(tmp_path) -> None:
+    video = _video()
+    out = write_mp4(video, tmp_path / "v.mp4", _wav(tmp_path / "voice.wav", 1.0), fps=FPS)
+    command = ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", str(out)]
+    streams = {
+        s["codec_type"]: s
+        for s in json.loads(subprocess.run(command, capture_output=True, check=True).stdout)["streams"]
+    }
+    assert streams["video"]["codec_name"] == "h264" and streams["video"]["pix_fmt"] == "yuv420p"
+    assert int(streams["video"]["nb_read_frames"]) == FRAMES and Fraction(streams["video"]["r_frame_rate"]) == FPS
+    assert float(streams["video"]["duration"]) == pytest.approx(FRAMES / FPS)
+    assert streams["audio"]["codec_name"] == "aac"
+    assert float(streams["audio"]["duration"]) == pytest.approx(FRAMES / FPS, abs=1 / FPS)
+    command = ["ffmpeg", "-v", "error", "-i", str(out), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    raw = subprocess.run(command, capture_output=True, check=True).stdout
+    decoded = torch.from_numpy(np.frombuffer(raw, np.uint8).reshape(FRAMES, HEIGHT, WIDTH, 3).copy())
+    assert (decoded.int() - frames_to_uint8(video).int()).abs().float().mean() < 3.0
 
 
 def test_frames_to_uint8_rounds() -> None:
@@ -86,6 +210,15 @@ def test_frames_to_uint8_rounds() -> None:
     assert out[0, 0, :, 0].tolist() == [0, 255, 128, 127, 255, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frames_to_uint8_equals_the_plain_formula(dtype: torch.dtype) -> None:
+    video = (torch.rand(3, 4, 64, 64, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1).to(dtype)
+    before = video.clone()
+    plain = ((video.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+    assert torch.equal(frames_to_uint8(video), plain)
+    assert torch.equal(video, before)  # the input is not modified
+
+
 def test_write_mp4_errors(tmp_path, clean_dirs) -> None:
     with pytest.raises(ValueError, match="even"):
         write_mp4(torch.zeros(3, 2, 15, 16), tmp_path / "odd.mp4")
@@ -93,6 +226,10 @@ def test_write_mp4_errors(tmp_path, clean_dirs) -> None:
         write_mp4(torch.zeros(3, 2, 16, 16), tmp_path / "x.mp4", tmp_path / "missing.wav")
     not_audio = tmp_path / "notes.wav"
     not_audio.write_text("this is not audio")
-    with pytest.raises(RuntimeError, match="ffmpeg encode failed"):
+    with pytest.raises(ValueError, match="^soundtrack: .*could not be read as audio or video"):
         write_mp4(torch.zeros(3, 2, 16, 16), tmp_path / "bad.mp4", not_audio)
     assert not (tmp_path / "bad.mp4").exists()
+    # A failure once the file is open (x264 refuses the preset) leaves no partial file either.
+    with pytest.raises(av.FFmpegError):
+        write_mp4(torch.zeros(3, 2, 16, 16), tmp_path / "partial.mp4", preset="no-such-preset")
+    assert not (tmp_path / "partial.mp4").exists()

@@ -33,20 +33,21 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def predictor(tiny_weights):
-    """One predictor set up on the tiny set, shared by the in-process prediction tests (each leaves it ready)."""
-    from predict import Predictor
+def runner(tiny_weights):
+    """One runner (predict.py) set up on the tiny set, shared by the in-process prediction tests (each leaves it
+    ready)."""
+    from predict import Runner
 
-    predictor = Predictor()
-    predictor.setup(weights=str(tiny_weights))
-    return predictor
+    runner = Runner()
+    runner.setup(weights=str(tiny_weights))
+    return runner
 
 
-def predict_inputs(**inputs) -> dict:
-    """`inputs` completed with the predictor's own defaults, as cog fills them (file paths stay strings)."""
+def run_inputs(**inputs) -> dict:
+    """`inputs` completed with the runner's own defaults, as cog fills them (file paths stay strings)."""
     from cog import _inspector
 
-    return _inspector.check_input(_inspector.create_predictor("predict", "Predictor").inputs, inputs)
+    return _inspector.check_input(_inspector.create_predictor("predict", "Runner").inputs, inputs)
 
 
 class Loopback(http.server.ThreadingHTTPServer):

@@ -40,13 +40,13 @@ def test_rules_beyond_the_schema():
     assert not any("flash-attn" in cmd or "flash_attn" in cmd for cmd in build.get("run", []) or [])
 
 
-def test_predict_reference_resolves():
-    module_file, _, class_name = _config()["predict"].partition(":")
+def test_run_reference_resolves():
+    module_file, _, class_name = _config()["run"].partition(":")
     path = REPO / module_file
     assert path.is_file()
     spec = importlib.util.spec_from_file_location("predict_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from cog import BasePredictor
+    from cog import BaseRunner
 
-    assert issubclass(getattr(module, class_name), BasePredictor)
+    assert issubclass(getattr(module, class_name), BaseRunner)

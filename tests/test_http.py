@@ -91,7 +91,7 @@ def server(tmp_path_factory):
     env = {
         **os.environ,
         "PORT": str(port),
-        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "COG_PREDICT_TYPE_STUB": "predict.py:Runner",
         "COG_WEIGHTS": str(weights),
         # coglet starts its worker with the `python` found on PATH: it must be this venv's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -9,7 +9,7 @@ import pytest
 from tools.openapi_schema import REPO, build_schema, explicit_defaults, predictor_ref, render
 
 COMMITTED = REPO / ".cog" / "openapi_schema.json"
-# predict.py still uses the pre-0.23 names (BasePredictor, predict); cog's inspector warns about them on every call.
+# The toy predictor below keeps the pre-0.23 names (BasePredictor, predict), which cog's inspector warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated; use:DeprecationWarning")
 
 
@@ -27,7 +27,7 @@ def _predict_method():
     import importlib
 
     module, name = predictor_ref()
-    return getattr(importlib.import_module(module), name).predict
+    return getattr(importlib.import_module(module), name).run
 
 
 def test_every_input_has_a_description(generated):

@@ -1,46 +1,46 @@
-"""Fast mode and users' LoRAs through the real predictor on the tiny set: passes per step, merge, exact restore."""
+"""Fast mode and users' LoRAs through the real runner on the tiny set: passes per step, merge, exact restore."""
 
 import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from conftest import predict_inputs
+from conftest import run_inputs
 
 EXAMPLES = {"image": "examples/two_people.png", "audio": "examples/person1.wav"}
 
 
-def _predict(predictor, **inputs):
-    return predictor.predict(**predict_inputs(**{"num_frames": 5, "seed": 1, **EXAMPLES, **inputs}))
+def _predict(runner, **inputs):
+    return runner.run(**run_inputs(**{"num_frames": 5, "seed": 1, **EXAMPLES, **inputs}))
 
 
-def _count_passes(predictor):
+def _count_passes(runner):
     calls = []
-    handle = predictor.pipeline.dit.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1),
+    handle = runner.pipeline.dit.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1),
                                                               with_kwargs=True)
     return calls, handle
 
 
-def test_fast_mode_merges_the_lora_runs_two_passes_per_step_and_restores_exactly(predictor):
-    base = {k: v.clone() for k, v in predictor.pipeline.dit.state_dict().items()}
-    calls, handle = _count_passes(predictor)
+def test_fast_mode_merges_the_lora_runs_two_passes_per_step_and_restores_exactly(runner):
+    base = {k: v.clone() for k, v in runner.pipeline.dit.state_dict().items()}
+    calls, handle = _count_passes(runner)
     try:
-        _predict(predictor, fast=True)
+        _predict(runner, fast=True)
         assert len(calls) == 4 * 2  # the fast preset: 4 steps, text guidance 1 -> cond + drop_audio
-        merged = predictor.pipeline.dit.state_dict()
+        merged = runner.pipeline.dit.state_dict()
         assert not torch.equal(merged["blocks.0.self_attn.q.weight"], base["blocks.0.self_attn.q.weight"])
-        diff_b = load_file(predictor.fast_lora)["diffusion_model.blocks.0.self_attn.q.diff_b"]
+        diff_b = load_file(runner.fast_lora)["diffusion_model.blocks.0.self_attn.q.diff_b"]
         by_hand = (base["blocks.0.self_attn.q.bias"].float() + diff_b.float()).to(merged["blocks.0.self_attn.q.bias"].dtype)
         assert torch.equal(merged["blocks.0.self_attn.q.bias"], by_hand)
         calls.clear()
-        _predict(predictor, turbo=False, sampling_steps=2)
+        _predict(runner, turbo=False, sampling_steps=2)
         assert len(calls) == 2 * 3  # quality preset: 3 passes per step
     finally:
         handle.remove()
-    assert all(torch.equal(base[k], v) for k, v in predictor.pipeline.dit.state_dict().items())
+    assert all(torch.equal(base[k], v) for k, v in runner.pipeline.dit.state_dict().items())
 
 
-def test_user_lora_from_url_and_a_mismatching_one(predictor, loopback):
-    dit = predictor.pipeline.dit
+def test_user_lora_from_url_and_a_mismatching_one(runner, loopback):
+    dit = runner.pipeline.dit
     weight = dit.state_dict()["blocks.1.ffn.0.weight"]
     generator = torch.Generator().manual_seed(0)
     up, down = torch.randn(weight.shape[0], 2, generator=generator), torch.randn(2, weight.shape[1], generator=generator)
@@ -50,14 +50,14 @@ def test_user_lora_from_url_and_a_mismatching_one(predictor, loopback):
                                                     "diffusion_model.blocks.7.nothing.lora_down.weight": down}))
     base = {k: v.clone() for k, v in dit.state_dict().items()}
 
-    _predict(predictor, lora_url=mine, lora_scale=0.5)
+    _predict(runner, lora_url=mine, lora_scale=0.5)
     expected = (base["blocks.1.ffn.0.weight"].float() + 0.5 * up @ down).to(weight.dtype)
     torch.testing.assert_close(dit.state_dict()["blocks.1.ffn.0.weight"], expected, rtol=0, atol=1e-6)
 
     with pytest.raises(ValueError, match="lora_url.*blocks.7.nothing"):
-        _predict(predictor, lora_url=wrong)
+        _predict(runner, lora_url=wrong)
     with pytest.raises(ValueError, match="lora_url"):
-        _predict(predictor, lora_url=f"{loopback.base}/files/missing.safetensors")
-    # A failed merge leaves the base model, and the predictor keeps working.
+        _predict(runner, lora_url=f"{loopback.base}/files/missing.safetensors")
+    # A failed merge leaves the base model, and the runner keeps working.
     assert all(torch.equal(base[k], v) for k, v in dit.state_dict().items())
-    assert _predict(predictor).exists()
+    assert _predict(runner).exists()

@@ -1,8 +1,8 @@
-"""One video from the example inputs through the real predictor, as cog would call it.
+"""One video from the example inputs through the real runner (predict.py), as cog would call it.
 
     python -m tools.demo --weights DIR        (make demo: tiny random weights on a CPU, under a minute)
 
-Inputs go through cog's own input check (defaults, ranges, choices), then `Predictor.setup()` and `predict()`;
+Inputs go through cog's own input check (defaults, ranges, choices), then `Runner.setup()` and `run()`;
 the mp4 is moved to `.cache/demo/` and its path printed.
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "demo")
     args = parser.parse_args()
 
-    from predict import Predictor
+    from predict import Runner
 
     inputs = {
         "image": str(args.image),
@@ -44,14 +44,14 @@ def main() -> None:
     }
     if not args.one_speaker:
         inputs["second_audio"] = str(args.second_audio)
-    kwargs = _inspector.check_input(_inspector.create_predictor("predict", "Predictor").inputs, inputs)
+    kwargs = _inspector.check_input(_inspector.create_predictor("predict", "Runner").inputs, inputs)
 
     started = time.monotonic()
-    predictor = Predictor()
-    predictor.setup(weights=args.weights)
+    runner = Runner()
+    runner.setup(weights=args.weights)
     print(f"setup: {time.monotonic() - started:.1f}s")
     started = time.monotonic()
-    output = Path(predictor.predict(**kwargs))
+    output = Path(runner.run(**kwargs))
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / output.name
     shutil.move(output, target)

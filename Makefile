@@ -1,4 +1,5 @@
 # Two entry points on a fresh machine: `make demo` (install, tiny weights, one video) and `make test`.
+# `make serve` runs the real Cog HTTP server locally. Needs Python 3.11; nothing else (no root, no ffmpeg).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,29 +7,36 @@ STAMP := $(VENV)/.installed
 # torch's CPU wheel lies on this workplace's disk; elsewhere pip takes torch from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TINY := $(CURDIR)/.cache/tiny-weights
+PORT ?= 5000
 
-.PHONY: demo test install lock schema ffmpeg clean
+.PHONY: demo test serve install lock schema clean
 
-demo: install ffmpeg
-	$(PY) -m wan.tiny $(TINY)
+demo: install $(TINY)
 	$(PY) -m tools.demo --weights $(TINY)
 
-test: install ffmpeg
+test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
+# The Cog HTTP server around predict.py on the tiny set (or $COG_WEIGHTS), on 127.0.0.1:$(PORT). coglet starts its
+# worker with the `python` it finds on PATH, so the venv goes first.
+serve: install $(TINY)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Runner COG_WEIGHTS="$${COG_WEIGHTS:-$(TINY)}" \
+		PORT=$(PORT) LOG_FORMAT=console $(PY) -m cog.server.http --host 127.0.0.1
+
+$(TINY): | install
+	$(PY) -m wan.tiny $(TINY)
+
 install: $(STAMP)
 
-$(STAMP): requirements.in requirements.txt requirements-dev.txt
+$(STAMP): requirements.in requirements.txt requirements-dev.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found: install Python 3.11 (or make PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS) \
 		-r requirements.in -r requirements-dev.txt -c requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	touch $(STAMP)
-
-ffmpeg:
-	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg)
 
 # Regenerate the container lock (CUDA torch, linux x86_64) from requirements.in.
 lock: install

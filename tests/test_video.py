@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from mp4_boxes import avc_format, colour, mp4_tracks
 from synthetic_media import write_media
 from wan.generation.video import frames_to_uint8, probe_video, write_mp4
 
@@ -45,68 +46,6 @@ def _decode(path: Path) -> torch.Tensor:
     with av.open(str(path)) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     return torch.from_numpy(np.stack(frames))
-
-
-# --- an MP4 reader that shares no code with libav (ISO/IEC 14496-12 boxes) ------------------------------------------
-
-CONTAINER_BOXES = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
-
-
-def _boxes(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[bytes, bytes]]:
-    """(type, payload) of the boxes in data[start:end], containers flattened in file order after their parent."""
-    found, index, end = [], start, len(data) if end is None else end
-    while index < end:
-        size, kind = struct.unpack(">I4s", data[index : index + 8])
-        header = 16 if size == 1 else 8
-        size = struct.unpack(">Q", data[index + 8 : index + 16])[0] if size == 1 else size
-        found.append((kind, data[index + header : index + size]))
-        if kind in CONTAINER_BOXES:
-            found += _boxes(data, index + header, index + size)
-        index += size
-    return found
-
-
-def _tracks(path: Path) -> dict[str, dict]:
-    """Per handler type ('vide', 'soun'): codec, sample count, sample durations, media and edit-list seconds."""
-    data = path.read_bytes()
-    top = [kind for kind, _ in _boxes(data) if kind in (b"ftyp", b"moov", b"mdat")]
-    assert top == [b"ftyp", b"moov", b"mdat"], top  # moov first: playable while downloading (+faststart)
-    moov = next(payload for kind, payload in _boxes(data) if kind == b"moov")
-    movie_timescale = struct.unpack(">I", next(p for k, p in _boxes(moov) if k == b"mvhd")[12:16])[0]
-    tracks = {}
-    for trak in (payload for kind, payload in _boxes(moov) if kind == b"trak"):
-        box = {kind: payload for kind, payload in _boxes(trak)}  # one of each in these files
-        handler = box[b"hdlr"][8:12].decode()
-        timescale, duration = struct.unpack(">II", box[b"mdhd"][12:20])
-        entries = struct.unpack(f">{2 * struct.unpack('>I', box[b'stts'][4:8])[0]}I", box[b"stts"][8:])
-        segment, media_time = struct.unpack(">Ii", box[b"elst"][8:16])
-        entry = box[b"stsd"][8:]
-        tracks[handler] = {
-            "codec": entry[4:8].decode(),
-            "samples": struct.unpack(">I", box[b"stsz"][8:12])[0],
-            "deltas": {entries[i + 1] / timescale for i in range(0, len(entries), 2)},
-            "media_seconds": duration / timescale,
-            "skip_seconds": media_time / timescale,  # the edit list starts here: B-frame reorder or encoder delay
-            "edit_seconds": segment / movie_timescale,
-            "sample_entry": entry,
-        }
-    return tracks
-
-
-def _avc_format(sample_entry: bytes) -> dict:
-    """Profile, chroma format and bit depth from the avcC box of an avc1 sample entry."""
-    avcc = next(payload for kind, payload in _boxes(sample_entry, 8 + 78) if kind == b"avcC")
-    index = 6 + 2 + struct.unpack(">H", avcc[6:8])[0]  # one SPS (x264)
-    index += 1 + 2 + struct.unpack(">H", avcc[index + 1 : index + 3])[0]  # one PPS
-    # High-profile extension (14496-15 5.3.3.1.2): chroma_format_idc, bit_depth_luma_minus8 in the low bits.
-    return {"profile": avcc[1], "chroma_format_idc": avcc[index] & 3, "bit_depth": (avcc[index + 1] & 7) + 8}
-
-
-def _colour(sample_entry: bytes) -> tuple:
-    colr = next(payload for kind, payload in _boxes(sample_entry, 8 + 78) if kind == b"colr")
-    assert colr[:4] == b"nclx"
-    primaries, transfer, matrix, full_range = struct.unpack(">HHHB", colr[4:11])
-    return primaries, transfer, matrix, full_range >> 7
 
 
 # --- tests ----------------------------------------------------------------------------------------------------------
@@ -138,12 +77,12 @@ def test_write_mp4_streams_and_durations(tmp_path, clean_dirs, audio_seconds: fl
     assert abs(facts["video_duration"] - FRAMES / FPS) < 1 / FPS
     assert abs(facts["audio_duration"] - facts["video_duration"]) < 1 / FPS
 
-    tracks = _tracks(out)
+    tracks = mp4_tracks(out)
     video, sound = tracks["vide"], tracks["soun"]
     assert video["codec"] == "avc1" and video["samples"] == FRAMES and video["deltas"] == {1 / FPS}
     assert video["media_seconds"] == video["edit_seconds"] == FRAMES / FPS
-    assert _avc_format(video["sample_entry"]) == {"profile": 100, "chroma_format_idc": 1, "bit_depth": 8}  # 4:2:0
-    assert _colour(video["sample_entry"]) == (1, 1, 1, 0)  # BT.709 primaries, transfer, matrix; limited range
+    assert avc_format(video["sample_entry"]) == {"profile": 100, "chroma_format_idc": 1, "bit_depth": 8}  # 4:2:0
+    assert colour(video["sample_entry"]) == (1, 1, 1, 0)  # BT.709 primaries, transfer, matrix; limited range
     assert sound["codec"] == "mp4a" and max(sound["deltas"]) == 1024 / 16000  # AAC-LC frames (the last may be short)
     # The soundtrack is padded or cut to exactly the video's length (after the encoder delay the edit list skips).
     assert sound["media_seconds"] - sound["skip_seconds"] == pytest.approx(FRAMES / FPS, abs=1e-9)
@@ -160,7 +99,7 @@ def test_write_mp4_soundtrack_content(tmp_path) -> None:
         stream = container.streams.audio[0]
         assert (stream.rate, stream.channels) == (44100, 2)
         decoded = np.concatenate([frame.to_ndarray() for frame in container.decode(stream)], axis=1)
-    sound, length = _tracks(out)["soun"], round(FRAMES / FPS * 44100)
+    sound, length = mp4_tracks(out)["soun"], round(FRAMES / FPS * 44100)
     assert sound["media_seconds"] * 44100 - sound["skip_seconds"] * 44100 == length
     # libav drops the encoder delay the edit list skips, but decodes the last AAC frame whole (1024 samples).
     assert length <= decoded.shape[1] < length + 1024
@@ -175,7 +114,7 @@ def test_write_mp4_pixels_round_trip(tmp_path, clean_dirs) -> None:
     video = _video()
     out = write_mp4(video, tmp_path / "silent.mp4", None)
     assert probe_video(out)["audio_codec"] is None
-    assert "soun" not in _tracks(out)
+    assert "soun" not in mp4_tracks(out)
     decoded = _decode(out)
     assert decoded.shape == (FRAMES, HEIGHT, WIDTH, 3)
     error = (decoded.int() - frames_to_uint8(video).int()).abs().float()

@@ -1,6 +1,6 @@
 """One video from the example inputs through the real runner (predict.py), as cog would call it.
 
-    python -m tools.demo --weights DIR        (make demo: tiny random weights on a CPU, under a minute)
+    python -m tools.demo --weights DIR        (make demo: the tiny random weights, thumbnails, on a CPU)
 
 Inputs go through cog's own input check (defaults, ranges, choices), then `Runner.setup()` and `run()`;
 the mp4 is moved to `.cache/demo/` and its path printed.
@@ -55,8 +55,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / output.name
     shutil.move(output, target)
-    print(f"predict: {time.monotonic() - started:.1f}s")
-    print(target)
+    print(f"run: {time.monotonic() - started:.1f}s")
+    print(f"video written to {target}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def test_missing_weights_without_network_raise_one_clear_error(tmp_path, monkeyp
         resolve_weights(None, root)
     message = str(caught.value)
     for what in ("COG_WEIGHTS", str(root.resolve()), "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
-                 "chinese-wav2vec2-base", "DiT index not found"):
+                 "chinese-wav2vec2-base", "diffusion_pytorch_model.safetensors.index.json",
+                 "MeiGen-MultiTalk/multitalk.safetensors", "InfiniteTalk/multi/infinitetalk.safetensors"):
         assert what in message, what
 
 

@@ -8,11 +8,13 @@ so nothing is stored on the model and one model can serve concurrent calls.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from safetensors import safe_open
+from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm
 
 from .decode import AudioInputError
@@ -28,22 +30,35 @@ def load_wav2vec(
 ) -> tuple[Wav2Vec2FeatureExtractor, Wav2Vec2Model]:
     """Feature extractor and encoder (eval mode) from a HF wav2vec2 folder, e.g. `chinese-wav2vec2-base`.
 
-    Accepts a `Wav2Vec2ForPreTraining` dump (`wav2vec2.` key prefix, extra quantizer/projection keys) in
-    `model.safetensors` or `pytorch_model.bin`, with weight-norm stored as `weight_g/weight_v` or
-    `parametrizations.weight.original0/1`. Raises if any encoder weight is missing from the files.
+    Accepts a `Wav2Vec2ForPreTraining` dump (as published: `wav2vec2.` key prefix, quantiser and projection keys, which
+    are loaded and dropped) or a plain `Wav2Vec2Model` one, in `model.safetensors` or `pytorch_model.bin`, with
+    weight-norm stored as `weight_g/weight_v` or `parametrizations.weight.original0/1`. Raises if a weight is missing
+    or left over.
     """
     feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
-    encoder, info = Wav2Vec2Model.from_pretrained(
+    # A pretraining dump holds the quantiser and projections too: load it as what it is, so that no key is unexpected.
+    pretraining = any(key.startswith("quantizer.") for key in _stored_keys(Path(model_dir)))
+    model_class = Wav2Vec2ForPreTraining if pretraining else Wav2Vec2Model
+    model, info = model_class.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
     )
     # masked_spec_embed only replaces masked frames in training; a dump without it is complete for inference.
-    missing = sorted(key for key in info["missing_keys"] if key != "masked_spec_embed")
-    if missing or info["mismatched_keys"]:
+    missing = sorted(key for key in info["missing_keys"] if not key.endswith("masked_spec_embed"))
+    if missing or info["mismatched_keys"] or info["unexpected_keys"]:
         raise RuntimeError(
-            f"wav2vec2 checkpoint in {os.fspath(model_dir)!r} is incomplete: missing {missing}, "
-            f"mismatched {sorted(info['mismatched_keys'])}"
+            f"wav2vec2 checkpoint in {os.fspath(model_dir)!r} does not fit {model_class.__name__}: missing {missing}, "
+            f"unexpected {sorted(info['unexpected_keys'])}, mismatched {sorted(info['mismatched_keys'])}"
         )
+    encoder = model.wav2vec2 if pretraining else model
     return feature_extractor, encoder.to(device).eval()
+
+
+def _stored_keys(model_dir: Path) -> list[str]:
+    if (model_dir / "model.safetensors").is_file():
+        with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+            return list(f.keys())
+    # Memory-mapped: the keys without reading the tensors.
+    return list(torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True))
 
 
 def video_frame_count(num_samples: int, sample_rate: int, fps: int = VIDEO_FPS) -> int:

@@ -225,10 +225,17 @@ def check_files(
     problems = [f"missing: {path}" for path in required if not path.is_file()]
     if wav2vec_dir is not None and not any((wav2vec_dir / name).is_file() for name in WAV2VEC_WEIGHT_NAMES):
         problems.append(f"missing: {wav2vec_dir / WAV2VEC_WEIGHT_NAMES[0]} (or {WAV2VEC_WEIGHT_NAMES[1]})")
-    try:
-        find_dit_files(checkpoint_dir, multitalk_dir)
-    except (FileNotFoundError, ValueError) as e:
-        problems.append(str(e))
+    if not (checkpoint_dir / DIT_INDEX_NAME).is_file():
+        # Without the Wan index nothing says which layout this is: name the plain downloads' files.
+        multitalk = Path(multitalk_dir) if multitalk_dir is not None else default_multitalk_dir(checkpoint_dir)
+        for path in (checkpoint_dir / DIT_INDEX_NAME, multitalk / MULTITALK_WEIGHTS_NAME, multitalk / DIT_INDEX_NAME):
+            if not path.is_file():
+                problems.append(f"missing: {path}")
+    else:
+        try:
+            find_dit_files(checkpoint_dir, multitalk_dir)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
     if problems:
         raise FileNotFoundError("checkpoint files missing:\n  " + "\n  ".join(problems))
 

@@ -1,0 +1,186 @@
+"""A request exactly as Cog runs it, on the GPU: `Runner.setup()`, then `run()` unchanged, at full size.
+
+    python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10]
+    python -m bench.bench_request --tiny --out /tmp/request.json        # the script itself on a CPU, seconds
+
+The runner is set up on the tiny set (`python -m wan.tiny`), then its components become the published sizes with
+random weights built on the GPU (the same classes the loaders build: the 14B DiT, umT5-XXL, CLIP ViT-H/14, the Wan
+VAE, wav2vec2-base; a rank-32 LoRA on every block linear stands in for lightx2v's), compiled and warmed up as
+`setup()` does it; `run()` then serves each request as in production: two speakers (`para`, two tracks of
+`--seconds` of synthetic speech) on the reference example's 16:9 picture (the 448x896 bucket). Per request: the
+stage table the runner logs (audio decode, wav2vec2, T5, CLIP, VAE encode, DiT passes, VAE decode, colour
+correction, mp4), the total, the runner's own time estimate, peak GPU memory, seconds of compute per second of video.
+`--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from bench import build_random, environment
+from wan.configs import FPS, MULTITALK_14B
+from wan.encoders.image import clip_vision_config
+from wan.encoders.text import umt5_config
+from wan.encoders.vae import vae_config
+from wan.model.attention import fastest_self_attention
+from wan.model.dit import MultiTalkDiT
+from wan.model.fp8 import quantize_blocks
+from wan.testing.tiny import TINY_DIT, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes, write_tiny_checkpoints
+
+UMT5_XXL = T5Dims(vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24)
+VIT_H14 = ClipDims(vision_dim=1280, vision_layers=32, embed_dim=1024, text_vocab_size=250002, text_dim=1024,
+                   text_layers=24, text_max_len=514)
+WAN_VAE = VaeDims(dim=96)
+EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "data" / "examples" / "multi" / "1" / "multi1.png"
+STAGES = re.compile(r"^wrote (\d+) frames (\d+)x(\d+) in ([\d.]+)s \((.*)\)$")
+ESTIMATE = re.compile(r"^estimate: (\d+) s")
+
+
+class Log(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def speech(seconds: float, pitch: float, sample_rate: int = 16000) -> np.ndarray:
+    """A voiced, vowel-like tone with a syllable envelope (as the HTTP tests' speech)."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    voice = sum(np.sin(2 * np.pi * k * pitch * t) / k for k in range(1, 12))
+    return (0.3 * voice / np.abs(voice).max() * np.sin(np.pi * 4 * t) ** 2).astype(np.float32)
+
+
+def meta(shapes: dict) -> dict[str, torch.Tensor]:
+    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+
+
+def full_size(runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool) -> float:
+    """Give the runner's pipeline published-size components with random weights; seconds taken."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
+
+    started = time.perf_counter()
+    pipeline = runner.pipeline
+    config = TINY_DIT if tiny else MULTITALK_14B
+    dtype = torch.float32 if tiny else torch.bfloat16
+    if not tiny:
+        with torch.device(device):
+            pipeline.text_encoder.model = UMT5EncoderModel(umt5_config(meta(t5_shapes(UMT5_XXL)))).to(dtype).eval()
+            pipeline.image_encoder.model = CLIPVisionModel(clip_vision_config(meta(clip_shapes(VIT_H14)))).half().eval()
+            pipeline.vae.model = AutoencoderKLWan(**vae_config(meta(vae_shapes(WAN_VAE)))).eval()
+            runner.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).eval()  # chinese-wav2vec2-base is the base config
+        pipeline.text_encoder.text_len = config.text_len
+    dit = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
+    dit.set_self_attention(fastest_self_attention(device))
+    if device.type == "cuda":
+        dit.compile_blocks()
+    pipeline.dit = pipeline.loras.model = dit
+    pipeline.audio_layers = None  # the audio-layer sets are not part of this benchmark
+    runner.size_buckets = {}  # the published bucket tables
+    lora = {}
+    for name, module in dit.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("blocks."):
+            key = f"diffusion_model.{name}"
+            lora[f"{key}.lora_down.weight"] = 0.01 * torch.randn(32, module.in_features, generator=generator,
+                                                                  device=device).to(dtype)
+            lora[f"{key}.lora_up.weight"] = 0.01 * torch.randn(module.out_features, 32, generator=generator,
+                                                                device=device).to(dtype)
+    from safetensors.torch import save_file
+
+    runner.fast_lora = work / "fast_lora.safetensors"
+    save_file({k: v.cpu().contiguous() for k, v in lora.items()}, runner.fast_lora)
+    return time.perf_counter() - started
+
+
+def request(runner, log: Log, inputs: dict, label: str, device: torch.device) -> dict:
+    from cog import _inspector
+
+    kwargs = _inspector.check_input(_inspector.create_predictor("predict", "Runner").inputs, inputs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log.lines.clear()
+    started = time.perf_counter()
+    runner.run(**kwargs)
+    total = time.perf_counter() - started
+    wrote = next(STAGES.match(line) for line in log.lines if STAGES.match(line))
+    frames = int(wrote.group(1))
+    stages = {name: float(seconds.rstrip("s")) for name, seconds in (part.rsplit(" ", 1) for part in wrote.group(5).split(", "))}
+    estimate = next((float(m.group(1)) for m in map(ESTIMATE.match, log.lines) if m), None)
+    record = dict(
+        label=label, total_s=total, frames=frames, video_s=frames / FPS, size=f"{wrote.group(2)}x{wrote.group(3)}",
+        stages=stages, estimate_s=estimate, model_s=sum(v for k, v in stages.items() if k not in ("decode", "mp4")),
+        peak_GiB=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    )
+    record["compute_s_per_video_s"] = total / record["video_s"]
+    record["estimate_error"] = None if estimate is None else estimate / record["model_s"] - 1
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--presets", default="fast", help="comma list of fast, turbo, quality")
+    parser.add_argument("--fp8", default="off", help="off, on, or off,on (fp8 runs after the bf16 ones)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="speech per speaker")
+    parser.add_argument("--sampling-steps", type=int, default=None, help="override the presets' steps (short runs)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script, times nothing")
+    args = parser.parse_args()
+
+    from predict import Runner
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    log = Log()
+    logging.getLogger().addHandler(log)
+    results = dict(environment=environment(device), args=vars(args) | {"out": str(args.out)}, requests=[])
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        started = time.perf_counter()
+        runner = Runner()
+        runner.setup(weights=str(write_tiny_checkpoints(work / "tiny")))
+        results["tiny_setup_s"] = time.perf_counter() - started
+        generator = torch.Generator(device).manual_seed(0)
+        results["build_s"] = full_size(runner, device, generator, work, args.tiny)
+        started = time.perf_counter()
+        runner.costs = runner.pipeline.warm_up("multitalk-480" if not args.tiny else {"0.50": [32, 64]})
+        results["warm_up_s"] = time.perf_counter() - started  # compile (first generation) + the measured one
+        results["costs"] = vars(runner.costs)
+        print(f"built {results['build_s']:.0f} s, warm-up {results['warm_up_s']:.0f} s: {runner.costs}", flush=True)
+
+        for k, pitch in enumerate((130, 220)):
+            soundfile.write(work / f"speaker{k + 1}.wav", speech(args.seconds, pitch), 16000)
+        inputs = dict(image=str(EXAMPLE_IMAGE), audio=str(work / "speaker1.wav"),
+                      second_audio=str(work / "speaker2.wav"), audio_type="para", seed=1)
+        if args.sampling_steps:
+            inputs["sampling_steps"] = args.sampling_steps
+        for fp8 in args.fp8.split(","):
+            if fp8 == "on":
+                started = time.perf_counter()
+                quantize_blocks(runner.pipeline.dit)
+                torch._dynamo.reset()
+                if device.type == "cuda":
+                    runner.pipeline.dit.compile_blocks()
+                runner.costs = runner.pipeline.warm_up("multitalk-480" if not args.tiny else {"0.50": [32, 64]})
+                results["fp8_warm_up_s"] = time.perf_counter() - started
+            for preset in args.presets.split(","):
+                flags = dict(fast=preset == "fast", turbo=preset == "turbo")
+                results["requests"].append(request(runner, log, inputs | flags, f"{preset} fp8 {fp8}", device))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

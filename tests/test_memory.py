@@ -78,3 +78,148 @@ def test_cpu_device_runs_resident_unless_overridden(monkeypatch):
     monkeypatch.setenv(MEMORY_PLAN_ENV, "tiny")
     with pytest.raises(ValueError, match="MULTITALK_MEMORY_PLAN='tiny'"):
         plan_for_device("cpu")
+
+
+# --- block streaming: the real streamer, host-to-host on the CPU ----------------------------------------------------
+
+import torch  # noqa: E402
+from golden import load_case  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from wan.configs import DiTConfig  # noqa: E402
+from wan.dit import MultiTalkDiT  # noqa: E402
+from wan.fp8 import Fp8Linear, quantize_blocks  # noqa: E402
+from wan.model_offload import BlockStreamer, ParkedWeights, module_tensors, stream_blocks  # noqa: E402
+
+INPUT_NAMES = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
+
+
+def golden_dit(case) -> MultiTalkDiT:
+    model = MultiTalkDiT(DiTConfig.from_dict(case.dit_config_values())).eval().requires_grad_(False)
+    model.load_state_dict(load_file(case.file("weights")), strict=True)
+    return model
+
+
+def golden_inputs(case) -> dict[str, torch.Tensor]:
+    inputs = case.inputs()
+    return {name: inputs[name] for name in INPUT_NAMES}
+
+
+def storage_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def record_block_storages(model: MultiTalkDiT) -> list[set[int]]:
+    """Per block call: the storages its parameters and buffers live in while it runs."""
+    seen: list[set[int]] = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: seen.append({storage_of(t) for t in module_tensors(m)}))
+    return seen
+
+
+@pytest.mark.parametrize("case_name", ["dit_1p", "dit_2p"])
+def test_streamed_blocks_equal_resident_bit_for_bit(case_name):
+    case = load_case(case_name)
+    inputs = golden_inputs(case)
+    with torch.no_grad():
+        resident = golden_dit(case)(**inputs)
+        model = golden_dit(case)
+        streamer = stream_blocks(model, "cpu")
+        seen = record_block_storages(model)
+        streamed = model(**inputs)
+        streamed_again = model(**inputs)
+    assert torch.equal(streamed, resident) and torch.equal(streamed_again, resident)
+    case.assert_close("out", streamed[None])
+    # While a block runs its weights live in a slot (blocks alternate between the two); afterwards in its host buffer.
+    slots = [storage_of(slot) for slot in streamer.slots]
+    assert seen == [{slots[0]}, {slots[1]}] * 2
+    for block, host in zip(model.blocks, streamer.host_blocks):
+        assert {storage_of(t) for t in module_tensors(block)} == {storage_of(host.buffer)}
+    # Only the blocks stream; the rest stays where it was (here the CPU) as ordinary tensors.
+    assert storage_of(model.head.head.weight) not in {storage_of(h.buffer) for h in streamer.host_blocks}
+
+
+def test_streamed_weights_are_read_from_the_host_buffers_on_every_pass():
+    case = load_case("dit_2p")
+    inputs = golden_inputs(case)
+    model = golden_dit(case)
+    stream_blocks(model, "cpu")
+    changed = golden_dit(case)
+    with torch.no_grad():
+        before = model(**inputs)
+        # Through the module's own parameter, which is a view of block 1's host buffer.
+        model.blocks[1].ffn[2].weight.mul_(2)
+        changed.blocks[1].ffn[2].weight.mul_(2)
+        after = model(**inputs)
+        truth = changed(**inputs)
+    assert torch.equal(after, truth)
+    assert not torch.equal(after, before)
+
+
+def test_fp8_blocks_stream_bit_for_bit():
+    """Fp8Linear's e4m3 weights and float32 scales are buffers; they stream like parameters."""
+    case = load_case("dit_2p")
+
+    def build() -> MultiTalkDiT:
+        model = golden_dit(case).to(torch.bfloat16)
+        quantize_blocks(model, min_features=64)  # the tiny blocks' linears have 64 inputs
+        return model
+
+    inputs = golden_inputs(case)
+    resident_model, model = build(), build()
+    # every block linear: self q k v o, cross q k v o k_img v_img, ffn x2, audio q kv proj
+    assert sum(isinstance(m, Fp8Linear) for m in model.blocks[0].modules()) == 15
+    streamer = stream_blocks(model, "cpu")
+    with torch.no_grad():
+        resident = resident_model(**inputs)
+        streamed = model(**inputs)
+    assert torch.isfinite(resident).all() and torch.equal(streamed, resident)
+    block_bytes = sum(t.nbytes for t in module_tensors(resident_model.blocks[0]))
+    assert block_bytes <= streamer.slot_bytes < block_bytes + 256 * len(module_tensors(model.blocks[0]))
+
+
+def test_streamer_rejects_a_model_with_other_blocks():
+    case = load_case("dit_1p")
+    model = golden_dit(case)
+    streamer = stream_blocks(model, "cpu")
+    with pytest.raises(ValueError, match="holds 2 blocks, the model has 1"):
+        streamer(model.blocks[:1], torch.zeros(1), {})
+    assert isinstance(model.run_blocks, BlockStreamer)
+
+
+class TiedModule(torch.nn.Module):
+    """An embedding and an output layer sharing one weight, like the T5's tied embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 50, bias=False)
+        self.out.weight = self.embed.weight
+        self.register_buffer("offset", torch.linspace(-1, 1, 16))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(ids)) + self.offset))
+
+
+def test_parked_module_runs_from_a_device_copy_and_returns_home():
+    generator = torch.Generator().manual_seed(5)
+    module = TiedModule().requires_grad_(False)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    ids = torch.tensor([[1, 7, 49, 3]])
+    with torch.no_grad():
+        truth = module(ids)
+    # Groups of at most 2 KiB: the 3.2 KiB embedding alone, then the rest, so grouping is exercised.
+    parked = ParkedWeights(module, "cpu", group_bytes=2048)
+    assert len(parked.groups) == 2
+    home = {storage_of(group.buffer) for group in parked.groups}
+    assert {storage_of(t) for t in module_tensors(module)} == home
+    with torch.no_grad(), parked.on_device() as on_device:
+        inside = {storage_of(t) for t in module_tensors(on_device)}
+        out = on_device(ids)
+    assert inside.isdisjoint(home) and len(inside) == 2
+    assert torch.equal(out, truth)
+    assert module.out.weight is module.embed.weight  # still tied
+    assert {storage_of(t) for t in module_tensors(module)} == home

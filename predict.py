@@ -17,6 +17,7 @@ from wan import MultiTalkPipeline
 from wan.configs import FPS, PRESETS, QUALITY_SHIFT
 from wan.video import write_mp4
 from wan.lora import LoRAError
+from wan.memory import plan_for_device
 from wan.weights import fetch_lora, resolve_fast_lora, resolve_weights
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -52,9 +53,11 @@ class Predictor(BasePredictor):
         paths = resolve_weights(weights)
         on_gpu = torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
+        # From the free GPU memory (or MULTITALK_MEMORY_PLAN), before anything is loaded; logged once, there.
+        plan = plan_for_device(device)
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
         self.pipeline = MultiTalkPipeline(
-            checkpoint_dir=paths.wan, multitalk_dir=paths.multitalk, device=device, compile=on_gpu
+            checkpoint_dir=paths.wan, multitalk_dir=paths.multitalk, device=device, compile=on_gpu, memory_plan=plan
         )
         if on_gpu:
             self.pipeline.warm_up()

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
+import torch
+from golden import load_case
+from PIL import Image
+from safetensors.torch import load_file
 
-from wan.memory import GIB, MEMORY_PLAN_ENV, choose_memory_plan, plan_for_device
+from wan.checkpoints import load_dit
+from wan.configs import DiTConfig
+from wan.dit import MultiTalkDiT
+from wan.fp8 import Fp8Linear, quantize_blocks
+from wan.memory import (
+    FP8,
+    GIB,
+    MEMORY_PLAN_ENV,
+    RESIDENT,
+    STREAMED,
+    VAE_TILE_PX,
+    EncodeOnDevice,
+    choose_memory_plan,
+    plan_for_device,
+)
+from wan.model_offload import BlockStreamer, ParkedWeights, module_tensors, stream_blocks
+from wan.pipeline import MultiTalkPipeline
+from wan.tiny import write_tiny_checkpoints
 
 # Worked by hand from the component sizes (GiB): weights that stay + the largest phase + 2.0 margin.
 # resident: 35.17 DiT + 10.58 T5 + 1.18 CLIP + 0.47 VAE + 0.35 wav2vec = 47.75, + 9.8 decode + 2.0 = 59.55
@@ -81,15 +103,6 @@ def test_cpu_device_runs_resident_unless_overridden(monkeypatch):
 
 
 # --- block streaming: the real streamer, host-to-host on the CPU ----------------------------------------------------
-
-import torch  # noqa: E402
-from golden import load_case  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from wan.configs import DiTConfig  # noqa: E402
-from wan.dit import MultiTalkDiT  # noqa: E402
-from wan.fp8 import Fp8Linear, quantize_blocks  # noqa: E402
-from wan.model_offload import BlockStreamer, ParkedWeights, module_tensors, stream_blocks  # noqa: E402
 
 INPUT_NAMES = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
 
@@ -223,3 +236,81 @@ def test_parked_module_runs_from_a_device_copy_and_returns_home():
     assert torch.equal(out, truth)
     assert module.out.weight is module.embed.weight  # still tied
     assert {storage_of(t) for t in module_tensors(module)} == home
+
+
+# --- plans put in place: the loader and the pipeline on the tiny checkpoint set --------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def test_load_dit_prepares_each_block_before_reading_the_next(tiny_root):
+    states = []
+
+    def prepare(block):
+        model_blocks = block_list[0]
+        states.append([all(not t.is_meta for t in module_tensors(b)) for b in model_blocks])
+
+    block_list = []
+    original = MultiTalkDiT.__init__
+
+    def remember(self, config):
+        original(self, config)
+        block_list.append(self.blocks)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MultiTalkDiT, "__init__", remember)
+        model = load_dit(tiny_root / "Wan2.1-I2V-14B-480P", dtype=torch.float32, prepare_block=prepare)
+    # Block i is complete when prepared, block i+1 not yet read.
+    assert states == [[True, False], [True, True]]
+    assert model.blocks is block_list[0]
+
+
+def tiny_pipeline(root, plan) -> MultiTalkPipeline:
+    return MultiTalkPipeline(
+        checkpoint_dir=root / "Wan2.1-I2V-14B-480P", multitalk_dir=root / "MeiGen-MultiTalk", device="cpu",
+        dtype=torch.float32, memory_plan=plan,
+    )
+
+
+def tiny_video(pipeline: MultiTalkPipeline, width: int = 96) -> torch.Tensor:
+    config = pipeline.dit.config
+    generator = torch.Generator().manual_seed(0)
+    audio = {f"person{k + 1}": torch.randn(5, config.audio_layers, config.audio_channels, generator=generator)
+             for k in range(2)}
+    return pipeline.generate(
+        {"prompt": "two people talk", "cond_image": Image.new("RGB", (width, 64), (120, 100, 90)), "cond_audio": audio},
+        size_bucket={"1.00": [64, width]}, frame_num=5, sampling_steps=2, seed=1, progress=False,
+    )
+
+
+def test_text_encoder_parked_between_calls_gives_the_resident_video(tiny_root):
+    resident = tiny_pipeline(tiny_root, RESIDENT)
+    parked = tiny_pipeline(tiny_root, dataclasses.replace(RESIDENT, text_encoder="while_encoding"))
+    assert isinstance(parked.text_encoder, EncodeOnDevice) and not isinstance(resident.text_encoder, EncodeOnDevice)
+    home = {storage_of(group.buffer) for group in parked.text_encoder.parked.groups}
+    assert {storage_of(t) for t in module_tensors(parked.text_encoder.encoder.model)} == home
+    assert torch.equal(tiny_video(parked), tiny_video(resident))
+
+
+def test_streamed_plan_gives_the_fp8_resident_video(tiny_root):
+    fp8 = tiny_pipeline(tiny_root, FP8)
+    streamed = tiny_pipeline(tiny_root, dataclasses.replace(STREAMED, vae_tiled=False))
+    assert isinstance(streamed.dit.run_blocks, BlockStreamer) and not isinstance(fp8.dit.run_blocks, BlockStreamer)
+    assert streamed.memory_plan.name == "streamed" and fp8.memory_plan.name == "fp8"
+    assert torch.equal(tiny_video(streamed), tiny_video(fp8))
+
+
+def test_streamed_plan_tiles_the_vae(tiny_root):
+    tiled = tiny_pipeline(tiny_root, STREAMED)
+    untiled = tiny_pipeline(tiny_root, dataclasses.replace(STREAMED, vae_tiled=False))
+    assert tiled.vae.model.use_tiling and not untiled.vae.model.use_tiling
+    assert tiled.vae.model.tile_sample_min_width == VAE_TILE_PX
+    # Wider than one tile: tiled and untiled decodes differ (the tiles are blended), yet describe the same video.
+    width = VAE_TILE_PX + 64
+    video_tiled, video_untiled = tiny_video(tiled, width), tiny_video(untiled, width)
+    assert video_tiled.shape == video_untiled.shape == (3, 5, 64, width)
+    difference = (video_tiled - video_untiled).abs()
+    assert difference.max() > 0
+    assert difference.mean() < 0.1 * video_untiled.abs().mean()

@@ -151,15 +151,20 @@ def quantize_blocks(model: nn.Module, min_features: int = 1024) -> int:
     Small layers (the audio key/value projection from 768 features) and the cross-attentions stay in bf16. Returns
     the number of linear layers replaced.
     """
-    replaced = 0
     model.set_self_attention(fp8_attention)
-    for block in model.blocks:
-        for name, module in list(block.named_modules()):
-            if isinstance(module, nn.Linear) and module.in_features >= min_features:
-                parent_name, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent_name) if parent_name else block, child, Fp8Linear(module))
-                replaced += 1
-        _fuse_gelu(block.ffn)
+    return sum(quantize_block(block, min_features) for block in model.blocks)
+
+
+def quantize_block(block: nn.Module, min_features: int = 1024) -> int:
+    """`quantize_blocks` for one block, without the self-attention kernel (which the model sets for all blocks);
+    lets a loader quantise each block as it arrives. Returns the number of linear layers replaced."""
+    replaced = 0
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear) and module.in_features >= min_features:
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, Fp8Linear(module))
+            replaced += 1
+    _fuse_gelu(block.ffn)
     return replaced
 
 

@@ -164,3 +164,133 @@ def plan_for_device(device) -> MemoryPlan:
     if free < plan.gpu_gib * GIB:
         log.warning("plan %r needs %.1f GiB but only %.1f GiB are free", plan.name, plan.gpu_gib, free / GIB)
     return plan
+
+
+# --- Putting a plan in place ---------------------------------------------------------------------------------------
+# torch, Triton (through wan.fp8) and the loaders are imported inside the functions: choosing a plan needs none.
+
+
+def check_device_supports(plan: MemoryPlan, device) -> None:
+    """fp8 linears need `torch._scaled_mm` on e4m3, i.e. compute capability 8.9 (Ada) or newer."""
+    import torch
+
+    device = torch.device(device)
+    if plan.dit_weights == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"memory plan {plan.name!r} keeps the DiT in fp8, which {name} cannot compute (needs compute capability "
+            f"8.9+, e.g. L4, L40S, RTX 4090, H100); set {MEMORY_PLAN_ENV}=resident on a card with "
+            f"{RESIDENT.gpu_gib:.0f} GiB free"
+        )
+
+
+def prepare_dit_block(block, plan: MemoryPlan, device):
+    """One loaded block made ready for `plan`: quantised for fp8, moved into page-locked host memory when streamed
+    (returns its `HostWeights` then, else None)."""
+    import torch
+
+    from .model_offload import HostWeights, module_tensors
+
+    if plan.dit_weights == "fp8":
+        from .fp8 import quantize_block
+
+        quantize_block(block)
+    if plan.dit_placement == "streamed":
+        return HostWeights(module_tensors(block), pin=torch.device(device).type == "cuda")
+    return None
+
+
+def finish_dit(dit, plan: MemoryPlan, device, host_blocks: list | None = None) -> None:
+    """After every block went through `prepare_dit_block`: the self-attention kernel, and the streamer when the
+    blocks stream (`host_blocks`: what `prepare_dit_block` returned, in block order)."""
+    import torch
+
+    from .attention import fastest_self_attention
+
+    device = torch.device(device)
+    if plan.dit_weights == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)):
+        from .fp8 import fp8_attention
+
+        dit.set_self_attention(fp8_attention)  # cuDNN's fp8 attention: Hopper and newer (CPU: the emulation)
+    else:
+        dit.set_self_attention(fastest_self_attention(device))
+    if plan.dit_placement == "streamed":
+        from .model_offload import attach_streamer
+
+        attach_streamer(dit, host_blocks, device)
+
+
+def load_dit_for_plan(checkpoint_dir, multitalk_dir, plan: MemoryPlan, *, dtype, device):
+    """`load_dit` that prepares each block as it arrives: the bf16 DiT never sits whole on the GPU (fp8) or at all
+    (streamed: each block is read onto `device`, quantised there, then moved to page-locked host memory)."""
+    from .checkpoints import load_dit
+
+    check_device_supports(plan, device)
+    host_blocks = []
+
+    def prepare(block) -> None:
+        host_blocks.append(prepare_dit_block(block, plan, device))
+
+    dit = load_dit(checkpoint_dir, multitalk_dir, dtype=dtype, device=device, prepare_block=prepare)
+    finish_dit(dit, plan, device, host_blocks)
+    return dit
+
+
+def place_dit(dit, plan: MemoryPlan, device) -> None:
+    """An already built bf16 DiT (random weights in a benchmark, a test model) rearranged for `plan`, in place."""
+    check_device_supports(plan, device)
+    host_blocks = [prepare_dit_block(block, plan, device) for block in dit.blocks]
+    finish_dit(dit, plan, device, host_blocks)
+
+
+class EncodeOnDevice:
+    """A text encoder whose weights wait in page-locked host memory and come to the GPU for each call (~0.3 s for
+    umT5-XXL at PCIe 4/5 speed); the device memory goes back to the allocator when the call returns."""
+
+    def __init__(self, encoder, device):
+        from .model_offload import ParkedWeights
+
+        self.encoder = encoder
+        self.parked = ParkedWeights(encoder.model, device)
+
+    def __call__(self, prompts: list[str]):
+        with self.parked.on_device():
+            return self.encoder(prompts)
+
+
+def text_encoder_device(plan: MemoryPlan, device) -> str:
+    """Where to load the text encoder for `plan`: the GPU only when it stays there."""
+    return str(device) if plan.text_encoder == "resident" else "cpu"
+
+
+def place_text_encoder(encoder, plan: MemoryPlan, device):
+    """The text encoder (a `TextEncoder` loaded at `text_encoder_device`) as the pipeline should call it."""
+    if plan.text_encoder == "while_encoding":
+        return EncodeOnDevice(encoder, device)
+    return encoder
+
+
+def place_vae(vae, plan: MemoryPlan) -> None:
+    """Tiled encode and decode for plans that cannot afford the full frame's workspace (a `VideoVAE`)."""
+    if plan.vae_tiled:
+        vae.model.enable_tiling(
+            tile_sample_min_height=VAE_TILE_PX,
+            tile_sample_min_width=VAE_TILE_PX,
+            tile_sample_stride_height=VAE_TILE_STRIDE_PX,
+            tile_sample_stride_width=VAE_TILE_STRIDE_PX,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedComponents:
+    dit: object
+    text_encoder: object  # what the pipeline calls: the encoder, or `EncodeOnDevice` around it
+    vae: object
+
+
+def apply_memory_plan(plan: MemoryPlan, *, dit, text_encoder, vae, device) -> PlacedComponents:
+    """Built components (`MultiTalkDiT` in bf16, `TextEncoder`, `VideoVAE`) put in place for `plan`: DiT quantised
+    and/or streamed, text encoder parked in host memory between calls, VAE tiled. The DiT and VAE change in place."""
+    place_dit(dit, plan, device)
+    place_vae(vae, plan)
+    return PlacedComponents(dit, place_text_encoder(text_encoder, plan, device), vae)

@@ -7,6 +7,7 @@ Clip mode and streaming are one loop: the first clip is conditioned on the image
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import sampling
-from .attention import fastest_self_attention
+from . import memory, sampling
 from .conditioning import audio_window, choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
-from .configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
+from .configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE, DiTConfig
+from .memory import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,9 @@ class MultiTalkPipeline:
         dtype: torch.dtype = torch.bfloat16,
         compile: bool = False,
         fp8: bool = False,
+        memory_plan: MemoryPlan | None = None,
     ):
-        from .checkpoints import WanFiles, check_files, dit_tensor_reader, load_dit
+        from .checkpoints import WanFiles, check_files, dit_tensor_reader
         from .image_encoder import ImageEncoder
         from .text_encoder import TextEncoder
         from .vae import VideoVAE
@@ -170,21 +172,33 @@ class MultiTalkPipeline:
         if device is None:
             device = f"cuda:{device_id}" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        plan = memory_plan or (memory.FP8 if fp8 else memory.RESIDENT)
+        if t5_cpu:
+            plan = dataclasses.replace(plan, text_encoder="cpu")
+        if lora_dir and plan.dit_weights == "fp8":
+            raise NotImplementedError(f"lora_dir: LoRAs merge into bf16 weights; memory plan {plan.name!r} loads fp8")
         check_files(checkpoint_dir, multitalk_dir)
         files = WanFiles(Path(checkpoint_dir))
-        dit = load_dit(files.root, multitalk_dir, dtype=dtype, device=device)
+        # The text encoder first: its memory-mapped file is released before the DiT's blocks fill host memory.
+        text_encoder = TextEncoder.from_checkpoint(
+            files.t5, files.t5_tokenizer, text_len=DiTConfig.from_json(files.config).text_len, dtype=dtype,
+            device=memory.text_encoder_device(plan, device),
+        )
+        text_encoder = memory.place_text_encoder(text_encoder, plan, device)
+        dit = memory.load_dit_for_plan(files.root, multitalk_dir, plan, dtype=dtype, device=device)
+        vae = VideoVAE.from_checkpoint(files.vae, device=device)
+        memory.place_vae(vae, plan)
         self._setup(
             dit=dit,
-            text_encoder=TextEncoder.from_checkpoint(
-                files.t5, files.t5_tokenizer, text_len=dit.config.text_len, dtype=dtype, device="cpu" if t5_cpu else device
-            ),
+            text_encoder=text_encoder,
             image_encoder=ImageEncoder.from_checkpoint(
                 files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device
             ),
-            vae=VideoVAE.from_checkpoint(files.vae, device=device),
+            vae=vae,
             device=device,
             negative_prompt=getattr(config, "sample_neg_prompt", None) or DEFAULT_NEGATIVE_PROMPT,
         )
+        self.memory_plan = plan
         # LoRA merges are undone by re-reading the touched weights from the shards: no copies held in memory.
         self._reload = dit_tensor_reader(files.root, multitalk_dir, dtype=dtype, device=device)
         if lora_dir:
@@ -192,12 +206,6 @@ class MultiTalkPipeline:
             if len(scales) != len(lora_dir):
                 raise ValueError(f"lora_scales: got {len(scales)} scales for {len(lora_dir)} LoRA files")
             self.set_loras(list(zip(lora_dir, scales)))
-        if fp8:
-            from .fp8 import quantize_blocks
-
-            quantize_blocks(dit)  # after any LoRA merge: the fp8 weights are final
-        else:
-            dit.set_self_attention(fastest_self_attention(device))
         log.info("DiT self-attention: %s", dit.blocks[0].self_attn.attend.__name__)
         if compile:
             dit.compile_blocks()
@@ -227,6 +235,7 @@ class MultiTalkPipeline:
         self.loras: list[tuple[str, float]] = []
         self._merged = None
         self._reload = None
+        self.memory_plan: memory.MemoryPlan | None = None  # set by the constructor; from_components leaves it open
 
     def set_loras(self, loras: list[tuple[str | Path, float]], alpha_mode: str = "standard") -> None:
         """Make `loras` ((file, scale) pairs) the merged set: restores the exact base weights of the previous set

@@ -15,6 +15,7 @@ from wan.checkpoints import load_dit
 from wan.configs import DiTConfig
 from wan.dit import MultiTalkDiT
 from wan.fp8 import Fp8Linear, quantize_blocks
+from wan.lora import LoRAError, merge_loras
 from wan.memory import (
     FP8,
     GIB,
@@ -314,3 +315,58 @@ def test_streamed_plan_tiles_the_vae(tiny_root):
     difference = (video_tiled - video_untiled).abs()
     assert difference.max() > 0
     assert difference.mean() < 0.1 * video_untiled.abs().mean()
+
+
+# --- LoRAs on fp8 weights (the fp8 and streamed plans): merged into the re-read bf16 original, then quantised ------
+
+def rank2_lora(model: MultiTalkDiT, names: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    lora = {}
+    for name in names:
+        out_features, in_features = model.get_submodule(name).weight.shape
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_features, generator=generator) * 0.5
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_features, 2, generator=generator) * 0.5
+        lora[f"diffusion_model.{name}.alpha"] = torch.tensor(4.0)
+    return lora
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_lora_on_fp8_weights_equals_merging_in_bf16_then_quantising(streamed):
+    case = load_case("dit_2p")
+    bf16 = golden_dit(case).to(torch.bfloat16)
+    originals = {name: tensor.clone() for name, tensor in bf16.state_dict().items()}
+    touched = ["blocks.0.self_attn.q", "blocks.1.ffn.2", "blocks.1.audio_cross_attn.proj"]
+    lora = rank2_lora(bf16, touched, torch.Generator().manual_seed(3))
+    # Truth: the plain bf16 merge, then the model quantised.
+    merge_loras(bf16, [(lora, 0.7)])
+    quantize_blocks(bf16, min_features=64)
+    untouched = golden_dit(case).to(torch.bfloat16)
+    quantize_blocks(untouched, min_features=64)
+
+    model = golden_dit(case).to(torch.bfloat16)
+    quantize_blocks(model, min_features=64)
+    if streamed:
+        stream_blocks(model, "cpu")
+    merged = merge_loras(model, [(lora, 0.7)], reload=lambda name: originals[name])
+    assert sorted(merged.param_names) == sorted(f"{name}.weight" for name in touched)
+    inputs = golden_inputs(case)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), bf16(**inputs))
+        for name in touched:
+            ours, truth = model.get_submodule(name), bf16.get_submodule(name)
+            assert torch.equal(ours.weight.float(), truth.weight.float())
+            assert torch.equal(ours.weight_scale, truth.weight_scale)
+        merged.restore()
+        for name in touched:
+            ours, base = model.get_submodule(name), untouched.get_submodule(name)
+            assert torch.equal(ours.weight.float(), base.weight.float())
+            assert torch.equal(ours.weight_scale, base.weight_scale)
+        assert torch.equal(model(**inputs), untouched(**inputs))
+
+
+def test_lora_on_fp8_weights_needs_the_checkpoint():
+    case = load_case("dit_1p")
+    model = golden_dit(case).to(torch.bfloat16)
+    lora = rank2_lora(model, ["blocks.0.ffn.0"], torch.Generator().manual_seed(4))
+    quantize_blocks(model, min_features=64)
+    with pytest.raises(LoRAError, match="fp8 weights.*reload"):
+        merge_loras(model, [(lora, 1.0)])

@@ -37,6 +37,14 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.T.contiguous())  # [1, N], the layout _scaled_mm wants
         self.bias = linear.bias
 
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Re-quantise from a new high-precision weight `[out, in]` (a LoRA merge or its undoing), written into the
+        existing tensors: wherever they live (GPU, or host memory a block streams from), they stay there."""
+        values, scale = quantize_rows(weight.detach())
+        self.weight.copy_(values)
+        self.weight_scale.copy_(scale.T)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         values, scale = quantize_rows(rows, gelu=self.gelu_input)

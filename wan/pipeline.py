@@ -175,8 +175,6 @@ class MultiTalkPipeline:
         plan = memory_plan or (memory.FP8 if fp8 else memory.RESIDENT)
         if t5_cpu:
             plan = dataclasses.replace(plan, text_encoder="cpu")
-        if lora_dir and plan.dit_weights == "fp8":
-            raise NotImplementedError(f"lora_dir: LoRAs merge into bf16 weights; memory plan {plan.name!r} loads fp8")
         check_files(checkpoint_dir, multitalk_dir)
         files = WanFiles(Path(checkpoint_dir))
         # The text encoder first: its memory-mapped file is released before the DiT's blocks fill host memory.

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run_plan(name: str, model, extra: dict) -> dict:
         record = time_passes(model, inputs, device, args.repeats)
-        record.update(extra, host=host_rss())
+        record.update(extra, host=host_rss() | dict(peak_reset_before=results["host_peak_reset"]))
         print(f"[{name}] {record['s_per_pass']:.3f} s/pass (first {record['first_s']:.1f} s), peak GPU "
               f"{record['peak_GiB'] or 0:.1f} GiB, peak host RSS {record['host']['peak'] / GIB:.1f} GiB", flush=True)
         return record
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{free / GIB:.1f} GiB free before loading")
 
     # 1. Resident bf16: the reference output. The whole card.
-    reset_peak_rss()
+    results["host_peak_reset"] = reset_peak_rss()  # False: VmHWM is the peak since start
     started = time.perf_counter()
     model = build_random(lambda: dit_module.MultiTalkDiT(config), device, dtype, generator)
     memory.place_dit(model, memory.RESIDENT, device)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     memory.place_dit(model, memory.FP8, device)
     quantise_s = time.perf_counter() - started
     free_gpu(device)
-    reset_peak_rss()
+    results["host_peak_reset"] = reset_peak_rss()
     started = time.perf_counter()
     text_encoder = text_encoder_stand_in(text_shapes, device, dtype)
     parked = offload.ParkedWeights(text_encoder, device)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Streamed: every block moved to page-locked host memory. Under the 24 GiB cap.
     set_cap(device, None)
-    reset_peak_rss()
+    results["host_peak_reset"] = reset_peak_rss()
     started = time.perf_counter()
     memory.place_dit(model, memory.STREAMED, device)  # the blocks are fp8 already: this only moves them
     pin_s = time.perf_counter() - started

@@ -262,7 +262,7 @@ def merge_loras(
                 contributions[entry.bias_name].append((scale, entry, True))
     touched = list(contributions)
     if reload is None and fp8.keys() & contributions.keys():
-        raise LoRAError("LoRA on fp8 weights: the bf16 originals are not in memory; merge with `reload` (the checkpoint)")
+        raise LoRAError("LoRA on fp8 weights: the bf16 originals are not in memory; merge with `reload` (checkpoint)")
     originals = {} if reload is not None else {name: params[name].detach().to("cpu", copy=True) for name in touched}
     for name in touched:
         # An fp8 weight merges into its bf16 original, read again, and is quantised anew.

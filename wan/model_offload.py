@@ -74,7 +74,7 @@ class HostWeights:
         self.buffer = host_buffer(self.nbytes, pin)
         self.host_views = self.views_in(self.buffer)
         with torch.no_grad():
-            for tensor, view in zip(self.tensors, self.host_views):
+            for tensor, view in zip(self.tensors, self.host_views, strict=True):
                 view.copy_(tensor.detach())
                 tensor.data = view
 
@@ -82,11 +82,11 @@ class HostWeights:
         """Each tensor's view inside `buffer` (uint8, at least `nbytes`), at the host buffer's offsets."""
         return [
             buffer[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-            for tensor, offset in zip(self.tensors, self.offsets)
+            for tensor, offset in zip(self.tensors, self.offsets, strict=True)
         ]
 
     def bind(self, views: list[torch.Tensor]) -> None:
-        for tensor, view in zip(self.tensors, views):
+        for tensor, view in zip(self.tensors, views, strict=True):
             tensor.data = view
 
     def unbind(self) -> None:

@@ -22,6 +22,7 @@ from wan.generation.video import write_mp4
 from wan.loading.audio_layers import infinitetalk_set
 from wan.loading.lora import LoRAError
 from wan.loading.weights import fetch_lora, resolve_fast_lora, resolve_weights
+from wan.memory import plan_for_device
 from wan.serving import MAX_REQUEST_SECONDS, Recipe, check_time, plan_request, sampling_options, trimmed_samples
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -58,15 +59,13 @@ class Runner(BaseRunner):
         paths = resolve_weights(weights)
         self.size_buckets = paths.size_buckets()  # the tiny set serves thumbnails
         on_gpu = torch.cuda.is_available()
-        # Every stage stays on the GPU for the predictor's life where it fits (an 80 GB card and up: 57 GiB at peak);
-        # on smaller cards the text encoder visits the GPU only while it encodes.
-        roomy = not on_gpu or torch.cuda.get_device_properties(0).total_memory >= 70 * 2**30
-        placement = "device" if roomy else "while_encoding"
-        log.info("memory plan: every model resident" if roomy else "memory plan: text encoder on the GPU only to encode")
+        device = "cuda" if on_gpu else "cpu"
+        # Every model on the GPU for the runner's life where it fits (80 GB cards), fp8 and parked or streamed weights
+        # on smaller ones: chosen from the free memory (or MULTITALK_MEMORY_PLAN) and logged once, here.
+        plan = plan_for_device(device)
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
         self.pipeline = load_pipeline(
-            paths.wan, paths.multitalk, paths.infinitetalk, device="cuda" if on_gpu else "cpu", compile=on_gpu,
-            text_encoder_placement=placement,
+            paths.wan, paths.multitalk, paths.infinitetalk, device=device, compile=on_gpu, memory_plan=plan
         )
         self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
         self.costs = self.pipeline.warm_up(self._buckets("480p", "multitalk"))

@@ -171,7 +171,10 @@ def test_input_errors_are_clear(pipeline):
         SamplingOptions(frame_num=8)
 
 
-def test_warm_up_runs_both_speaker_graphs(pipeline):
+def test_warm_up_runs_both_speaker_graphs_and_measures(pipeline):
     pipeline.dit.calls.clear()
-    pipeline.warm_up(frame_num=1)
-    assert [c["speakers"] for c in pipeline.dit.calls] == [2, 2, 1]  # cond and drop_text with two, uncond with one
+    costs = pipeline.warm_up(BUCKET, frame_num=5)
+    # Twice (compile, then measure): cond and drop_text with two speakers, uncond with one.
+    assert [c["speakers"] for c in pipeline.dit.calls] == [2, 2, 1] * 2
+    assert costs.tokens == 2 * (32 // 16) * (48 // 16) and costs.pixels == 32 * 48 and costs.frames == 5
+    assert costs.pass_seconds > 0 and costs.clip_seconds > 0 and costs.text_seconds > 0

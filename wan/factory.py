@@ -1,4 +1,5 @@
-"""`load_pipeline`: the published checkpoint files in, a ready `Pipeline` out (weights, kernels, fp8, compile)."""
+"""`load_pipeline`: the published checkpoint files in, a ready `Pipeline` out (weights placed by a memory plan,
+kernels, compile)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .configs import DEFAULT_NEGATIVE_PROMPT
+from .configs import DEFAULT_NEGATIVE_PROMPT, DiTConfig
 from .encoders.image import ImageEncoder
 from .encoders.text import TextEncoder
 from .encoders.vae import VideoVAE
-from .generation.pipeline import Pipeline, TextEncoderPlacement
+from .generation.pipeline import Pipeline
 from .loading.audio_layers import AudioLayers, audio_layer_sets
-from .loading.checkpoints import WanFiles, check_files, dit_tensor_reader, load_dit
+from .loading.checkpoints import WanFiles, check_files, dit_tensor_reader
 from .loading.lora import LoraSet
-from .model.attention import fastest_self_attention
+from .memory import FP8, RESIDENT, MemoryPlan, load_dit_for_plan, place_text_encoder, place_vae, text_encoder_device
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.bfloat16,
     compile: bool = False,
     fp8: bool = False,
-    text_encoder_placement: TextEncoderPlacement = "device",
+    memory_plan: MemoryPlan | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
 ) -> Pipeline:
@@ -38,43 +39,41 @@ def load_pipeline(
     MeiGen-MultiTalk dir unless the Wan dir holds the merged index; `infinitetalk_dir`, optional: the InfiniteTalk
     dir, whose audio layers `Pipeline.set_weights` swaps in).
 
-    The DiT streams from the shards onto `device` tensor by tensor. `loras` are merged first and stay undoable
-    exactly (re-read from the shards, no copies kept). `fp8` quantises the blocks' linears and self-attention after
-    that; otherwise the blocks' self-attention takes the fastest kernel that checks out on the card. `compile`
-    compiles every block (regionally; the graphs are built on the first call, e.g. `Pipeline.warm_up`).
+    `memory_plan` (default: every model resident; `fp8=True`: `wan.memory.FP8`) says where the weights live: the DiT
+    in bf16 or fp8, on the GPU or streamed block by block from pinned host memory, the text encoder on the GPU for
+    good, only while it encodes, or on the CPU. The DiT streams from the shards tensor by tensor, each block made
+    ready for the plan as it arrives. `loras` are merged after that and stay undoable exactly (re-read from the shards,
+    no copies kept). `compile` compiles every block (regionally; the graphs are built on the first call, e.g.
+    `Pipeline.warm_up`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    plan = memory_plan or (FP8 if fp8 else RESIDENT)
     check_files(checkpoint_dir, multitalk_dir, infinitetalk_dir=infinitetalk_dir)
     files = WanFiles(Path(checkpoint_dir))
-    dit = load_dit(files.root, multitalk_dir, dtype=dtype, device=device)
-    text_device = device if text_encoder_placement == "device" else torch.device("cpu")
+    # The text encoder first: its memory-mapped file is released before the DiT's blocks fill host memory.
     text_encoder = TextEncoder.from_checkpoint(
-        files.t5, files.t5_tokenizer, text_len=dit.config.text_len, dtype=dtype, device=text_device
+        files.t5, files.t5_tokenizer, text_len=DiTConfig.from_json(files.config).text_len, dtype=dtype,
+        device=text_encoder_device(plan, device),
     )
+    dit = load_dit_for_plan(files.root, multitalk_dir, plan, dtype=dtype, device=device)
     image_encoder = ImageEncoder.from_checkpoint(
         files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device
     )
     vae = VideoVAE.from_checkpoint(files.vae, device=device)
+    place_vae(vae, plan)
     audio_layers = AudioLayers(dit, audio_layer_sets(files.root, multitalk_dir, infinitetalk_dir))
     lora_set = LoraSet(dit, reload=dit_tensor_reader(files.root, multitalk_dir, dtype=dtype, device=device))
     lora_set.set(loras)
-    if fp8:
-        from .model.fp8 import quantize_blocks
-
-        quantize_blocks(dit)  # after any LoRA merge: the fp8 weights are final
-    else:
-        dit.set_self_attention(fastest_self_attention(device))
     log.info("DiT self-attention: %s", dit.blocks[0].self_attn.attend.__name__)
     if compile:
         dit.compile_blocks()
     return Pipeline(
         dit,
-        text_encoder,
+        place_text_encoder(text_encoder, plan, device),
         image_encoder,
         vae,
         device=device,
         negative_prompt=negative_prompt,
-        text_encoder_placement=text_encoder_placement,
         loras=lora_set,
         audio_layers=audio_layers,
     )

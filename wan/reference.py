@@ -5,6 +5,7 @@ Only this edge takes the reference's dicts; everything past it is a typed `Gener
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .configs import DEFAULT_NEGATIVE_PROMPT, NUM_TRAIN_TIMESTEPS
 from .factory import load_pipeline
 from .generation.pipeline import Pipeline
 from .generation.request import GenerationRequest, GuidanceOptions, SamplingOptions
+from .memory import FP8, RESIDENT
 
 
 class MultiTalkPipeline:
@@ -58,14 +60,14 @@ class MultiTalkPipeline:
             raise ValueError(f"lora_scales: got {len(lora_scales)} scales for {len(lora_dir)} LoRA files")
         if device is None:
             device = f"cuda:{device_id}" if torch.cuda.is_available() else "cpu"
+        plan = FP8 if fp8 else RESIDENT
         self.pipeline: Pipeline = load_pipeline(
             checkpoint_dir,
             multitalk_dir,
             device=device,
             dtype=dtype,
             compile=compile,
-            fp8=fp8,
-            text_encoder_placement="cpu" if t5_cpu else "device",
+            memory_plan=dataclasses.replace(plan, text_encoder="cpu") if t5_cpu else plan,
             loras=loras,
             negative_prompt=getattr(config, "sample_neg_prompt", None) or DEFAULT_NEGATIVE_PROMPT,
         )
@@ -95,7 +97,8 @@ class MultiTalkPipeline:
         `[frames, layers, channels]` embeddings or paths of saved ones), optional `bbox` (`{"person1": [x1, y1, x2,
         y2], ...}` in source-image pixels, x = column). The video is as long as person 1's audio unless
         `max_frames_num` asks for fewer frames. A mapping for `size_buckget` is a custom table `{"h/w": [h, w]}`.
-        `offload_model` keeps the text encoder on the device only while it encodes.
+        `offload_model` has no effect: where each model lives is the memory plan chosen at load (`wan.memory`), which
+        keeps everything resident on a card that holds it and parks or streams weights on smaller ones.
         """
         options = SamplingOptions(
             size_bucket=size_buckget,
@@ -111,8 +114,6 @@ class MultiTalkPipeline:
             color_correction=color_correction_strength,
             guidance=guidance_options(extra_args),
         )
-        if self.pipeline.text_encoder_placement != "cpu":
-            self.pipeline.text_encoder_placement = "while_encoding" if offload_model else "device"
         return self.pipeline.generate(request_from_input_data(input_data, n_prompt), options, progress=progress)
 
 

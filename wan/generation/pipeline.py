@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -29,10 +29,6 @@ from .request import GenerationRequest, SamplingOptions
 from .timing import StageClock
 
 log = logging.getLogger(__name__)
-
-# Where the text encoder lives: on the device for good, on the device only while encoding, or on the CPU.
-TextEncoderPlacement = Literal["device", "while_encoding", "cpu"]
-
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -59,7 +55,6 @@ class Pipeline:
         *,
         device: str | torch.device = "cpu",
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        text_encoder_placement: TextEncoderPlacement = "device",
         loras: LoraSet | None = None,
         audio_layers: AudioLayers | None = None,
     ):
@@ -69,7 +64,6 @@ class Pipeline:
         self.vae = vae
         self.device = torch.device(device)
         self.negative_prompt = negative_prompt
-        self.text_encoder_placement = text_encoder_placement
         # Without a checkpoint reader, undoing a LoRA needs copies of the weights it touched (kept on the host).
         self.loras = loras if loras is not None else LoraSet(dit)
         self.audio_layers = audio_layers  # None: the DiT keeps the audio layers it was built with
@@ -192,11 +186,6 @@ class Pipeline:
         return torch.cat(kept, dim=1)[:, : plan.total].float().cpu()
 
     def _encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder = self.text_encoder
-        movable = self.device.type == "cuda" and hasattr(encoder, "to")
-        if movable and self.text_encoder_placement != "cpu":
-            encoder.to(self.device)
-        context, context_null = encoder([prompt, negative_prompt or self.negative_prompt])
-        if movable and self.text_encoder_placement == "while_encoding":
-            encoder.to("cpu")
+        # Where the encoder runs is the memory plan's business (`wan.memory.place_text_encoder`).
+        context, context_null = self.text_encoder([prompt, negative_prompt or self.negative_prompt])
         return context.to(self.device), context_null.to(self.device)

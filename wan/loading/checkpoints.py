@@ -148,12 +148,15 @@ def load_dit(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    prepare_block: Callable[[torch.nn.Module], None] | None = None,
 ) -> MultiTalkDiT:
     """The MultiTalk DiT with the published weights, in eval mode without gradients.
 
     The model is built on the meta device and each tensor is cast to `dtype` on `device` as it is read, so the host
     never holds more than one tensor in the files' float32 (the real shards are 75 GB). Strict: every key of the
-    model must come from the files, nothing else may be there, and every shape must match.
+    model must come from the files, nothing else may be there, and every shape must match. Blocks are read one at a
+    time and `prepare_block(block)` runs on each as soon as it is complete (fp8 quantisation, a move to host
+    memory), so the whole DiT in `dtype` never has to fit on `device`.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = DiTConfig.from_json(checkpoint_dir / "config.json")
@@ -183,18 +186,29 @@ def load_dit(
                     want = list(expected[key])
                     raise ValueError(f"{path}: {key!r} has shape {list(shape)}, the model expects {want}")
 
-    tensors = {}
-    for path, keys in groups.items():
-        with _open_safetensors(path) as f:
-            for key in keys:
-                try:
-                    tensor = f.get_tensor(key)
-                except (SafetensorError, OSError) as e:
-                    raise ValueError(f"cannot read {key!r} from {path} (truncated or corrupt?): {e}") from e
-                tensors[key] = tensor.to(device=device, dtype=dtype)
-                # Drop the fp32 copy now; else it stays alive while the next tensor is read.
-                del tensor
-    model.load_state_dict(tensors, strict=True, assign=True)
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for path, file_keys in _group_by_file({key: files[key] for key in keys}).items():
+            with _open_safetensors(path) as f:
+                for key in file_keys:
+                    try:
+                        tensor = f.get_tensor(key)
+                    except (SafetensorError, OSError) as e:
+                        raise ValueError(f"cannot read {key!r} from {path} (truncated or corrupt?): {e}") from e
+                    tensors[key] = tensor.to(device=device, dtype=dtype)
+                    # Drop the fp32 copy now; else it stays alive while the next tensor is read.
+                    del tensor
+        return tensors
+
+    for index, block in enumerate(model.blocks):
+        prefix = f"blocks.{index}."
+        block_tensors = read([key for key in expected if key.startswith(prefix)])
+        block.load_state_dict({k.removeprefix(prefix): t for k, t in block_tensors.items()}, strict=True, assign=True)
+        del block_tensors
+        if prepare_block is not None:
+            prepare_block(block)
+    # Every key is accounted for above, so non-strict only skips the blocks, which are in already.
+    model.load_state_dict(read([key for key in expected if not key.startswith("blocks.")]), strict=False, assign=True)
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"MultiTalkDiT tensors not initialised after loading: {leftover}")

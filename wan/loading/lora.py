@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..model.fp8 import Fp8Linear
+
 LoRASource = str | Path | Mapping[str, torch.Tensor]
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
@@ -203,13 +205,30 @@ class MergedLoRA:
     def restore(self) -> None:
         if self.restored:
             raise RuntimeError("these LoRAs were already restored")
-        params = dict(self.model.named_parameters())
+        params = _weights(self.model)
+        fp8 = _fp8_weights(self.model)
         for name in self.param_names:
             original = self.reload(name) if self.reload is not None else self.originals.pop(name)
             if original.shape != params[name].shape:
                 raise LoRAError(f"reload({name!r}) gave {list(original.shape)}, not {list(params[name].shape)}")
-            params[name].copy_(original.to(params[name].device, params[name].dtype))
+            if name in fp8:
+                fp8[name].set_weight(original)  # quantised as when loaded: the same e4m3 values and scales
+            else:
+                params[name].copy_(original.to(params[name].device, params[name].dtype))
         self.restored = True
+
+
+def _fp8_weights(model: torch.nn.Module) -> dict[str, Fp8Linear]:
+    """`<module>.weight` -> the Fp8Linear holding that weight in e4m3 (`wan.fp8.quantize_blocks`)."""
+    return {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter a LoRA may change; an fp8 weight appears as a meta tensor of its logical shape `[out, in]`."""
+    params = dict(model.named_parameters())
+    for name, module in _fp8_weights(model).items():
+        params[name] = torch.empty(module.out_features, module.in_features, device="meta")
+    return params
 
 
 @torch.no_grad()
@@ -228,7 +247,8 @@ def merge_loras(
     """
     if alpha_mode not in ("standard", "reference"):
         raise ValueError(f"alpha_mode must be 'standard' or 'reference', got {alpha_mode!r}")
-    params = dict(model.named_parameters())
+    params = _weights(model)
+    fp8 = _fp8_weights(model)
     contributions: dict[str, list[tuple[float, LoRAEntry, bool]]] = defaultdict(list)  # param -> (scale, entry, bias)
     for index, (source, scale) in enumerate(loras):
         label = str(source) if isinstance(source, (str, Path)) else f"state dict #{index}"
@@ -241,11 +261,18 @@ def merge_loras(
             if entry.diff_b is not None:
                 contributions[entry.bias_name].append((scale, entry, True))
     touched = list(contributions)
+    if reload is None and fp8.keys() & contributions.keys():
+        raise LoRAError("LoRA on fp8 weights: the bf16 originals are not in memory; merge with `reload` (checkpoint)")
     originals = {} if reload is not None else {name: params[name].detach().to("cpu", copy=True) for name in touched}
     for name in touched:
-        param = params[name]
+        # An fp8 weight merges into its bf16 original, read again, and is quantised anew.
+        param = reload(name) if name in fp8 else params[name]
         delta = sum(_delta(entry, bias, scale, alpha_mode, param) for scale, entry, bias in contributions[name])
-        param.copy_((param.float() + delta).to(param.dtype))
+        merged = (param.float() + delta).to(param.dtype)
+        if name in fp8:
+            fp8[name].set_weight(merged)
+        else:
+            param.copy_(merged)
     return MergedLoRA(model, touched, originals, reload)
 
 

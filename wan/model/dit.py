@@ -39,6 +39,16 @@ class BlockCache(Protocol):
     def skip(self, e0: torch.Tensor) -> bool: ...
 
 
+BlockRunner = Callable[[nn.ModuleList, torch.Tensor, dict], torch.Tensor]
+
+
+def run_blocks(blocks: nn.ModuleList, tokens: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
+    """The block stack, each block with the weights it holds."""
+    for block in blocks:
+        tokens = block(tokens, **block_kwargs)
+    return tokens
+
+
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32, returned in the input dtype (the reference's `WanLayerNorm`)."""
 
@@ -239,6 +249,8 @@ class MultiTalkDiT(nn.Module):
         self.time_embedding = FP32Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = FP32Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
+        # How the block stack runs; `set_block_runner` swaps in streaming from host memory (wan.model.offload).
+        self.run_blocks: BlockRunner = run_blocks
         self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
         self.img_emb = ImageProjection(config.clip_dim, dim)
         self.audio_proj = AudioProjModel(
@@ -315,8 +327,7 @@ class MultiTalkDiT(nn.Module):
             tokens = tokens + cache.residual
         else:
             blocks_in = tokens
-            for block in self.blocks:
-                tokens = block(tokens, **block_kwargs)
+            tokens = self.run_blocks(self.blocks, tokens, block_kwargs)
             if cache is not None:
                 cache.residual = tokens - blocks_in
 
@@ -332,6 +343,10 @@ class MultiTalkDiT(nn.Module):
         `[1, L, heads, head_dim]` -> `[1, L, heads, head_dim]`. Set it before `compile_blocks`."""
         for block in self.blocks:
             block.self_attn.attend = kernel
+
+    def set_block_runner(self, runner: BlockRunner) -> None:
+        """What runs the block stack: `runner(blocks, tokens, block_kwargs)` -> tokens (`run_blocks` unless set)."""
+        self.run_blocks = runner
 
     def compile_blocks(self, **options) -> None:
         """Regional compilation: every block compiled on its own, so all 40 share one graph (about 20 s once)."""

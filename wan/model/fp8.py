@@ -40,8 +40,10 @@ class Fp8Linear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantise a new weight `[out, in]` (e.g. another audio-layer set) into this layer."""
-        values, scale = quantize_rows(weight.to(self.weight.device, self.source_dtype))
+        """Re-quantise from a new high-precision weight `[out, in]` (another audio-layer set, a LoRA merge or its
+        undoing), rounded to the dtype the layer was built from first, as that one was; written into the existing
+        tensors: wherever they live (GPU, or host memory a block streams from), they stay there."""
+        values, scale = quantize_rows(weight.detach().to(self.weight.device, self.source_dtype))
         self.weight.copy_(values)
         self.weight_scale.copy_(scale.T)
 
@@ -172,15 +174,20 @@ def quantize_blocks(model: nn.Module, min_features: int = 1024) -> int:
     Small layers (the audio key/value projection from 768 features) and the cross-attentions stay in bf16. Returns
     the number of linear layers replaced.
     """
-    replaced = 0
     model.set_self_attention(fp8_attention)
-    for block in model.blocks:
-        for name, module in list(block.named_modules()):
-            if isinstance(module, nn.Linear) and module.in_features >= min_features:
-                parent_name, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent_name) if parent_name else block, child, Fp8Linear(module))
-                replaced += 1
-        _fuse_gelu(block.ffn)
+    return sum(quantize_block(block, min_features) for block in model.blocks)
+
+
+def quantize_block(block: nn.Module, min_features: int = 1024) -> int:
+    """`quantize_blocks` for one block, without the self-attention kernel (which the model sets for all blocks);
+    lets a loader quantise each block as it arrives. Returns the number of linear layers replaced."""
+    replaced = 0
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear) and module.in_features >= min_features:
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, Fp8Linear(module))
+            replaced += 1
+    _fuse_gelu(block.ffn)
     return replaced
 
 

@@ -1,0 +1,145 @@
+"""The worker processes of `wan.parallel.workers` on 2 CPU processes (gloo) with the golden tiny DiT: the guidance
+passes of a step, sequence-parallel (1x2) and guidance-parallel (2x1), against the same passes run in this process
+by the plain path; TeaCache over several steps; a worker that dies or fails, and the restart after it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+import torch
+from golden import cases_with_prefix, load_case
+from safetensors.torch import load_file
+
+from wan import sampling
+from wan.configs import DiTConfig
+from wan.dit import MultiTalkDiT
+from wan.parallel.guidance import ClipConditioning, Split, combine, sequential_velocities
+from wan.parallel.workers import TeaCacheSettings, WorkerError, WorkerGroup
+
+pytestmark = pytest.mark.skipif(
+    not {"dit_1p", "dit_2p"} <= set(cases_with_prefix("dit_")), reason="golden dit_1p/dit_2p cases not found"
+)
+TWO_PASS, THREE_PASS = ("cond", "drop_audio"), ("cond", "drop_text", "uncond")
+
+
+@functools.cache
+def golden_model() -> MultiTalkDiT:
+    """The tiny DiT of the golden cases (dit_2p uses dit_1p's weights)."""
+    case = load_case("dit_1p")
+    model = MultiTalkDiT(DiTConfig.from_dict(case.dit_config_values())).eval().requires_grad_(False)
+    model.load_state_dict(load_file(case.file("weights")), strict=True)
+    return model
+
+
+@dataclass(frozen=True)
+class GoldenSource:
+    """The workers' DiT source: the golden weights (picklable, as the workers need)."""
+
+    def build(self, device: torch.device) -> MultiTalkDiT:
+        return golden_model().to(device)
+
+    def tensor_reader(self, device: torch.device) -> None:
+        return None
+
+
+def conditioning(case_name: str) -> tuple[ClipConditioning, torch.Tensor, torch.Tensor]:
+    inputs = load_case(case_name).inputs()
+    context = inputs["context"]
+    cond = ClipConditioning(
+        context=context,
+        context_null=torch.flip(context, dims=[0]) * 0.5,  # any other prompt
+        clip_fea=inputs["clip_fea"],
+        y=inputs["y"],
+        audio=inputs["audio"],
+        masks=inputs["ref_target_masks"],
+    )
+    return cond, inputs["x"], inputs["t"]
+
+
+@pytest.fixture(scope="module")
+def group():
+    workers = WorkerGroup(GoldenSource(), ["cpu", "cpu"])
+    workers.start()
+    yield workers
+    workers.close()
+
+
+def plain(cond, latent, t, branches, teacache=None):
+    with torch.inference_mode():
+        return sequential_velocities(golden_model(), latent, t, cond, branches, teacache)
+
+
+def assert_same_velocities(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for branch in expected:
+        # Sequence parallel changes the attention's summation order: float32 noise only.
+        torch.testing.assert_close(actual[branch], expected[branch], rtol=1e-5, atol=2e-5, msg=branch)
+
+
+@pytest.mark.parametrize(
+    "split, case_name, branches",
+    [
+        (Split(1, 2), "dit_2p", TWO_PASS),  # both passes sequence-parallel
+        (Split(1, 2), "dit_1p", THREE_PASS),
+        (Split(2, 1), "dit_1p", TWO_PASS),  # one pass per GPU
+        (Split(2, 1), "dit_2p", THREE_PASS),  # 2 passes on one GPU, 1 on the other
+    ],
+    ids=str,
+)
+def test_step_over_workers_equals_plain_step(group, split, case_name, branches):
+    cond, latent, t = conditioning(case_name)
+    group.use_split(split)
+    group.begin_clip(cond)
+    velocities = group.velocities(latent, t, branches)
+    group.end_clip()
+    expected = plain(cond, latent, t, branches)
+    assert_same_velocities(velocities, expected)
+    # The guided velocity the driver makes of them.
+    torch.testing.assert_close(combine(velocities, 3.0, 2.0), combine(expected, 3.0, 2.0), rtol=1e-5, atol=1e-4)
+
+
+def test_teacache_over_several_steps_matches_plain_loop(group):
+    """Each branch's TeaCache lives in the workers that run the branch; the loop and its skips are the plain one's."""
+    cond, latent, _ = conditioning("dit_2p")
+    steps = sampling.timesteps(8, shift=5.0)
+    # The tiny DiT's time embedding moves far more per step than the 14B's: a threshold that skips some passes.
+    settings = TeaCacheSettings(thresh=1e6, size_bucket="multitalk-480")
+    group.use_split(Split(2, 1))
+    group.begin_clip(cond, settings)
+    teacache = sampling.TeaCache(settings.thresh, settings.size_bucket)
+    ours = theirs = latent
+    for i in range(len(steps) - 1):
+        t = steps[i : i + 1]
+        ours = sampling.euler_step(ours, combine(group.velocities(ours, t, THREE_PASS), 3.0, 2.0), t, steps[i + 1])
+        v = combine(plain(cond, theirs, t, THREE_PASS, teacache), 3.0, 2.0)
+        theirs = sampling.euler_step(theirs, v, t, steps[i + 1])
+    skipped = group.end_clip()
+    assert 0 < teacache.skipped_fraction() < 1, "the fixture must make TeaCache skip some passes, not all"
+    assert skipped == teacache.skipped_fraction()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_killed_worker_fails_the_request_and_the_next_request_restarts(group):
+    cond, latent, t = conditioning("dit_1p")
+    group.use_split(Split(1, 2))
+    group.begin_clip(cond)
+    os.kill(group.pids[1], signal.SIGKILL)
+    with pytest.raises(WorkerError, match=r"DiT worker 1 on cpu died \(exit code -9\)"):
+        group.velocities(latent, t, TWO_PASS)
+    assert not group.running
+    group.begin_clip(cond)  # the next request
+    assert_same_velocities(group.velocities(latent, t, TWO_PASS), plain(cond, latent, t, TWO_PASS))
+    group.end_clip()
+
+
+def test_error_in_a_worker_is_reported_with_its_traceback(group):
+    cond, latent, t = conditioning("dit_1p")
+    group.use_split(Split(2, 1))
+    group.begin_clip(cond)
+    with pytest.raises(WorkerError, match=r"(?s)DiT worker \d on cpu failed:.*unknown guidance branch 'sideways'"):
+        group.velocities(latent, t, ("cond", "sideways"))
+    assert not group.running

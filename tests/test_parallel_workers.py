@@ -1,9 +1,11 @@
 """The worker processes of `wan.parallel.workers` on 2 CPU processes (gloo) with the golden tiny DiT: the guidance
 passes of a step, sequence-parallel (1x2) and guidance-parallel (2x1), against the same passes run in this process
-by the plain path; TeaCache over several steps; a worker that dies or fails, and the restart after it."""
+by the plain path; TeaCache over several steps; a worker that dies or fails, and the restart after it; the whole
+pipeline with its DiT in the workers against the plain pipeline."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from golden import cases_with_prefix, load_case
+from PIL import Image
 from safetensors.torch import load_file
 
 from wan import sampling
@@ -19,6 +22,9 @@ from wan.configs import DiTConfig
 from wan.dit import MultiTalkDiT
 from wan.parallel.guidance import ClipConditioning, Split, combine, sequential_velocities
 from wan.parallel.workers import TeaCacheSettings, WorkerError, WorkerGroup
+from wan.pipeline import MultiTalkPipeline
+from wan.text_encoder import TextEncoder, load_umt5
+from wan.vae import VideoVAE
 
 pytestmark = pytest.mark.skipif(
     not {"dit_1p", "dit_2p"} <= set(cases_with_prefix("dit_")), reason="golden dit_1p/dit_2p cases not found"
@@ -143,3 +149,50 @@ def test_error_in_a_worker_is_reported_with_its_traceback(group):
     with pytest.raises(WorkerError, match=r"(?s)DiT worker \d on cpu failed:.*unknown guidance branch 'sideways'"):
         group.velocities(latent, t, ("cond", "sideways"))
     assert not group.running
+
+
+@pytest.fixture(scope="module")
+def pipeline_parts(tmp_path_factory):
+    """The tiny pipeline of the golden pipeline_e2e case (its DiT is dit_1p's), CLIP stubbed by its stored output."""
+    case = load_case("pipeline_e2e")
+    t5_path = case.file("weights", "t5")
+    text_encoder = TextEncoder(load_umt5(load_file(t5_path), t5_path, dtype=torch.float32, device="cpu"), None, 24)
+    ids, mask = case.inputs()["t5_ids"], case.inputs()["t5_mask"]
+    vae_path = tmp_path_factory.mktemp("vae") / "vae.pth"
+    torch.save(load_file(case.file("weights", "vae")), vae_path)
+    clip = case.inputs()["clip_stub_output"]
+    vae = VideoVAE.from_checkpoint(vae_path, dtype=torch.float32)
+    return (lambda prompts: text_encoder.encode_ids(ids, mask)), (lambda frames: clip), vae
+
+
+@pytest.mark.parametrize(
+    "speakers, frames, options",
+    [
+        (2, 14, dict()),  # 3 passes, two clips: motion frames re-noised by the driver
+        (1, 9, dict(text_guide_scale=1.0, extra_args={"use_teacache": True, "teacache_thresh": 1e6})),
+    ],
+    ids=["2p-3pass-stream", "1p-2pass-teacache"],
+)
+def test_pipeline_with_workers_equals_plain_pipeline(group, pipeline_parts, speakers, frames, options):
+    text_encoder, image_encoder, vae = pipeline_parts
+    plain_pipeline = MultiTalkPipeline.from_components(golden_model(), text_encoder, image_encoder, vae)
+    parallel = MultiTalkPipeline.from_components(golden_model(), text_encoder, image_encoder, vae, workers=group)
+    generator = torch.Generator().manual_seed(frames)
+    audio = {f"person{k + 1}": torch.randn(frames, 12, 768, generator=generator) for k in range(speakers)}
+    request = {"prompt": "talk", "cond_image": Image.new("RGB", (96, 64), (120, 80, 60)), "cond_audio": audio}
+    args = dict(size_buckget={"0.67": [32, 48]}, frame_num=9, motion_frame=5, sampling_steps=7, shift=7.0, seed=3)
+    with one_thread():  # as the CPU workers: else matmul rounding differs, and the second clip amplifies it
+        expected = plain_pipeline.generate(request, progress=False, **args, **options)
+    video = parallel.generate(request, progress=False, **args, **options)
+    assert set(parallel.pass_seconds) == {1, 2}  # measured on the first clip; a split chosen from them
+    torch.testing.assert_close(video, expected, rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -22,7 +22,16 @@ from PIL import Image
 from . import sampling
 from .attention import fastest_self_attention
 from .conditioning import audio_window, choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
-from .configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
+from .configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE, DiTConfig
+from .parallel.guidance import (
+    ClipConditioning,
+    choose_split,
+    combine,
+    guidance_branches,
+    sequential_velocities,
+    valid_splits,
+)
+from .parallel.workers import TeaCacheSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,14 @@ class GuidanceOptions:
             return cls()
         get = extra_args.get if isinstance(extra_args, Mapping) else lambda k, d: getattr(extra_args, k, d)
         return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class _DiTShape:
+    """What the pipeline reads of a DiT that lives in worker processes."""
+
+    config: DiTConfig
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -157,14 +174,20 @@ class MultiTalkPipeline:
         dtype: torch.dtype = torch.bfloat16,
         compile: bool = False,
         fp8: bool = False,
+        gpus: int = 1,
     ):
+        """`gpus` > 1: the DiT runs in one worker process per GPU (`wan.parallel`), cuda:0 .. cuda:gpus-1, with the
+        split of the guidance passes and the sequence chosen from pass times measured on the first clip."""
         from .checkpoints import WanFiles, check_files, dit_tensor_reader, load_dit
         from .image_encoder import ImageEncoder
         from .text_encoder import TextEncoder
         from .vae import VideoVAE
 
         if t5_fsdp or dit_fsdp or use_usp or rank != 0:
-            raise NotImplementedError("multi-GPU inference (FSDP / sequence parallel) is not supported by this package")
+            raise NotImplementedError(
+                "FSDP and the reference's torchrun sequence parallel are not supported; pass gpus=N instead: this "
+                "process then starts one DiT worker per GPU (sequence and guidance parallel)"
+            )
         if quant or quant_dir:
             raise NotImplementedError("quantised checkpoints are not supported; use the bf16 weights (or fp8 via bench)")
         if device is None:
@@ -172,7 +195,18 @@ class MultiTalkPipeline:
         device = torch.device(device)
         check_files(checkpoint_dir, multitalk_dir)
         files = WanFiles(Path(checkpoint_dir))
-        dit = load_dit(files.root, multitalk_dir, dtype=dtype, device=device)
+        workers = None
+        if gpus > 1:
+            from .parallel.workers import CheckpointSource, WorkerGroup, WorkerOptions, visible_devices
+
+            if len(visible_devices()) < gpus:
+                raise ValueError(f"gpus={gpus}, but only {len(visible_devices())} GPUs are visible")
+            source = CheckpointSource(files.root, multitalk_dir, dtype)
+            workers = WorkerGroup(source, visible_devices()[:gpus], WorkerOptions(compile=compile, fp8=fp8))
+            workers.start()
+            dit = _DiTShape(DiTConfig.from_json(files.config), dtype)
+        else:
+            dit = load_dit(files.root, multitalk_dir, dtype=dtype, device=device)
         self._setup(
             dit=dit,
             text_encoder=TextEncoder.from_checkpoint(
@@ -184,14 +218,18 @@ class MultiTalkPipeline:
             vae=VideoVAE.from_checkpoint(files.vae, device=device),
             device=device,
             negative_prompt=getattr(config, "sample_neg_prompt", None) or DEFAULT_NEGATIVE_PROMPT,
+            workers=workers,
         )
-        # LoRA merges are undone by re-reading the touched weights from the shards: no copies held in memory.
-        self._reload = dit_tensor_reader(files.root, multitalk_dir, dtype=dtype, device=device)
+        if workers is None:
+            # LoRA merges are undone by re-reading the touched weights from the shards: no copies held in memory.
+            self._reload = dit_tensor_reader(files.root, multitalk_dir, dtype=dtype, device=device)
         if lora_dir:
             scales = list(lora_scales or [1.0] * len(lora_dir))
             if len(scales) != len(lora_dir):
                 raise ValueError(f"lora_scales: got {len(scales)} scales for {len(lora_dir)} LoRA files")
             self.set_loras(list(zip(lora_dir, scales)))
+        if workers is not None:
+            return  # the workers chose their kernels and compiled (WorkerOptions)
         if fp8:
             from .fp8 import quantize_blocks
 
@@ -211,14 +249,20 @@ class MultiTalkPipeline:
         vae: Any,
         device: str | torch.device = "cpu",
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        workers: Any = None,
     ) -> "MultiTalkPipeline":
-        """A pipeline around already-built components (tests, benchmarks, custom loading)."""
+        """A pipeline around already-built components (tests, benchmarks, custom loading). With `workers` (a
+        `wan.parallel.workers.WorkerGroup`) the DiT runs there and only `dit.config` and `dit.dtype` are read."""
         pipeline = cls.__new__(cls)
-        pipeline._setup(dit, text_encoder, image_encoder, vae, torch.device(device), negative_prompt)
+        pipeline._setup(dit, text_encoder, image_encoder, vae, torch.device(device), negative_prompt, workers)
         return pipeline
 
-    def _setup(self, dit, text_encoder, image_encoder, vae, device: torch.device, negative_prompt: str) -> None:
+    def _setup(
+        self, dit, text_encoder, image_encoder, vae, device: torch.device, negative_prompt: str, workers=None
+    ) -> None:
         self.dit = dit
+        self.workers = workers  # wan.parallel.workers.WorkerGroup, or None: the DiT runs in this process
+        self.pass_seconds: dict[int, float] | None = None  # per sequence degree, measured on the first clip
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.vae = vae
@@ -228,6 +272,11 @@ class MultiTalkPipeline:
         self._merged = None
         self._reload = None
 
+    def close(self) -> None:
+        """Stop the DiT worker processes, if any (also done when the pipeline is garbage-collected)."""
+        if self.workers is not None:
+            self.workers.close()
+
     def set_loras(self, loras: list[tuple[str | Path, float]], alpha_mode: str = "standard") -> None:
         """Make `loras` ((file, scale) pairs) the merged set: restores the exact base weights of the previous set
         first; no work when the set is unchanged."""
@@ -235,6 +284,10 @@ class MultiTalkPipeline:
 
         wanted = [(str(path), float(scale)) for path, scale in loras]
         if wanted == self.loras:
+            return
+        if self.workers is not None:
+            self.workers.set_loras(wanted)
+            self.loras = wanted
             return
         if self._merged is not None:
             self._merged.restore()
@@ -406,42 +459,50 @@ class MultiTalkPipeline:
         if motion:
             renoise_motion(steps[0])
 
-        two_pass = sampling.passes_per_step(text_scale) == 2
-        audio_null = torch.zeros_like(audio[-1:])
-        teacache = sampling.TeaCache(options.teacache_thresh, teacache_bucket) if options.use_teacache else None
+        branches = guidance_branches(text_scale)
+        cond = ClipConditioning(context, context_null, clip_fea, y, audio, masks)
         buffers = [sampling.MomentumBuffer(options.apg_momentum) for _ in range(2)] if options.use_apg else None
+        if self.workers is None:
+            teacache = sampling.TeaCache(options.teacache_thresh, teacache_bucket) if options.use_teacache else None
 
-        def velocity(branch: str, text: torch.Tensor, sound: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            cache = teacache.branch(branch) if teacache is not None else None
-            return self.dit(latent, t, text, clip_fea, y, sound, masks, cache=cache)
+            def velocities(latent: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+                return sequential_velocities(self.dit, latent, t, cond, branches, teacache)
+
+        else:
+            self._use_best_split(cond, latent, steps[:1], len(branches))
+            settings = TeaCacheSettings(options.teacache_thresh, teacache_bucket) if options.use_teacache else None
+            self.workers.begin_clip(cond, settings)
+
+            def velocities(latent: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+                return self.workers.velocities(latent, t, branches)
 
         for i in range(len(steps) - 1):
             t = steps[i : i + 1]
-            v_cond = velocity("cond", context, audio, t)
-            if two_pass:
-                v_drop_audio = velocity("drop_audio", context, audio_null, t)
-                if buffers:
-                    v = sampling.guide_apg_audio_only(
-                        v_cond, v_drop_audio, audio_scale, buffers[1], options.apg_norm_threshold
-                    )
-                else:
-                    v = sampling.guide_audio_only(v_cond, v_drop_audio, audio_scale)
-            else:
-                v_drop_text = velocity("drop_text", context_null, audio, t)
-                v_uncond = velocity("uncond", context_null, audio_null, t)
-                if buffers:
-                    v = sampling.guide_apg(
-                        v_cond, v_drop_text, v_uncond, text_scale, audio_scale, *buffers, options.apg_norm_threshold
-                    )
-                else:
-                    v = sampling.guide(v_cond, v_drop_text, v_uncond, text_scale, audio_scale)
+            v = combine(velocities(latent, t), text_scale, audio_scale, buffers, options.apg_norm_threshold)
             latent = sampling.euler_step(latent, v, steps[i], steps[i + 1])
             if motion:
                 renoise_motion(steps[i + 1])
             report(i + 1)
-        if teacache is not None:
-            log.info("TeaCache skipped %.0f%% of this clip's DiT passes", 100 * teacache.skipped_fraction())
+        if options.use_teacache:
+            skipped = teacache.skipped_fraction() if self.workers is None else self.workers.end_clip()
+            log.info("TeaCache skipped %.0f%% of this clip's DiT passes", 100 * skipped)
+        elif self.workers is not None:
+            self.workers.end_clip()
         return self.vae.decode(latent)
+
+    def _use_best_split(self, cond: ClipConditioning, latent: torch.Tensor, t: torch.Tensor, passes: int) -> None:
+        """Give the workers the fastest split for `passes` passes a step; the first call measures a pass at every
+        sequence degree the GPUs allow, on this clip."""
+        workers = self.workers
+        if self.pass_seconds is None:
+            workers.start()
+            degrees = sorted({split.degree for split in valid_splits(workers.size, 1, workers.heads)})
+            self.pass_seconds = workers.time_passes(cond, latent, t, degrees)
+            log.info("DiT pass seconds by sequence degree: %s", self.pass_seconds)
+        split = choose_split(workers.size, passes, workers.heads, self.pass_seconds)
+        if split != workers.split:
+            log.info("%d passes a step: %d guidance groups x %d GPUs each", passes, split.groups, split.degree)
+        workers.use_split(split)
 
     @staticmethod
     def _report(on_step: StepCallback | None, progress: bool, info: StepInfo) -> None:

@@ -76,7 +76,8 @@ def branch_velocity(
     parallel: SequenceParallel | None = None,
 ) -> torch.Tensor:
     text, audio = cond.branch_inputs(branch)
-    return dit(latent, t, text, cond.clip_fea, cond.y, audio, cond.masks, cache=cache, parallel=parallel)
+    sequence = {} if parallel is None else dict(parallel=parallel)
+    return dit(latent, t, text, cond.clip_fea, cond.y, audio, cond.masks, cache=cache, **sequence)
 
 
 def sequential_velocities(

@@ -356,8 +356,8 @@ class _Worker:
         self.rank, self.device, self.source = rank, device, source
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        else:  # CPU workers (tests) share the cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        else:  # CPU workers (tests): one thread each, so that results do not depend on the machine's cores
+            torch.set_num_threads(1)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             init_method=f"tcp://127.0.0.1:{port}",

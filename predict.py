@@ -52,9 +52,11 @@ class Predictor(BasePredictor):
         paths = resolve_weights(weights)
         on_gpu = torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
+        # Every visible GPU: with more than one the DiT runs in one worker process per GPU (wan.parallel).
+        gpus = torch.cuda.device_count() if on_gpu else 1
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
         self.pipeline = MultiTalkPipeline(
-            checkpoint_dir=paths.wan, multitalk_dir=paths.multitalk, device=device, compile=on_gpu
+            checkpoint_dir=paths.wan, multitalk_dir=paths.multitalk, device=device, compile=on_gpu, gpus=gpus
         )
         if on_gpu:
             self.pipeline.warm_up()

@@ -18,12 +18,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from wan import sampling
+from wan.checkpoints import FAST_LORA_DIR_NAME, FAST_LORA_NAME, MULTITALK_DIR_NAME, WAN_DIR_NAME
 from wan.configs import DiTConfig
 from wan.dit import MultiTalkDiT
 from wan.parallel.guidance import ClipConditioning, Split, combine, sequential_velocities
-from wan.parallel.workers import TeaCacheSettings, WorkerError, WorkerGroup
+from wan.lora import merge_loras
+from wan.parallel.workers import CheckpointSource, TeaCacheSettings, WorkerError, WorkerGroup
 from wan.pipeline import MultiTalkPipeline
 from wan.text_encoder import TextEncoder, load_umt5
+from wan.tiny import write_tiny_checkpoints
 from wan.vae import VideoVAE
 
 pytestmark = pytest.mark.skipif(
@@ -196,3 +199,46 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def random_conditioning(config: DiTConfig, generator: torch.Generator) -> tuple[ClipConditioning, torch.Tensor]:
+    """Random inputs of a 9-frame, 64 x 96 two-speaker clip in the pipeline's shapes; returns them and the latent."""
+    frames, lat_h, lat_w = 3, 8, 12
+    masks = torch.zeros(3, lat_h, lat_w)
+    masks[0, :, : lat_w // 2], masks[1, :, lat_w // 2 :], masks[2] = 1, 1, 1
+    cond = ClipConditioning(
+        context=torch.randn(7, config.text_dim, generator=generator),
+        context_null=torch.randn(9, config.text_dim, generator=generator),
+        clip_fea=torch.randn(1, 257, config.clip_dim, generator=generator),
+        y=torch.randn(1, 20, frames, lat_h, lat_w, generator=generator),
+        audio=torch.randn(2, 9, config.audio_window, config.audio_layers, config.audio_channels, generator=generator),
+        masks=masks,
+    )
+    return cond, torch.randn(16, frames, lat_h, lat_w, generator=generator)
+
+
+def test_workers_stream_the_checkpoint_and_merge_and_restore_loras(tmp_path):
+    root = write_tiny_checkpoints(tmp_path)
+    source = CheckpointSource(root / WAN_DIR_NAME, root / MULTITALK_DIR_NAME, dtype=torch.float32)
+    lora = root / FAST_LORA_DIR_NAME / FAST_LORA_NAME
+    model = source.build(torch.device("cpu"))
+    cond, latent = random_conditioning(model.config, torch.Generator().manual_seed(0))
+    t = torch.tensor([900.0])
+    with torch.inference_mode(), one_thread():
+        base = sequential_velocities(model, latent, t, cond, THREE_PASS)
+        merged = merge_loras(model, [(lora, 1.0)])
+        with_lora = sequential_velocities(model, latent, t, cond, THREE_PASS)
+        merged.restore()
+    assert not torch.allclose(with_lora["cond"], base["cond"], atol=1e-3), "the LoRA must change the output"
+
+    group = WorkerGroup(source, ["cpu", "cpu"])
+    try:
+        group.set_loras([(lora, 1.0)])  # before the start: applied when the workers are up
+        group.use_split(Split(2, 1))
+        group.begin_clip(cond)
+        assert_same_velocities(group.velocities(latent, t, THREE_PASS), with_lora)
+        group.set_loras([])  # exact restore from the files
+        assert_same_velocities(group.velocities(latent, t, THREE_PASS), base)
+    finally:
+        group.close()
+    assert not group.running

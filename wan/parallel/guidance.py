@@ -106,7 +106,9 @@ def combine(
     v = velocities
     if "drop_audio" in v:
         if apg_buffers:
-            return sampling.guide_apg_audio_only(v["cond"], v["drop_audio"], audio_scale, apg_buffers[1], apg_norm_threshold)
+            return sampling.guide_apg_audio_only(
+                v["cond"], v["drop_audio"], audio_scale, apg_buffers[1], apg_norm_threshold
+            )
         return sampling.guide_audio_only(v["cond"], v["drop_audio"], audio_scale)
     if apg_buffers:
         return sampling.guide_apg(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -144,6 +145,7 @@ class WorkerGroup:
         self.devices = list(devices)
         self.options = options
         self.heads: int | None = None  # the DiT's, reported by the workers
+        self.worker_info: list[dict] = []  # what each worker reported when it was ready
         self.split: Split | None = None  # what the workers use (re-applied after a restart); default: all GPUs
         self.loras: tuple[tuple[str, float], ...] = ()
         self._processes: list[Any] = []
@@ -182,7 +184,8 @@ class WorkerGroup:
             self._processes.append(process)
             self._connections.append(ours)
         self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._connections)
-        self.heads = self._collect()[0]["heads"]
+        self.worker_info = self._collect()
+        self.heads = self.worker_info[0]["heads"]
         log.info("%d DiT workers ready on %s in %.0f s", self.size, ", ".join(self.devices), time.monotonic() - started)
         if self.split is None:  # the most GPUs a single pass can use
             self.split = max(valid_splits(self.size, 1, self.heads), key=lambda split: split.gpus)
@@ -333,7 +336,7 @@ def _worker_main(
     os.environ.update(NCCL_SAFETY_ENV)
     try:
         worker = _Worker(rank, world, port, torch.device(device), source, options)
-        connection.send(("ready", dict(heads=worker.dit.config.num_heads)))
+        connection.send(("ready", worker.info()))
         while not isinstance(command := connection.recv(), _Stop):
             connection.send(("ok", worker.handle(command)))
     except EOFError:  # the driver is gone
@@ -373,6 +376,14 @@ class _Worker:
         self.cond: ClipConditioning | None = None
         self.teacache: sampling.TeaCache | None = None
 
+    def info(self) -> dict:
+        return dict(
+            heads=self.dit.config.num_heads,
+            device=str(self.device),
+            attention=getattr(self.dit.blocks[0].self_attn.attend, "__name__", "?"),
+            pid=os.getpid(),
+        )
+
     def _set_kernels(self, options: WorkerOptions) -> None:
         if self.device.type != "cuda":
             return
@@ -385,6 +396,9 @@ class _Worker:
 
             self.dit.set_self_attention(fastest_self_attention(self.device))
         if options.compile:
+            # Each sequence degree (its shard's sizes) is one more graph per speaker count, beyond dynamo's default
+            # of 8 variants per function on 8 GPUs; this process is the DiT's alone.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.dit.compile_blocks()
 
     def handle(self, command: Any) -> Any:

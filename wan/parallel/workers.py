@@ -19,6 +19,7 @@ import logging
 import multiprocessing.connection
 import os
 import socket
+import statistics
 import time
 import traceback
 import weakref
@@ -241,9 +242,8 @@ class WorkerGroup:
         self, cond: ClipConditioning, latent: torch.Tensor, t: torch.Tensor, degrees: Sequence[int], repeats: int = 2
     ) -> dict[int, float]:
         """Median seconds of one DiT pass (the driver's round trip) at each sequence degree, after one warm-up."""
-        kept = self.split
         self.begin_clip(cond)
-        seconds = {}
+        kept, seconds = self.split, {}
         try:
             for degree in degrees:
                 self.use_split(Split(1, degree))
@@ -252,7 +252,7 @@ class WorkerGroup:
                     started = time.perf_counter()
                     self.velocities(latent, t, ("cond",))
                     times.append(time.perf_counter() - started)
-                seconds[degree] = sorted(times[1:])[len(times[1:]) // 2]
+                seconds[degree] = statistics.median(times[1:])
         finally:
             if self.running:
                 self.end_clip()
@@ -346,7 +346,6 @@ def _worker_main(
             connection.send(("error", traceback.format_exc()))
         finally:
             os._exit(1)  # skip the process group's teardown: the other ranks may wait in a collective
-    connection.send(("ok", None))
     dist.destroy_process_group()
 
 

@@ -173,9 +173,10 @@ def check_full(devices: list[str], repeats: int, report: Report, smoke: bool = F
             within = measured[chosen] <= measured[fastest] * 1.05
             report.add(
                 f"14B {passes}-pass split choice",
-                within,
+                within or smoke,  # tiny CPU timings are noise: the smoke run only exercises the code
                 f"chosen {chosen} ({measured[chosen]:.3f} s), fastest measured {fastest} ({measured[fastest]:.3f} s), "
-                f"1x1 {measured[Split(1, 1)]:.3f} s: speed-up {measured[Split(1, 1)] / measured[chosen]:.2f}x",
+                f"1x1 {measured[Split(1, 1)]:.3f} s: speed-up {measured[Split(1, 1)] / measured[chosen]:.2f}x"
+                + (" (smoke run: not judged)" if smoke else " (chosen within 5 % of the fastest)"),
                 chosen=str(chosen),
                 fastest=str(fastest),
             )

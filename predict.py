@@ -63,9 +63,11 @@ class Runner(BaseRunner):
         # Every model on the GPU for the runner's life where it fits (80 GB cards), fp8 and parked or streamed weights
         # on smaller ones: chosen from the free memory (or MULTITALK_MEMORY_PLAN) and logged once, here.
         plan = plan_for_device(device)
+        # Every visible GPU: with more than one the DiT runs in one worker process per GPU (wan.parallel).
+        gpus = torch.cuda.device_count() if on_gpu else 1
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
         self.pipeline = load_pipeline(
-            paths.wan, paths.multitalk, paths.infinitetalk, device=device, compile=on_gpu, memory_plan=plan
+            paths.wan, paths.multitalk, paths.infinitetalk, device=device, compile=on_gpu, memory_plan=plan, gpus=gpus
         )
         self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
         self.costs = self.pipeline.warm_up(self._buckets("480p", "multitalk"))

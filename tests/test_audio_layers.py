@@ -26,7 +26,7 @@ def _state(pipeline) -> dict[str, torch.Tensor]:
 
 def test_switching_reads_the_files_and_switching_back_is_exact(pipeline, tiny_weights):
     original = _state(pipeline)
-    assert pipeline.audio_layers.active == "multitalk" and not pipeline.dit.audio_proj.float32_norm
+    assert pipeline.weights.active_audio_layers == "multitalk" and not pipeline.dit.audio_proj.float32_norm
     for name, relative in INFINITETALK_FILES.items():
         pipeline.set_weights(name)
         published = load_file(tiny_weights / INFINITETALK_DIR_NAME / relative)

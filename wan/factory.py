@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from .encoders.vae import VideoVAE
 from .generation.pipeline import Pipeline
 from .loading.audio_layers import AudioLayers, audio_layer_sets
 from .loading.checkpoints import WanFiles, check_files, dit_tensor_reader
+from .loading.dit_weights import DiTWeights
 from .loading.lora import LoraSet
 from .memory import FP8, RESIDENT, MemoryPlan, load_dit_for_plan, place_text_encoder, place_vae, text_encoder_device
 
@@ -32,6 +34,7 @@ def load_pipeline(
     compile: bool = False,
     fp8: bool = False,
     memory_plan: MemoryPlan | None = None,
+    gpus: int = 1,
     loras: Sequence[tuple[str | Path, float]] = (),
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
 ) -> Pipeline:
@@ -44,7 +47,9 @@ def load_pipeline(
     good, only while it encodes, or on the CPU. The DiT streams from the shards tensor by tensor, each block made
     ready for the plan as it arrives. `loras` are merged after that and stay undoable exactly (re-read from the shards,
     no copies kept). `compile` compiles every block (regionally; the graphs are built on the first call, e.g.
-    `Pipeline.warm_up`).
+    `Pipeline.warm_up`). `gpus` > 1: the DiT runs in one worker process per GPU (`wan.parallel`: sequence parallel
+    and the guidance passes on different GPUs), each streaming the weights from the same files; the encoders stay
+    here, on `device`.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = memory_plan or (FP8 if fp8 else RESIDENT)
@@ -55,18 +60,25 @@ def load_pipeline(
         files.t5, files.t5_tokenizer, text_len=DiTConfig.from_json(files.config).text_len, dtype=dtype,
         device=text_encoder_device(plan, device),
     )
-    dit = load_dit_for_plan(files.root, multitalk_dir, plan, dtype=dtype, device=device)
+    dit, weights, workers = None, None, None
+    if gpus > 1:
+        workers = start_workers(files, multitalk_dir, infinitetalk_dir, plan, dtype, compile, gpus, loras)
+        dit = DiTShape(DiTConfig.from_json(files.config), dtype)
+    else:
+        dit = load_dit_for_plan(files.root, multitalk_dir, plan, dtype=dtype, device=device)
+        weights = DiTWeights(
+            LoraSet(dit, reload=dit_tensor_reader(files.root, multitalk_dir, dtype=dtype, device=device)),
+            AudioLayers(dit, audio_layer_sets(files.root, multitalk_dir, infinitetalk_dir)),
+        )
+        weights.set_weights(None, loras)
+        log.info("DiT self-attention: %s", dit.blocks[0].self_attn.attend.__name__)
+        if compile:
+            dit.compile_blocks()
     image_encoder = ImageEncoder.from_checkpoint(
         files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device
     )
     vae = VideoVAE.from_checkpoint(files.vae, device=device)
     place_vae(vae, plan)
-    audio_layers = AudioLayers(dit, audio_layer_sets(files.root, multitalk_dir, infinitetalk_dir))
-    lora_set = LoraSet(dit, reload=dit_tensor_reader(files.root, multitalk_dir, dtype=dtype, device=device))
-    lora_set.set(loras)
-    log.info("DiT self-attention: %s", dit.blocks[0].self_attn.attend.__name__)
-    if compile:
-        dit.compile_blocks()
     return Pipeline(
         dit,
         place_text_encoder(text_encoder, plan, device),
@@ -74,6 +86,31 @@ def load_pipeline(
         vae,
         device=device,
         negative_prompt=negative_prompt,
-        loras=lora_set,
-        audio_layers=audio_layers,
+        weights=weights,
+        workers=workers,
     )
+
+
+@dataclass(frozen=True)
+class DiTShape:
+    """What the pipeline reads of a DiT that lives in worker processes."""
+
+    config: DiTConfig
+    dtype: torch.dtype
+
+
+def start_workers(
+    files: WanFiles, multitalk_dir, infinitetalk_dir, plan: MemoryPlan, dtype: torch.dtype, compile: bool, gpus: int,
+    loras: Sequence[tuple[str | Path, float]],
+):
+    """One DiT worker process per GPU (cuda:0 .. cuda:gpus-1), each streaming the weights from the same files."""
+    from .parallel.workers import CheckpointSource, WorkerGroup, WorkerOptions, visible_devices
+
+    if len(visible_devices()) < gpus:
+        raise ValueError(f"gpus={gpus}, but only {len(visible_devices())} GPUs are visible")
+    source = CheckpointSource(files.root, multitalk_dir, infinitetalk_dir, dtype)
+    options = WorkerOptions(compile=compile, fp8=plan.dit_weights == "fp8")
+    workers = WorkerGroup(source, visible_devices()[:gpus], options)
+    workers.set_weights(None, loras)
+    workers.start()
+    return workers

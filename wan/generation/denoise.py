@@ -4,8 +4,9 @@ with the motion latent held in place."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -27,20 +28,49 @@ class ClipInputs:
     audio: torch.Tensor  # [speakers, frames, window, layers, channels]
     masks: torch.Tensor  # [3, h, w]
 
+    def to(self, device: torch.device | str) -> "ClipInputs":
+        return ClipInputs(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
-@dataclass(frozen=True)
-class Branch:
-    """One guidance pass: which text and audio the DiT gets."""
+    def branch_inputs(self, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, audio) of a guidance pass; a dropped audio is ONE silent speaker, as the reference."""
+        if branch not in sampling.GUIDANCE_BRANCHES:
+            raise ValueError(f"unknown guidance branch {branch!r}; expected one of {sampling.GUIDANCE_BRANCHES}")
+        text = self.context_null if branch in ("drop_text", "uncond") else self.context
+        audio = torch.zeros_like(self.audio[-1:]) if branch in ("drop_audio", "uncond") else self.audio
+        return text, audio
 
-    name: str  # one of sampling.GUIDANCE_BRANCHES
-    context: torch.Tensor
-    audio: torch.Tensor
+
+def guidance_branches(text_scale: float) -> tuple[str, ...]:
+    """The DiT passes of one step: (cond, drop_audio) without text guidance, else (cond, drop_text, uncond)."""
+    return ("cond", "drop_audio") if sampling.passes_per_step(text_scale) == 2 else ("cond", "drop_text", "uncond")
+
+
+def branch_velocity(
+    dit: Callable[..., torch.Tensor],
+    latent: torch.Tensor,
+    t: torch.Tensor,
+    inputs: ClipInputs,
+    branch: str,
+    cache: sampling.TeaCacheBranch | None = None,
+    **dit_options,
+) -> torch.Tensor:
+    """One guidance pass of the DiT (`dit_options`, e.g. `parallel`, go to its forward)."""
+    text, audio = inputs.branch_inputs(branch)
+    return dit(latent, t, text, inputs.clip_fea, inputs.y, audio, inputs.masks, cache=cache, **dit_options)
+
+
+class BranchRunner(Protocol):
+    """Runs the passes of a step elsewhere (e.g. `wan.parallel.workers.WorkerGroup`, one process per GPU)."""
+
+    def velocities(self, latent: torch.Tensor, t: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        ...
 
 
 class GuidedVelocity:
     """The guided velocity of one clip. Three passes a step (cond, drop_text, uncond) combine text and audio guidance;
-    with text scale 1, two (cond, drop_audio). The silent passes get ONE all-zero speaker, as the reference. APG
-    momentum and TeaCache state live here, so they start fresh every clip."""
+    with text scale 1, two (cond, drop_audio). The passes run here one after the other, or on a `runner`. APG momentum
+    and TeaCache state live here (TeaCache's in the runner's processes when there is one), so they start fresh every
+    clip."""
 
     def __init__(
         self,
@@ -50,45 +80,40 @@ class GuidedVelocity:
         audio_scale: float,
         guidance: GuidanceOptions,
         teacache_bucket: str,
+        runner: BranchRunner | None = None,
     ):
-        self.dit, self.inputs = dit, inputs
+        self.dit, self.inputs, self.runner = dit, inputs, runner
         self.text_scale, self.audio_scale = text_scale, audio_scale
         self.norm_threshold = guidance.apg_norm_threshold
-        silent = torch.zeros_like(inputs.audio[-1:])
-        if sampling.passes_per_step(text_scale) == 2:
-            self.branches = (Branch("cond", inputs.context, inputs.audio), Branch("drop_audio", inputs.context, silent))
-        else:
-            self.branches = (
-                Branch("cond", inputs.context, inputs.audio),
-                Branch("drop_text", inputs.context_null, inputs.audio),
-                Branch("uncond", inputs.context_null, silent),
-            )
-        self.teacache = sampling.TeaCache(guidance.teacache_thresh, teacache_bucket) if guidance.use_teacache else None
+        self.branches = guidance_branches(text_scale)
+        self.teacache = None
+        if guidance.use_teacache and runner is None:
+            self.teacache = sampling.TeaCache(guidance.teacache_thresh, teacache_bucket)
         self.buffers = None
         if guidance.use_apg:
             self.buffers = [sampling.MomentumBuffer(guidance.apg_momentum) for _ in self.branches[1:]]
 
-    def predict(self, branch: Branch, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cache = self.teacache.branch(branch.name) if self.teacache is not None else None
-        i = self.inputs
-        return self.dit(latent, t, branch.context, i.clip_fea, i.y, branch.audio, i.masks, cache=cache)
+    def velocities(self, latent: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each pass's velocity, by branch name."""
+        if self.runner is not None:
+            return self.runner.velocities(latent, t, self.branches)
+        caches = {b: self.teacache.branch(b) if self.teacache is not None else None for b in self.branches}
+        return {b: branch_velocity(self.dit, latent, t, self.inputs, b, caches[b]) for b in self.branches}
 
-    def combine(self, predictions: list[torch.Tensor]) -> torch.Tensor:
-        """The guided velocity from the branches' predictions, in `self.branches` order."""
-        if len(predictions) == 2:
-            cond, drop_audio = predictions
+    def combine(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The guided velocity from the passes' velocities (plain CFG, or APG)."""
+        if "drop_audio" in v:
             if self.buffers:
-                return sampling.guide_apg_audio_only(cond, drop_audio, self.audio_scale, self.buffers[0],
+                return sampling.guide_apg_audio_only(v["cond"], v["drop_audio"], self.audio_scale, self.buffers[0],
                                                      self.norm_threshold)
-            return sampling.guide_audio_only(cond, drop_audio, self.audio_scale)
-        cond, drop_text, uncond = predictions
+            return sampling.guide_audio_only(v["cond"], v["drop_audio"], self.audio_scale)
         if self.buffers:
-            return sampling.guide_apg(cond, drop_text, uncond, self.text_scale, self.audio_scale, *self.buffers,
-                                      self.norm_threshold)
-        return sampling.guide(cond, drop_text, uncond, self.text_scale, self.audio_scale)
+            return sampling.guide_apg(v["cond"], v["drop_text"], v["uncond"], self.text_scale, self.audio_scale,
+                                      *self.buffers, self.norm_threshold)
+        return sampling.guide(v["cond"], v["drop_text"], v["uncond"], self.text_scale, self.audio_scale)
 
     def __call__(self, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.combine([self.predict(branch, latent, t) for branch in self.branches])
+        return self.combine(self.velocities(latent, t))
 
 
 def denoise(

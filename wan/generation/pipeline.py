@@ -6,29 +6,50 @@ initial noise, then (later clips) one draw per re-noising of the motion latent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
 from ..configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
-from ..loading.audio_layers import AudioLayers
+from ..loading.dit_weights import DiTWeights
 from ..loading.lora import LoraSet
 from . import sampling
 from .clip_condition import infinitetalk_condition, multitalk_condition
 from .clips import clip_audio, plan_clips
 from .conditioning import choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
-from .denoise import ClipInputs, GuidedVelocity, denoise
+from .denoise import BranchRunner, ClipInputs, GuidedVelocity, denoise
 from .estimate import Costs, tokens_of
 from .request import GenerationRequest, SamplingOptions
 from .timing import StageClock
 
 log = logging.getLogger(__name__)
+
+class DiTWorkers(BranchRunner, Protocol):
+    """The DiT in other processes, one per GPU (`wan.parallel.workers.WorkerGroup`)."""
+
+    active_audio_layers: str | None
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str, float]]) -> None: ...
+
+    def time_passes(self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor) -> dict[int, float]: ...
+
+    def use_fastest_split(self, passes: int, pass_seconds: dict[int, float]) -> None: ...
+
+    def begin_clip(self, inputs: ClipInputs, teacache: tuple[float, str] | None) -> None: ...
+
+    def end_clip(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -55,8 +76,8 @@ class Pipeline:
         *,
         device: str | torch.device = "cpu",
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        loras: LoraSet | None = None,
-        audio_layers: AudioLayers | None = None,
+        weights: DiTWeights | None = None,
+        workers: DiTWorkers | None = None,
     ):
         self.dit = dit
         self.text_encoder = text_encoder
@@ -65,17 +86,20 @@ class Pipeline:
         self.device = torch.device(device)
         self.negative_prompt = negative_prompt
         # Without a checkpoint reader, undoing a LoRA needs copies of the weights it touched (kept on the host).
-        self.loras = loras if loras is not None else LoraSet(dit)
-        self.audio_layers = audio_layers  # None: the DiT keeps the audio layers it was built with
+        self.weights = weights if weights is not None else DiTWeights(LoraSet(dit))
+        # With workers the DiT runs in one process per GPU (`wan.parallel`); `dit` then only tells its config/dtype.
+        self.workers = workers
+        self.pass_seconds: dict[int, float] | None = None  # per sequence degree, measured on the first clip
 
     def set_weights(self, audio_layers: str | None = None, loras: Sequence[tuple[str, float]] = ()) -> None:
         """The DiT's audio-layer set (`multitalk`, `infinitetalk-single`, `infinitetalk-multi`; None: unchanged) and
-        merged LoRAs ((file, scale) pairs) for the next requests. Only what changes is touched, and every change is
-        exact: LoRAs come off (restoring the base) before the audio layers are swapped, as they may touch them."""
-        if audio_layers is not None and self.audio_layers is not None and audio_layers != self.audio_layers.active:
-            self.loras.set([])
-            self.audio_layers.use(audio_layers)
-        self.loras.set(loras)
+        merged LoRAs ((file, scale) pairs) for the next requests; only what changes is touched, exactly."""
+        (self.workers or self.weights).set_weights(audio_layers, loras)
+
+    def close(self) -> None:
+        """Stop the DiT worker processes, if any (also done when the pipeline is garbage-collected)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def warm_up(self, size_bucket: str | Mapping[str, Sequence[int]] = "multitalk-480", frame_num: int = 81) -> Costs:
         """Two one-step generations of a two-speaker clip of the most common shape: the first builds the compiled
@@ -88,6 +112,8 @@ class Pipeline:
         options = SamplingOptions(size_bucket={"0.50": [height, width]}, frame_num=frame_num, steps=1, seed=0,
                                   color_correction=1.0)
         self.generate(request, options, progress=False)
+        if self.workers is not None:  # also build and pick the split of two passes a step
+            self.generate(request, dataclasses.replace(options, text_scale=1.0), progress=False)
         clock = StageClock(self.device)
         self.generate(request, options, progress=False, clock=clock)
         seconds = clock.seconds
@@ -124,9 +150,10 @@ class Pipeline:
         if any(tuple(a.shape[1:]) != wanted for a in request.audio):
             shapes = [tuple(a.shape) for a in request.audio]
             raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
-        if self.audio_layers is not None and not self.audio_layers.active.startswith(options.model):
-            raise ValueError(f"model: the DiT holds the {self.audio_layers.active} audio layers, not {options.model}'s; "
-                             "call set_weights first")
+        active = (self.workers or self.weights).active_audio_layers
+        if active is not None and not active.startswith(options.model):
+            raise ValueError(f"model: the DiT holds the {active} audio layers, not {options.model}'s; call set_weights "
+                             "first")
         speakers = [a.float() for a in request.audio]
         image = request.source_frame(0)
         height, width = choose_bucket(image.height, image.width, options.size_bucket)
@@ -159,9 +186,12 @@ class Pipeline:
             audio = clip_audio(speakers, plan, index).to(self.device)
             inputs = ClipInputs(context, context_null, clip_fea, condition.y, audio, masks)
             velocity = GuidedVelocity(
-                self.dit, inputs, options.text_scale, options.audio_scale, options.guidance, teacache_bucket
+                self.dit, inputs, options.text_scale, options.audio_scale, options.guidance, teacache_bucket,
+                runner=self.workers,
             )
             latent = torch.randn(16, condition.y.shape[2], lat_h, lat_w, generator=generator, device=self.device)
+            if self.workers is not None:
+                self._begin_worker_clip(inputs, latent, timesteps[:1], len(velocity.branches), options, teacache_bucket)
 
             def report(step: int, clip: int = index + 1) -> None:
                 info = StepInfo(step, options.steps, clip, plan.clips, time.monotonic() - started)
@@ -173,9 +203,11 @@ class Pipeline:
 
             with clock.stage("dit"):
                 latent = denoise(velocity, latent, timesteps, condition.motion, generator, report)
-            if velocity.teacache is not None:
-                log.info("TeaCache skipped %.0f%% of clip %d's DiT passes", 100 * velocity.teacache.skipped_fraction(),
-                         index + 1)
+            skipped = velocity.teacache.skipped_fraction() if velocity.teacache is not None else None
+            if self.workers is not None:
+                skipped = self.workers.end_clip()
+            if options.guidance.use_teacache:
+                log.info("TeaCache skipped %.0f%% of clip %d's DiT passes", 100 * skipped, index + 1)
             with clock.stage("vae_decode"):
                 video = self.vae.decode(latent)
             if options.color_correction > 0:
@@ -184,6 +216,21 @@ class Pipeline:
             kept.append(video if index == 0 else video[:, options.motion_frame :])
             previous = video
         return torch.cat(kept, dim=1)[:, : plan.total].float().cpu()
+
+    def _begin_worker_clip(
+        self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor, passes: int, options: SamplingOptions,
+        teacache_bucket: str,
+    ) -> None:
+        """The workers get the clip and the fastest split for `passes` passes a step; the first clip measures a pass
+        at every sequence degree the GPUs allow."""
+        workers = self.workers
+        if self.pass_seconds is None:
+            workers.start()
+            self.pass_seconds = workers.time_passes(inputs, latent, t)
+            log.info("DiT pass seconds by sequence degree: %s", self.pass_seconds)
+        workers.use_fastest_split(passes, self.pass_seconds)
+        guidance = options.guidance
+        workers.begin_clip(inputs, (guidance.teacache_thresh, teacache_bucket) if guidance.use_teacache else None)
 
     def _encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         # Where the encoder runs is the memory plan's business (`wan.memory.place_text_encoder`).

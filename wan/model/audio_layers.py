@@ -3,6 +3,8 @@ the two-speaker routing (reference attention map -> label-RoPE positions)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,19 +101,27 @@ def reference_attention_map(q: torch.Tensor, k: torch.Tensor, token_masks: torch
     return per_head.float().mean(dim=1).T.to(q.dtype)
 
 
-def _rescale(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    low_v, high_v = values.min(), values.max()
+def _rescale(
+    values: torch.Tensor, low_v: torch.Tensor, high_v: torch.Tensor, low: float, high: float
+) -> torch.Tensor:
     return (values - low_v) / (high_v - low_v + 1e-8) * (high - low) + low
 
 
-def speaker_query_positions(attn_map: torch.Tensor, class_range: int, class_interval: int) -> torch.Tensor:
+def speaker_query_positions(
+    attn_map: torch.Tensor,
+    class_range: int,
+    class_interval: int,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Label-RoPE position per video token `[L]` from the attention map `[3, L]` (person1, person2, background).
 
     Person rows are min-max scaled to [0, interval] and [range - interval, range]; the background is range // 2;
-    each token takes the value of its argmax row.
+    each token takes the value of its argmax row. `bounds`: the person rows' (min, max), two `[2]` tensors, taken
+    over the whole sequence when `attn_map` holds only a slice of it (sequence parallel); default: `attn_map`'s own.
     """
-    person1 = _rescale(attn_map[0], 0, class_interval)
-    person2 = _rescale(attn_map[1], class_range - class_interval, class_range)
+    low, high = bounds if bounds is not None else (attn_map[:2].amin(dim=1), attn_map[:2].amax(dim=1))
+    person1 = _rescale(attn_map[0], low[0], high[0], 0, class_interval)
+    person2 = _rescale(attn_map[1], low[1], high[1], class_range - class_interval, class_range)
     background = torch.full_like(person1, class_range // 2)
     choices = torch.stack([person1, person2, background])
     return choices.gather(0, attn_map.argmax(dim=0, keepdim=True))[0]
@@ -147,13 +157,35 @@ class AudioCrossAttention(nn.Module):
         audio_tokens: torch.Tensor,
         q_positions: torch.Tensor | None = None,
         k_positions: torch.Tensor | None = None,
+        first_token: int = 0,
+        frame_tokens: int | None = None,
     ) -> torch.Tensor:
-        """x `[1, T*S, dim]`, audio_tokens `[T, N_a, audio_dim]`, positions `[T*S]` / `[N_a]` or None."""
+        """x `[1, n, dim]`, audio_tokens `[T, N_a, audio_dim]`, positions `[n]` / `[N_a]` or None.
+
+        x holds tokens `first_token .. first_token + n - 1` of the frame-major video sequence of T frames with
+        `frame_tokens` tokens each (default: the whole sequence, n / T per frame). A slice (sequence parallel) may
+        start and end inside a frame: its rows are laid into whole frames for the per-frame attention; rows past the
+        last frame (the sequence's padding) come out as zeros.
+        """
         frames, n_audio = audio_tokens.shape[:2]
-        q = self.q_linear(x).view(frames, -1, self.num_heads, self.head_dim)
-        k, v = self.kv_linear(audio_tokens).view(frames, n_audio, 2, self.num_heads, self.head_dim).unbind(2)
+        tokens = x.shape[1]
+        frame_tokens = tokens // frames if frame_tokens is None else frame_tokens
+        valid = min(tokens, frames * frame_tokens - first_token)
+        if valid <= 0:  # a slice of padding only
+            return torch.zeros_like(x)
+        first_frame, lead = first_token // frame_tokens, first_token % frame_tokens
+        span = math.ceil((lead + valid) / frame_tokens)  # frames this slice touches
+
+        q = self.q_linear(x[0, :valid]).unflatten(-1, (self.num_heads, self.head_dim))
+        audio = audio_tokens[first_frame : first_frame + span]
+        k, v = self.kv_linear(audio).view(span, n_audio, 2, self.num_heads, self.head_dim).unbind(2)
         if q_positions is not None:
-            q = apply_rope(q, *label_rope(q_positions.view(frames, -1), self.head_dim)).to(v.dtype)
+            q = apply_rope(q, *label_rope(q_positions[:valid], self.head_dim)).to(v.dtype)
             k = apply_rope(k, *label_rope(k_positions, self.head_dim)).to(v.dtype)
-        out = attention(q, k, v).flatten(2)
-        return self.proj(out).view(x.shape)
+        if lead or valid % frame_tokens:
+            q = F.pad(q, (0, 0, 0, 0, lead, span * frame_tokens - lead - valid))
+        out = attention(q.view(span, frame_tokens, self.num_heads, self.head_dim), k, v).flatten(2)
+        out = self.proj(out.flatten(0, 1)[lead : lead + valid])
+        if valid < tokens:
+            out = F.pad(out, (0, 0, 0, tokens - valid))
+        return out[None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,9 @@ from .audio_layers import (
 )
 from ..configs import DiTConfig
 from .rope import apply_rope, grid_rope
+
+if TYPE_CHECKING:
+    from ..parallel.sequence import SequenceParallel, TokenShard
 
 CLIP_TOKENS = 257
 
@@ -110,18 +113,26 @@ class SelfAttention(nn.Module):
         self.norm_k = _norm_or_identity(qk_norm, dim, eps)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], token_masks: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        token_masks: torch.Tensor | None = None,
+        shard: TokenShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x `[1, L, dim]`; rope cos/sin `[L, head_dim/2]`. Returns the output and, when speaker token masks are
-        given, the reference attention map `[3, L]` used to route two speakers."""
+        given, the reference attention map `[3, L]` used to route two speakers. With a `shard`, x and rope hold this
+        rank's slice of the tokens and the attention runs over the whole sequence."""
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(x.dtype)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
-        out = self.o(self.attend(q, k, v).flatten(2))
-        # The map only routes speakers; like the reference, no gradient flows through it.
-        attn_map = None if token_masks is None else reference_attention_map(q.detach(), k.detach(), token_masks)
-        return out, attn_map
+        out = self.attend(q, k, v) if shard is None else shard.attention(q, k, v, self.attend)
+        out = self.o(out.flatten(2))
+        if token_masks is None:
+            return out, None
+        # The map's keys are the first frame's tokens; like the reference, no gradient flows through it.
+        ref_k = k if shard is None else shard.leading_tokens(k, token_masks.shape[1])
+        return out, reference_attention_map(q.detach(), ref_k.detach(), token_masks)
 
 
 class ImageTextCrossAttention(SelfAttention):
@@ -175,15 +186,16 @@ class DiTBlock(nn.Module):
         audio_tokens: torch.Tensor,
         token_masks: torch.Tensor | None = None,
         key_positions: torch.Tensor | None = None,
+        shard: TokenShard | None = None,
     ) -> torch.Tensor:
         """x `[1, L, dim]`; e0 `[1, 6, dim]` float32; audio_tokens `[T, N_a, output_dim]`; token_masks and
-        key_positions only with two speakers."""
+        key_positions only with two speakers; `shard`: x is this rank's slice of the tokens (sequence parallel)."""
         dtype = x.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
 
         # Modulation and gated residuals in float32, rounded back to the activation dtype (as the reference).
         y, attn_map = self.self_attn(
-            (self.norm1(x).float() * (1 + scale_sa) + shift_sa).to(dtype), rope, token_masks=token_masks
+            (self.norm1(x).float() * (1 + scale_sa) + shift_sa).to(dtype), rope, token_masks=token_masks, shard=shard
         )
         x = (x.float() + y.float() * gate_sa).to(dtype)
 
@@ -191,9 +203,11 @@ class DiTBlock(nn.Module):
 
         query_positions = None
         if attn_map is not None:
-            query_positions = speaker_query_positions(attn_map, self.class_range, self.class_interval)
+            bounds = None if shard is None else shard.row_bounds(attn_map[:2])
+            query_positions = speaker_query_positions(attn_map, self.class_range, self.class_interval, bounds)
+        where = {} if shard is None else dict(first_token=shard.start, frame_tokens=shard.frame_tokens)
         x = x + self.audio_cross_attn(
-            self.norm_x(x), audio_tokens, q_positions=query_positions, k_positions=key_positions
+            self.norm_x(x), audio_tokens, q_positions=query_positions, k_positions=key_positions, **where
         )
 
         y = self.ffn((self.norm2(x).float() * (1 + scale_ff) + shift_ff).to(dtype))
@@ -274,12 +288,15 @@ class MultiTalkDiT(nn.Module):
         audio: torch.Tensor,
         ref_target_masks: torch.Tensor,
         cache: BlockCache | None = None,
+        parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
         """Velocity `[out_dim, T, h, w]` (float32) for one sample.
 
         x `[16, T, h, w]`; t `[1]` in 0..1000; context `[L_txt, text_dim]` (unpadded T5 output); clip_fea
         `[1, 257, clip_dim]`; y `[1, 20, T, h, w]`; audio `[H_a, 4(T-1)+1, window, layers, channels]` for 1 or 2
         speakers; ref_target_masks `[3, h, w]` (person1, person2, background) at latent resolution.
+        `parallel`: the ranks of a process group share the tokens (`wan.parallel.sequence`); every rank passes
+        the same inputs and gets the whole output.
         """
         config = self.config
         dtype, device = self.dtype, self.patch_embedding.weight.device
@@ -315,13 +332,21 @@ class MultiTalkDiT(nn.Module):
                 audio_tokens.shape[1], config.class_range, config.class_interval, dtype, device
             )
 
+        rope = grid_rope(config.head_dim, grid, device)
+        shard = None
+        if parallel is not None:
+            # The blocks run on this rank's slice of the tokens; the head's output is gathered below.
+            shard = parallel.shard(tokens.shape[1], grid[1] * grid[2])
+            tokens = shard.split(tokens, dim=1)
+            rope = (shard.split(rope[0], dim=0), shard.split(rope[1], dim=0))
         block_kwargs = dict(
             e0=e0,
-            rope=grid_rope(config.head_dim, grid, device),
+            rope=rope,
             context=cross_context,
             audio_tokens=audio_tokens,
             token_masks=token_masks,
             key_positions=key_positions,
+            shard=shard,
         )
         if cache is not None and cache.skip(e0):
             tokens = tokens + cache.residual
@@ -331,7 +356,10 @@ class MultiTalkDiT(nn.Module):
             if cache is not None:
                 cache.residual = tokens - blocks_in
 
-        return self.unpatchify(self.head(tokens, e), grid)
+        out = self.head(tokens, e)
+        if shard is not None:
+            out = shard.gather(out, dim=1)
+        return self.unpatchify(out, grid)
 
     @property
     def dtype(self) -> torch.dtype:

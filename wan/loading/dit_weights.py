@@ -1,0 +1,32 @@
+"""The DiT's switchable weights, as one state: its audio-layer set and its merged LoRAs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .audio_layers import AudioLayers
+from .lora import LoraSet
+
+
+class DiTWeights:
+    """Which audio layers the DiT holds and which LoRAs are merged into it. Every change is exact: LoRAs come off
+    (restoring the base) before the audio layers are swapped, as they may touch them, and go back on after."""
+
+    def __init__(self, loras: LoraSet, audio_layers: AudioLayers | None = None):
+        self.loras, self.audio_layers = loras, audio_layers
+
+    @property
+    def active_audio_layers(self) -> str | None:
+        """The audio-layer set in the DiT; None where the sets are not known (a DiT built from parts)."""
+        return None if self.audio_layers is None else self.audio_layers.active
+
+    def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """`audio_layers`: `multitalk`, `infinitetalk-single`, `infinitetalk-multi` (None: unchanged); `loras`:
+        (file, scale) pairs. Only what changes is touched."""
+        if audio_layers is not None and audio_layers != self.active_audio_layers:
+            if self.audio_layers is None:
+                raise ValueError(f"model: this DiT has no other audio-layer sets to switch to {audio_layers}")
+            self.loras.set([])
+            self.audio_layers.use(audio_layers)
+        self.loras.set(loras)

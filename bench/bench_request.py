@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--fp8", default="off", help="off, on, or off,on (fp8 runs after the bf16 ones)")
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per speaker")
     parser.add_argument("--sampling-steps", type=int, default=None, help="override the presets' steps (short runs)")
+    parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE, help="the picture (default: the reference's example)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script, times nothing")
     args = parser.parse_args()
 
@@ -159,11 +160,12 @@ def main() -> None:
         runner.costs = runner.pipeline.warm_up("multitalk-480" if not args.tiny else {"0.50": [32, 64]})
         results["warm_up_s"] = time.perf_counter() - started  # compile (first generation) + the measured one
         results["costs"] = vars(runner.costs)
+        save(results, args.out)
         print(f"built {results['build_s']:.0f} s, warm-up {results['warm_up_s']:.0f} s: {runner.costs}", flush=True)
 
         for k, pitch in enumerate((130, 220)):
             soundfile.write(work / f"speaker{k + 1}.wav", speech(args.seconds, pitch), 16000)
-        inputs = dict(image=str(EXAMPLE_IMAGE), audio=str(work / "speaker1.wav"),
+        inputs = dict(image=str(args.image), audio=str(work / "speaker1.wav"),
                       second_audio=str(work / "speaker2.wav"), audio_type="para", seed=1)
         if args.sampling_steps:
             inputs["sampling_steps"] = args.sampling_steps
@@ -179,9 +181,14 @@ def main() -> None:
             for preset in args.presets.split(","):
                 flags = dict(fast=preset == "fast", turbo=preset == "turbo")
                 results["requests"].append(request(runner, log, inputs | flags, f"{preset} fp8 {fp8}", device))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+                save(results, args.out)  # what is done survives a run cut short
+    save(results, args.out)
     print(f"wrote {args.out}")
+
+
+def save(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def full_size(runner, device: torch.device, generator: torch.Generator, work: Pa
             pipeline.text_encoder.model = UMT5EncoderModel(umt5_config(meta(t5_shapes(UMT5_XXL)))).to(dtype).eval()
             pipeline.image_encoder.model = CLIPVisionModel(clip_vision_config(meta(clip_shapes(VIT_H14)))).half().eval()
             pipeline.vae.model = AutoencoderKLWan(**vae_config(meta(vae_shapes(WAN_VAE)))).eval()
-            runner.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).eval()  # chinese-wav2vec2-base is the base config
+            runner.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).to(device).eval()  # chinese-wav2vec2-base: the base config
         pipeline.text_encoder.text_len = config.text_len
     dit = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
     dit.set_self_attention(fastest_self_attention(device))

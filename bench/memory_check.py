@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     started_all = time.perf_counter()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda:0")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     compile_blocks = not args.no_compile and device.type == "cuda"
     config = tiny_config() if args.tiny else full_config()

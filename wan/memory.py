@@ -142,9 +142,11 @@ def free_gpu_bytes(device) -> int:
     `torch.cuda.set_per_process_memory_fraction` cap still allows."""
     import torch
 
-    free, total = torch.cuda.mem_get_info(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.8
-    return min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)  # torch >= 2.8
+    return min(free, int(fraction * total) - torch.cuda.memory_reserved(index))
 
 
 def plan_for_device(device) -> MemoryPlan:

@@ -171,7 +171,7 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], channels last `[..., 3]` → Lab (float64)."""
     rgb = rgb.double()
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = linear @ _XYZ_FROM_RGB.T / _WHITE_D65
+    xyz = linear @ _XYZ_FROM_RGB.to(rgb.device).T / _WHITE_D65.to(rgb.device)
     f = torch.where(xyz > 0.008856, xyz.clamp_min(0) ** (1 / 3), 7.787 * xyz + 16 / 116)
     fx, fy, fz = f.unbind(-1)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-1)
@@ -183,8 +183,8 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     L, a, b = lab.unbind(-1)
     fy = (L + 16) / 116
     f = torch.stack([a / 500 + fy, fy, (fy - b / 200).clamp_min(0)], dim=-1)
-    xyz = torch.where(f > 0.2068966, f**3, (f - 16 / 116) / 7.787) * _WHITE_D65
-    linear = xyz @ torch.linalg.inv(_XYZ_FROM_RGB).T
+    xyz = torch.where(f > 0.2068966, f**3, (f - 16 / 116) / 7.787) * _WHITE_D65.to(lab.device)
+    linear = xyz @ torch.linalg.inv(_XYZ_FROM_RGB).to(lab.device).T
     rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp_min(0) ** (1 / 2.4) - 0.055, linear * 12.92)
     return rgb.clamp(0, 1)
 

@@ -24,9 +24,11 @@ class DiTWeights:
     def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str | Path, float]]) -> None:
         """`audio_layers`: `multitalk`, `infinitetalk-single`, `infinitetalk-multi` (None: unchanged); `loras`:
         (file, scale) pairs. Only what changes is touched."""
-        if audio_layers is not None and audio_layers != self.active_audio_layers:
-            if self.audio_layers is None:
+        if self.audio_layers is None:
+            # A DiT built from parts keeps the audio layers it was built with, taken to be MultiTalk's.
+            if audio_layers not in (None, "multitalk"):
                 raise ValueError(f"model: this DiT has no other audio-layer sets to switch to {audio_layers}")
+        elif audio_layers is not None and audio_layers != self.audio_layers.active:
             self.loras.set([])
             self.audio_layers.use(audio_layers)
         self.loras.set(loras)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path as FilePath
 from typing import Optional
 
+import numpy as np
 import soundfile
 import torch
 from cog import BaseRunner, Input, Path, current_scope
@@ -70,6 +71,7 @@ class Runner(BaseRunner):
             paths.wan, paths.multitalk, paths.infinitetalk, device=device, compile=on_gpu, memory_plan=plan, gpus=gpus
         )
         self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
+        self._warm_up_audio()
         self.costs = self.pipeline.warm_up(self._buckets("480p", "multitalk"))
         self.max_seconds = float(os.environ.get("MULTITALK_MAX_REQUEST_SECONDS", MAX_REQUEST_SECONDS))
         # Both go away with the runner (cog never deletes outputs; each request removes the previous one).
@@ -81,6 +83,16 @@ class Runner(BaseRunner):
         except Exception as error:  # the base model still works; only `fast` needs this file
             self.fast_lora, self.fast_lora_error = None, f"{type(error).__name__}: {error}"
             log.warning("fast mode unavailable: %s", self.fast_lora_error)
+
+    def _warm_up_audio(self) -> None:
+        """The audio front end once on a second of sound: its first call loads and compiles what the decoding,
+        loudness and resampling libraries use lazily (25 s of the first request on the H200 host, bench/NOTES.md)."""
+        tone = (0.1 * np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
+        with tempfile.TemporaryDirectory(prefix="multitalk-warm-") as work:
+            path = FilePath(work) / "tone.wav"
+            soundfile.write(path, tone, 44100)  # another rate than the model's: the resampler runs too
+            track, _, _ = audio_prepare_multi(path, path, "para", SAMPLE_RATE)
+        get_embedding(track, self.feature_extractor, self.wav2vec, SAMPLE_RATE, self.wav2vec.device)
 
     def _buckets(self, resolution: str, model: str):
         name = f"{model}-{resolution.removesuffix('p')}"

@@ -26,22 +26,16 @@ def main() -> None:
     parser.add_argument("--audio", type=Path, default=EXAMPLES / "person1.wav")
     parser.add_argument("--second-audio", type=Path, default=EXAMPLES / "person2.wav")
     parser.add_argument("--one-speaker", action="store_true", help="drive only person 1")
-    parser.add_argument("--num-frames", type=int, default=9, help="frames at 25 fps (short: tiny runs on a CPU)")
-    parser.add_argument("--sampling-steps", type=int, default=2)
+    parser.add_argument("--num-frames", type=int, default=None, help="frames at 25 fps (default: as long as the audio)")
+    parser.add_argument("--sampling-steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "demo")
     args = parser.parse_args()
 
     from predict import Runner
 
-    inputs = {
-        "image": str(args.image),
-        "audio": str(args.audio),
-        "audio_type": "para",
-        "num_frames": args.num_frames,
-        "sampling_steps": args.sampling_steps,
-        "seed": args.seed,
-    }
+    inputs = {"image": str(args.image), "audio": str(args.audio), "audio_type": "para", "seed": args.seed}
+    inputs |= {k: v for k, v in (("num_frames", args.num_frames), ("sampling_steps", args.sampling_steps)) if v}
     if not args.one_speaker:
         inputs["second_audio"] = str(args.second_audio)
     kwargs = _inspector.check_input(_inspector.create_predictor("predict", "Runner").inputs, inputs)

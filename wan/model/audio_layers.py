@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .attention import attention
 from .rope import apply_rope, label_rope
@@ -31,7 +32,7 @@ def split_audio_windows(audio: torch.Tensor, vae_scale: int) -> tuple[torch.Tens
     speakers, frames, window = audio.shape[:3]
     if (frames - 1) % vae_scale:
         raise ValueError(f"audio has {frames} frames; expected {vae_scale}*(T-1)+1")
-    grouped = audio[:, 1:].unflatten(1, ((frames - 1) // vae_scale, vae_scale))
+    grouped = rearrange(audio[:, 1:], "h (t n) w l c -> h t n w l c", n=vae_scale)  # n pixel frames per latent
     latter = torch.stack([grouped[:, :, f, w] for f, w in latter_audio_slots(window, vae_scale)], dim=2)
     return audio[:, :1], latter
 

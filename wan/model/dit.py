@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .attention import attention
 from .audio_layers import (
@@ -383,7 +384,5 @@ class MultiTalkDiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[1, L, prod(patch) * out_dim]` -> `[out_dim, T*p_t, N_h*p_h, N_w*p_w]`."""
-        patch, channels = self.config.patch_size, self.config.out_dim
-        x = x[0].view(*grid, *patch, channels)
-        x = torch.einsum("fhwpqrc->cfphqwr", x)
-        return x.reshape(channels, *(g * p for g, p in zip(grid, patch)))
+        (f, h, w), (p, q, r) = grid, self.config.patch_size
+        return rearrange(x[0], "(f h w) (p q r c) -> c (f p) (h q) (w r)", f=f, h=h, w=w, p=p, q=q, r=r)

@@ -95,9 +95,13 @@ def check_time(
     if estimate(options, frames) <= limit:
         advice.append(f"at most {frames / FPS:.0f} s of audio (num_frames={frames}) with this preset")
     raise ValueError(
-        f"audio: {length:.1f} s of video would take about {seconds / 60:.0f} min here, over the "
-        f"{limit / 60:.0f} min limit; use {', or '.join(advice) or 'a shorter audio'}"
+        f"audio: {length:.1f} s of video would take about {_duration(seconds)} here, over the {_duration(limit)} "
+        f"limit; use {', or '.join(advice) or 'a shorter audio'}"
     )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 def _video_frames(audio_frames: int, options: SamplingOptions) -> int:

@@ -11,6 +11,9 @@ VAE, wav2vec2-base; a rank-32 LoRA on every block linear stands in for lightx2v'
 stage table the runner logs (audio decode, wav2vec2, T5, CLIP, VAE encode, DiT passes, VAE decode, colour
 correction, mp4), the total, the runner's own time estimate, peak GPU memory, seconds of compute per second of video.
 `--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again.
+`--dub` serves InfiniteTalk dubbing requests instead: `model=infinitetalk` and a `--seconds` long source video (H.264
+at 450x800, its own soundtrack the one speaker's speech), no image or audio input; the DiT gets three random
+audio-layer sets on disk (MultiTalk's and InfiniteTalk's two), so each request pays the switch as in production.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from wan.configs import FPS, MULTITALK_14B
 from wan.encoders.image import clip_vision_config
 from wan.encoders.text import umt5_config
 from wan.encoders.vae import vae_config
+from wan.generation.video import write_mp4
+from wan.loading.audio_layers import AudioLayers, AudioLayerSet
+from wan.loading.checkpoints import is_multitalk_key
 from wan.loading.dit_weights import DiTWeights
 from wan.loading.lora import LoraSet
 from wan.model.attention import fastest_self_attention
@@ -90,7 +96,8 @@ def full_size(runner, device: torch.device, generator: torch.Generator, work: Pa
         dit.compile_blocks()
     pipeline.dit = dit
     pipeline.weights = DiTWeights(LoraSet(dit))  # LoRAs undone from copies; the audio-layer sets are not benchmarked
-    runner.size_buckets = {}  # the published bucket tables
+    if not tiny:
+        runner.size_buckets = {}  # the published bucket tables (the tiny set's thumbnails otherwise)
     lora = {}
     for name, module in dit.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("blocks."):
@@ -104,6 +111,32 @@ def full_size(runner, device: torch.device, generator: torch.Generator, work: Pa
     runner.fast_lora = work / "fast_lora.safetensors"
     save_file({k: v.cpu().contiguous() for k, v in lora.items()}, runner.fast_lora)
     return time.perf_counter() - started
+
+
+def random_audio_sets(runner, work: Path, generator: torch.Generator) -> None:
+    """MultiTalk's audio layers (the random ones the DiT holds) and two InfiniteTalk sets (those plus noise) as
+    files, switched by `AudioLayers` as the loader's sets are."""
+    from safetensors.torch import save_file
+
+    dit = runner.pipeline.dit
+    audio = {key: value.detach().cpu().contiguous() for key, value in dit.state_dict().items() if is_multitalk_key(key)}
+    sets = {}
+    for name in ("multitalk", "infinitetalk-single", "infinitetalk-multi"):
+        noisy = name != "multitalk"
+        tensors = {k: v + 0.01 * torch.randn(v.shape, generator=generator, device=generator.device).cpu().to(v.dtype)
+                   if noisy else v for k, v in audio.items()}
+        save_file(tensors, work / f"{name}.safetensors")
+        sets[name] = AudioLayerSet(name, work / f"{name}.safetensors", float32_norm=noisy)
+    runner.pipeline.weights = DiTWeights(runner.pipeline.weights.loras, AudioLayers(dit, sets))
+
+
+def source_video(path: Path, soundtrack: Path, seconds: float) -> Path:
+    """A moving colour field with the speech as its soundtrack, H.264 + AAC as a phone would record it."""
+    frames = round(seconds * FPS)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 450), torch.linspace(-1, 1, 800), indexing="ij")
+    phase = torch.arange(frames).view(-1, 1, 1) / FPS
+    video = torch.stack([torch.sin(3 * x + phase), torch.cos(2 * y - phase), torch.sin(x * y + 0.5 * phase)])
+    return write_mp4(0.8 * video, path, soundtrack, fps=FPS)
 
 
 def request(runner, log: Log, inputs: dict, label: str, device: torch.device) -> dict:
@@ -124,6 +157,7 @@ def request(runner, log: Log, inputs: dict, label: str, device: torch.device) ->
         label=label, total_s=total, frames=frames, video_s=frames / FPS, size=f"{wrote.group(2)}x{wrote.group(3)}",
         stages=stages, estimate_s=estimate, model_s=sum(v for k, v in stages.items() if k not in ("decode", "mp4")),
         peak_GiB=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        audio_layers=runner.pipeline.weights.active_audio_layers,
     )
     record["compute_s_per_video_s"] = total / record["video_s"]
     record["estimate_error"] = None if estimate is None else estimate / record["model_s"] - 1
@@ -139,6 +173,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per speaker")
     parser.add_argument("--sampling-steps", type=int, default=None, help="override the presets' steps (short runs)")
     parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE, help="the picture (default: the reference's example)")
+    parser.add_argument("--dub", action="store_true", help="InfiniteTalk dubbing of a source video instead")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script, times nothing")
     args = parser.parse_args()
 
@@ -167,6 +202,10 @@ def main() -> None:
             soundfile.write(work / f"speaker{k + 1}.wav", speech(args.seconds, pitch), 16000)
         inputs = dict(image=str(args.image), audio=str(work / "speaker1.wav"),
                       second_audio=str(work / "speaker2.wav"), audio_type="para", seed=1)
+        if args.dub:
+            random_audio_sets(runner, work, generator)
+            source = source_video(work / "source.mp4", work / "speaker1.wav", args.seconds)
+            inputs = dict(video=str(source), model="infinitetalk", seed=1)
         if args.sampling_steps:
             inputs["sampling_steps"] = args.sampling_steps
         for fp8 in args.fp8.split(","):
@@ -180,7 +219,8 @@ def main() -> None:
                 results["fp8_warm_up_s"] = time.perf_counter() - started
             for preset in args.presets.split(","):
                 flags = dict(fast=preset == "fast", turbo=preset == "turbo")
-                results["requests"].append(request(runner, log, inputs | flags, f"{preset} fp8 {fp8}", device))
+                label = f"{'dub ' if args.dub else ''}{preset} fp8 {fp8}"
+                results["requests"].append(request(runner, log, inputs | flags, label, device))
                 save(results, args.out)  # what is done survives a run cut short
     save(results, args.out)
     print(f"wrote {args.out}")

@@ -178,3 +178,24 @@ def test_warm_up_runs_both_speaker_graphs_and_measures(pipeline):
     assert [c["speakers"] for c in pipeline.dit.calls] == [2, 2, 1] * 2
     assert costs.tokens == 2 * (32 // 16) * (48 // 16) and costs.pixels == 32 * 48 and costs.frames == 5
     assert costs.pass_seconds > 0 and costs.clip_seconds > 0 and costs.text_seconds > 0
+
+
+def test_infinitetalk_anchors_each_clip_on_the_source_frame_at_its_start(pipeline, monkeypatch):
+    """Dubbing: clip k is anchored on source frame start_k, and on the last frame once the audio outlasts the
+    video (the reference's `extract_specific_frames`). 9-frame clips with 5 motion frames start every 4 frames."""
+    from wan.generation import pipeline as pipeline_module
+
+    anchors = []
+    condition = pipeline_module.infinitetalk_condition
+    monkeypatch.setattr(pipeline_module, "infinitetalk_condition",
+                        lambda vae, source, *rest: anchors.append(source.clone()) or condition(vae, source, *rest))
+    shades = [10, 50, 90, 130, 170, 210]  # source frame k is one flat colour: k is readable from any crop of it
+    video = torch.stack([torch.full((64, 96, 3), shade, dtype=torch.uint8) for shade in shades])
+    audio = (torch.randn(14, 12, 768, generator=torch.Generator().manual_seed(0)),)  # 14 frames: clips at 0, 4, 8
+    settings = dict(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, shift=7.0, seed=3, model="infinitetalk")
+    out = pipeline.generate(GenerationRequest("talk", None, audio, video=video), SamplingOptions(**settings),
+                            progress=False)
+
+    assert out.shape[1] == 14
+    seen = [round(float((anchor.mean() + 1) / 2 * 255)) for anchor in anchors]
+    assert seen == [shades[0], shades[4], shades[5]]  # start 8 is past the 6-frame video: its last frame

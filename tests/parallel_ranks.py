@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._pytree import tree_map
 
 
 def free_port() -> int:
@@ -21,7 +22,10 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, out_dir: Path, ar
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.save(fn(rank, world, *args), out_dir / f"rank{rank}.pt")
+        # Copies: a functional collective's result is an AsyncCollectiveTensor that any op waits for, but torch.save
+        # reads its storage directly and could save it before the collective has finished.
+        result = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, fn(rank, world, *args))
+        torch.save(result, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

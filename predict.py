@@ -96,7 +96,7 @@ class Runner(BaseRunner):
 
     def _buckets(self, resolution: str, model: str):
         name = f"{model}-{resolution.removesuffix('p')}"
-        return self.size_buckets.get(f"multitalk-{resolution.removesuffix('p')}", name)
+        return self.size_buckets.get(name, name)
 
     def run(
         self,
@@ -207,18 +207,21 @@ class Runner(BaseRunner):
             old.unlink()
         with clock.stage("decode"):
             picture = load_image(image) if image is not None else None
-            source = read_video(video, timing="timestamps") if video is not None else None
             speech = audio if audio is not None else video  # a video without separate audio speaks for itself
             if second_audio is None:
                 tracks = [audio_prepare_single(speech, SAMPLE_RATE, name="audio" if audio is not None else "video")]
                 mix = tracks[0]
             else:
                 *tracks, mix = audio_prepare_multi(speech, second_audio, audio_type, SAMPLE_RATE)
-        frames = video_frame_count(len(tracks[0]), SAMPLE_RATE)
+            frames = video_frame_count(len(tracks[0]), SAMPLE_RATE)
+            plan, needed = plan_request(frames, options)
+            # Source frames as far as the clips use them: MultiTalk takes the first for the image, InfiniteTalk
+            # anchors every clip on the frame at its start (all before the video's end).
+            used = 1 if model == "multitalk" else plan.total
+            source = read_video(video, max_frames=used, timing="timestamps") if video is not None else None
         source_hw = (picture.height, picture.width) if picture is not None else source.frames.shape[1:3]
         check_time(self.costs, frames, source_hw, recipe, options, self.max_seconds)
         # wav2vec2 runs over the audio the video reads, not the whole file.
-        _, needed = plan_request(frames, options)
         tracks = [track[: trimmed_samples(needed, SAMPLE_RATE)] for track in tracks]
 
         with tempfile.TemporaryDirectory(prefix="multitalk-") as work:

@@ -43,7 +43,6 @@ VAE_TILED_DECODE_GIB = VAE_DECODE_GIB * VAE_TILE_PX**2 / (448 * 896)
 MARGIN_GIB = 2.0  # allocator fragmentation, cuBLAS/cuDNN workspaces, the text encoder's own activations (~0.1)
 
 PlanName = Literal["resident", "fp8", "streamed"]
-PLAN_NAMES: tuple[str, ...] = ("resident", "fp8", "streamed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +123,7 @@ def choose_memory_plan(free_bytes: int, override: str | None = None) -> MemoryPl
         name = override.strip().lower()
         if name not in PLANS:
             raise ValueError(
-                f"{MEMORY_PLAN_ENV}={override!r} is not a memory plan; use one of {', '.join(PLAN_NAMES)}, or unset "
+                f"{MEMORY_PLAN_ENV}={override!r} is not a memory plan; use one of {', '.join(PLANS)}, or unset "
                 f"it to choose from the free GPU memory"
             )
         return PLANS[name]
@@ -154,14 +153,14 @@ def plan_for_device(device) -> MemoryPlan:
     import torch
 
     device = torch.device(device)
-    override = os.environ.get(MEMORY_PLAN_ENV)
+    override = os.environ.get(MEMORY_PLAN_ENV, "").strip() or None
     if device.type != "cuda":
-        plan = choose_memory_plan(0, override) if override and override.strip() else RESIDENT
+        plan = choose_memory_plan(0, override) if override else RESIDENT
         log.info("%s (device %s)", plan.describe(), device)
         return plan
     free = free_gpu_bytes(device)
     plan = choose_memory_plan(free, override)
-    source = f"{MEMORY_PLAN_ENV}={override.strip()}" if override and override.strip() else "chosen"
+    source = f"{MEMORY_PLAN_ENV}={override}" if override else "chosen"
     log.info("%s; %s with %.1f GiB free on %s", plan.describe(), source, free / GIB, torch.cuda.get_device_name(device))
     if free < plan.gpu_gib * GIB:
         log.warning("plan %r needs %.1f GiB but only %.1f GiB are free", plan.name, plan.gpu_gib, free / GIB)
@@ -281,18 +280,3 @@ def place_vae(vae, plan: MemoryPlan) -> None:
             tile_sample_stride_height=VAE_TILE_STRIDE_PX,
             tile_sample_stride_width=VAE_TILE_STRIDE_PX,
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class PlacedComponents:
-    dit: object
-    text_encoder: object  # what the pipeline calls: the encoder, or `EncodeOnDevice` around it
-    vae: object
-
-
-def apply_memory_plan(plan: MemoryPlan, *, dit, text_encoder, vae, device) -> PlacedComponents:
-    """Built components (`MultiTalkDiT` in bf16, `TextEncoder`, `VideoVAE`) put in place for `plan`: DiT quantised
-    and/or streamed, text encoder parked in host memory between calls, VAE tiled. The DiT and VAE change in place."""
-    place_dit(dit, plan, device)
-    place_vae(vae, plan)
-    return PlacedComponents(dit, place_text_encoder(text_encoder, plan, device), vae)

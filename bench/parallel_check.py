@@ -35,6 +35,7 @@ import torch
 
 from wan import configs
 from wan.generation.denoise import ClipInputs, guidance_branches
+from wan.memory import RESIDENT, MemoryPlan, place_dit
 from wan.model.dit import MultiTalkDiT
 from wan.parallel.guidance import Split, choose_split, valid_splits
 from wan.parallel.workers import WorkerGroup
@@ -63,9 +64,11 @@ class RandomSource:
         # 40 heads as the 14B model, so that every sequence degree of the real model exists.
         return dataclasses.replace(tiny_config(), dim=320, num_heads=40)
 
-    def build(self, device: torch.device) -> MultiTalkDiT:
+    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
         generator = torch.Generator(device).manual_seed(SEED)
-        return build_random(lambda: MultiTalkDiT(self.config), device, self.dtype, generator)
+        model = build_random(lambda: MultiTalkDiT(self.config), device, self.dtype, generator)
+        place_dit(model, plan, device)
+        return model
 
     def tensor_reader(self, device: torch.device) -> None:
         return None

@@ -25,8 +25,9 @@ from wan.generation.denoise import ClipInputs, GuidedVelocity, branch_velocity
 from wan.loading.checkpoints import FAST_LORA_DIR_NAME, FAST_LORA_NAME, MULTITALK_DIR_NAME, WAN_DIR_NAME
 from wan.loading.lora import merge_loras
 from wan.model.dit import MultiTalkDiT
+from wan.memory import FP8, RESIDENT, MemoryPlan, load_dit_for_plan, place_dit
 from wan.parallel.guidance import Split
-from wan.parallel.workers import CheckpointSource, WorkerError, WorkerGroup
+from wan.parallel.workers import CheckpointSource, WorkerError, WorkerGroup, WorkerOptions
 
 pytestmark = pytest.mark.skipif(
     not {"dit_1p", "dit_2p"} <= set(cases_with_prefix("dit_")), reason="golden dit_1p/dit_2p cases not found"
@@ -47,8 +48,10 @@ def golden_model() -> MultiTalkDiT:
 class GoldenSource:
     """The workers' DiT source: the golden weights (picklable, as the workers need)."""
 
-    def build(self, device: torch.device) -> MultiTalkDiT:
-        return golden_model().to(device)
+    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
+        model = golden_model().to(device)
+        place_dit(model, plan, device)
+        return model
 
     def tensor_reader(self, device: torch.device) -> None:
         return None
@@ -248,3 +251,28 @@ def test_workers_stream_the_checkpoint_and_merge_and_restore_loras(tiny_weights)
     finally:
         group.close()
     assert not group.running
+
+
+def test_workers_place_their_dit_by_the_memory_plan(tiny_weights):
+    """With the fp8 plan every worker's DiT is the one the single-process loader makes for that plan (fp8 linears,
+    fp8 self-attention), not the published precision."""
+    root = tiny_weights
+    source = CheckpointSource(root / WAN_DIR_NAME, root / MULTITALK_DIR_NAME, dtype=torch.float32)
+    exact = source.build(torch.device("cpu"))
+    fp8 = load_dit_for_plan(root / WAN_DIR_NAME, root / MULTITALK_DIR_NAME, FP8, dtype=torch.float32, device="cpu")
+    cond, latent = random_conditioning(fp8.config, torch.Generator().manual_seed(0))
+    t = torch.tensor([900.0])
+    with torch.inference_mode(), one_thread():
+        expected = sequential(fp8, latent, t, cond, TWO_PASS)
+        unquantised = sequential(exact, latent, t, cond, TWO_PASS)
+    assert not torch.equal(expected["cond"], unquantised["cond"]), "fp8 must change the output"
+
+    group = WorkerGroup(source, ["cpu", "cpu"], WorkerOptions(memory_plan=FP8))
+    try:
+        group.use_split(Split(2, 1))
+        group.begin_clip(cond)
+        velocities = group.velocities(latent, t, TWO_PASS)
+    finally:
+        group.close()
+    # One pass per worker (no sequence split), one thread each: the same arithmetic as here, to the bit.
+    assert all(torch.equal(velocities[branch], expected[branch]) for branch in TWO_PASS)

@@ -109,7 +109,7 @@ def start_workers(
     if len(visible_devices()) < gpus:
         raise ValueError(f"gpus={gpus}, but only {len(visible_devices())} GPUs are visible")
     source = CheckpointSource(files.root, multitalk_dir, infinitetalk_dir, dtype)
-    options = WorkerOptions(compile=compile, fp8=plan.dit_weights == "fp8")
+    options = WorkerOptions(compile=compile, memory_plan=plan)
     workers = WorkerGroup(source, visible_devices()[:gpus], options)
     workers.set_weights(None, loras)
     workers.start()

@@ -2,7 +2,9 @@
 
 Cog runs one process; with N > 1 visible GPUs it starts N workers (`WorkerGroup`), one per GPU, joined in one NCCL
 process group (gloo on CPU, for tests). Each worker builds the DiT on its own GPU from the same files (`DiTSource`,
-streamed: no CPU copy of the weights), and prepares a sequence-parallel group for every degree it may be asked for.
+streamed: no CPU copy of the weights), placed by the same memory plan as a single-process DiT (`wan.memory`: bf16 or
+fp8, resident or streamed, and the attention kernel that goes with it), and prepares a sequence-parallel group for
+every degree it may be asked for.
 The driver keeps everything else (encoders, VAE, the sampling loop) and, for each step, sends the latent to every
 worker and gets back the velocity of each guidance branch from the first GPU of the group that ran it; the groups
 run their branches at the same time (`wan.parallel.guidance`). Tensors cross the process boundary on the CPU, through
@@ -38,6 +40,7 @@ from ..generation.denoise import ClipInputs, branch_velocity
 from ..loading.audio_layers import AudioLayers, AudioLayerSet, audio_layer_sets
 from ..loading.dit_weights import DiTWeights
 from ..loading.lora import LoraSet
+from ..memory import RESIDENT, MemoryPlan
 from ..model.dit import MultiTalkDiT
 from .guidance import Split, assign_branches, choose_split, valid_splits
 from .sequence import SequenceParallel
@@ -56,7 +59,9 @@ class WorkerError(RuntimeError):
 class DiTSource(Protocol):
     """How a worker gets its DiT (picklable: it travels to the worker process)."""
 
-    def build(self, device: torch.device) -> MultiTalkDiT: ...
+    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
+        """The DiT on `device`, its weights and kernels placed for `plan` (`wan.memory`)."""
+        ...
 
     def tensor_reader(self, device: torch.device) -> Callable[[str], torch.Tensor] | None:
         """Reads one DiT tensor back from the files (undoes LoRA merges exactly); None where there are no files."""
@@ -76,10 +81,10 @@ class CheckpointSource:
     infinitetalk_dir: Path | None = None
     dtype: torch.dtype = torch.bfloat16
 
-    def build(self, device: torch.device) -> MultiTalkDiT:
-        from ..loading.checkpoints import load_dit
+    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
+        from ..memory import load_dit_for_plan
 
-        return load_dit(self.checkpoint_dir, self.multitalk_dir, dtype=self.dtype, device=device)
+        return load_dit_for_plan(self.checkpoint_dir, self.multitalk_dir, plan, dtype=self.dtype, device=device)
 
     def tensor_reader(self, device: torch.device) -> Callable[[str], torch.Tensor]:
         from ..loading.checkpoints import dit_tensor_reader
@@ -93,7 +98,7 @@ class CheckpointSource:
 @dataclass(frozen=True)
 class WorkerOptions:
     compile: bool = False  # regional compilation of the blocks (CUDA)
-    fp8: bool = False  # fp8 linears and self-attention (`wan.fp8`, CUDA)
+    memory_plan: MemoryPlan = RESIDENT  # each worker's DiT is placed as the in-process one would be
 
 
 @dataclass(frozen=True)
@@ -394,8 +399,12 @@ class _Worker:
             rank=rank,
             world_size=world,
         )
-        self.dit = source.build(device)
-        self._set_kernels(options)
+        self.dit = source.build(device, options.memory_plan)
+        if options.compile and device.type == "cuda":
+            # Each sequence degree (its shard's sizes) is one more graph per speaker count, beyond dynamo's default
+            # of 8 variants per function on 8 GPUs; this process is the DiT's alone.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.dit.compile_blocks()
         self.sequence_groups = _sequence_groups(rank, world, self.dit.config.num_heads)
         self.split = Split(1, 1)
         loras = LoraSet(self.dit, reload=source.tensor_reader(device))
@@ -411,23 +420,6 @@ class _Worker:
             attention=getattr(self.dit.blocks[0].self_attn.attend, "__name__", "?"),
             pid=os.getpid(),
         )
-
-    def _set_kernels(self, options: WorkerOptions) -> None:
-        if self.device.type != "cuda":
-            return
-        if options.fp8:
-            from ..model.fp8 import quantize_blocks
-
-            quantize_blocks(self.dit)
-        else:
-            from ..model.attention import fastest_self_attention
-
-            self.dit.set_self_attention(fastest_self_attention(self.device))
-        if options.compile:
-            # Each sequence degree (its shard's sizes) is one more graph per speaker count, beyond dynamo's default
-            # of 8 variants per function on 8 GPUs; this process is the DiT's alone.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.dit.compile_blocks()
 
     def handle(self, command: Any) -> Any:
         if isinstance(command, _UseSplit):
@@ -474,9 +466,9 @@ class _Worker:
         with torch.inference_mode():
             for branch in branches:
                 cache = self.teacache.branch(branch) if self.teacache is not None else None
-                velocities[branch] = branch_velocity(self.dit, latent, t, self.cond, branch, cache,
-                                                     parallel=parallel).cpu()
-        return velocities if self._leads_a_group() else {}
+                velocities[branch] = branch_velocity(self.dit, latent, t, self.cond, branch, cache, parallel=parallel)
+        # Every rank of a group holds the whole velocity; only the group's first sends it back.
+        return {branch: v.cpu() for branch, v in velocities.items()} if self._leads_a_group() else {}
 
 
 def _sequence_groups(rank: int, world: int, heads: int) -> dict[int, SequenceParallel]:

@@ -41,21 +41,27 @@ def known_frames_mask(known: int, frames: int, lat_h: int, lat_w: int, device: t
     return mask.view(1, mask.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)
 
 
+def encode_known_frames(vae: VideoEncoder, known_frames: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE latent of `known_frames` `[1, 3, known, H, W]` followed by zero frames up to `frames`, and `y`: the
+    known-frames mask and that latent."""
+    known = known_frames.shape[2]
+    pixels = torch.cat([known_frames[0], known_frames.new_zeros(3, frames - known, *known_frames.shape[-2:])], dim=1)
+    latent = vae.encode(pixels)
+    mask = known_frames_mask(known, frames, *latent.shape[-2:], device=latent.device)
+    return latent, torch.cat([mask, latent[None].to(mask.dtype)], dim=1)
+
+
 def multitalk_condition(
     vae: VideoEncoder, cond_frames: torch.Tensor, frames: int, first_clip: bool, dit_dtype: torch.dtype
 ) -> ClipCondition:
     """MultiTalk: clip 0 is conditioned on the image, later clips on the last `motion_frame` frames of the previous
     clip (`cond_frames` `[1, 3, known, H, W]`), which are VAE-encoded with zeros after them."""
-    known = cond_frames.shape[2]
-    pixels = torch.cat([cond_frames[0], cond_frames.new_zeros(3, frames - known, *cond_frames.shape[-2:])], dim=1)
-    latent = vae.encode(pixels)
-    mask = known_frames_mask(known, frames, *latent.shape[-2:], device=latent.device)
-    y = torch.cat([mask, latent[None].to(mask.dtype)], dim=1)
+    latent, y = encode_known_frames(vae, cond_frames, frames)
     motion = None
     if not first_clip:
         # As the reference, the motion latent is cut from `y` in the DiT's dtype (bf16 at run time), then re-noised
         # in float32.
-        motion = MotionLatent(latent[:, : 1 + (known - 1) // 4].to(dit_dtype).float())
+        motion = MotionLatent(latent[:, : 1 + (cond_frames.shape[2] - 1) // 4].to(dit_dtype).float())
     return ClipCondition(clip_frame=cond_frames[:, :, -1:], y=y, motion=motion)
 
 
@@ -65,10 +71,7 @@ def infinitetalk_condition(
     """InfiniteTalk: every clip is anchored on the source frame at its start (`source_frame` `[1, 3, 1, H, W]`: the
     CLIP input and the only known frame of `y`), and holds the VAE latent of the previous clip's last frames
     (`motion_frames` `[1, 3, n, H, W]`; on the first clip, of the source frame) clean in `latent[:, :T]`."""
-    pixels = torch.cat([source_frame[0], source_frame.new_zeros(3, frames - 1, *source_frame.shape[-2:])], dim=1)
-    latent = vae.encode(pixels)
-    mask = known_frames_mask(1, frames, *latent.shape[-2:], device=latent.device)
-    y = torch.cat([mask, latent[None].to(mask.dtype)], dim=1)
+    _, y = encode_known_frames(vae, source_frame, frames)
     first_clip = motion_frames is None
     # The VAE encodes frame 0 alone, then groups of 4: frames past the last full group are dropped, as the reference.
     motion = vae.encode((source_frame if first_clip else motion_frames)[0])

@@ -78,11 +78,10 @@ def check_time(
         return estimate_seconds(costs, plan, height, width, options.steps, options.text_scale)
 
     seconds = estimate(options, audio_frames)
-    log.info("estimate: %.0f s for %.1f s of video (%s)", seconds, _video_frames(audio_frames, options) / FPS,
-             recipe.preset)
+    length = plan_clips(audio_frames, options.frame_num, options.motion_frame, options.max_frames).total / FPS
+    log.info("estimate: %.0f s for %.1f s of video (%s)", seconds, length, recipe.preset)
     if seconds <= limit:
         return seconds
-    length = _video_frames(audio_frames, options) / FPS
     others = {name: sampling_options(replace(recipe, preset=name, steps=None), options.max_frames, 0)
               for name in PRESETS if name != recipe.preset}
     fits = [name for name, other in others.items() if estimate(other, audio_frames) <= limit]
@@ -102,10 +101,6 @@ def check_time(
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
-
-
-def _video_frames(audio_frames: int, options: SamplingOptions) -> int:
-    return audio_frames if options.max_frames is None else min(audio_frames, options.max_frames)
 
 
 def trimmed_samples(frames: int, sample_rate: int) -> int:

@@ -53,6 +53,12 @@ class GoldenCase:
         """DiTConfig fields of the case: its `config` plus the sizes the reference fixes in code."""
         return dit_config_values(self.meta)
 
+    def dit(self) -> MultiTalkDiT:
+        """The case's tiny DiT with its stored weights (strict), in eval mode without gradients."""
+        model = MultiTalkDiT(DiTConfig.from_dict(self.dit_config_values())).eval().requires_grad_(False)
+        model.load_state_dict(load_file(self.file("weights")), strict=True)
+        return model
+
     def tolerances(self) -> dict[str, dict]:
         return self.meta["tolerance"]["per_tensor"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,11 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._pytree import tree_map
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from wan.parallel.workers import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, out_dir: Path, args: tuple) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import soundfile
 from mp4_boxes import mp4_tracks
 from synthetic_media import write_media
 from wan.generation.video import probe_video
+from wan.parallel.workers import free_port
 
 pytestmark = [pytest.mark.http, pytest.mark.timeout(900)]
 
@@ -53,12 +53,6 @@ def _speech(seconds: float, pitch: float) -> bytes:
 
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CogServer:
@@ -91,7 +85,7 @@ def server(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "wan.testing.tiny", str(weights)], cwd=REPO, check=True, capture_output=True)
     tmpdir = work / "tmp"
     tmpdir.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PORT": str(port),

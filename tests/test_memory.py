@@ -9,10 +9,8 @@ import pytest
 import torch
 from golden import load_case
 from PIL import Image
-from safetensors.torch import load_file
 
 from wan import GenerationRequest, Pipeline, SamplingOptions, load_pipeline
-from wan.configs import DiTConfig
 from wan.loading.checkpoints import load_dit
 from wan.loading.lora import LoRAError, merge_loras
 from wan.model.dit import MultiTalkDiT
@@ -107,12 +105,6 @@ def test_cpu_device_runs_resident_unless_overridden(monkeypatch):
 INPUT_NAMES = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
 
 
-def golden_dit(case) -> MultiTalkDiT:
-    model = MultiTalkDiT(DiTConfig.from_dict(case.dit_config_values())).eval().requires_grad_(False)
-    model.load_state_dict(load_file(case.file("weights")), strict=True)
-    return model
-
-
 def golden_inputs(case) -> dict[str, torch.Tensor]:
     inputs = case.inputs()
     return {name: inputs[name] for name in INPUT_NAMES}
@@ -135,8 +127,8 @@ def test_streamed_blocks_equal_resident_bit_for_bit(case_name):
     case = load_case(case_name)
     inputs = golden_inputs(case)
     with torch.no_grad():
-        resident = golden_dit(case)(**inputs)
-        model = golden_dit(case)
+        resident = case.dit()(**inputs)
+        model = case.dit()
         streamer = stream_blocks(model, "cpu")
         seen = record_block_storages(model)
         streamed = model(**inputs)
@@ -155,9 +147,9 @@ def test_streamed_blocks_equal_resident_bit_for_bit(case_name):
 def test_streamed_weights_are_read_from_the_host_buffers_on_every_pass():
     case = load_case("dit_2p")
     inputs = golden_inputs(case)
-    model = golden_dit(case)
+    model = case.dit()
     stream_blocks(model, "cpu")
-    changed = golden_dit(case)
+    changed = case.dit()
     with torch.no_grad():
         before = model(**inputs)
         # Through the module's own parameter, which is a view of block 1's host buffer.
@@ -174,7 +166,7 @@ def test_fp8_blocks_stream_bit_for_bit():
     case = load_case("dit_2p")
 
     def build() -> MultiTalkDiT:
-        model = golden_dit(case).to(torch.bfloat16)
+        model = case.dit().to(torch.bfloat16)
         quantize_blocks(model, min_features=64)  # the tiny blocks' linears have 64 inputs
         return model
 
@@ -193,7 +185,7 @@ def test_fp8_blocks_stream_bit_for_bit():
 
 def test_streamer_rejects_a_model_with_other_blocks():
     case = load_case("dit_1p")
-    model = golden_dit(case)
+    model = case.dit()
     streamer = stream_blocks(model, "cpu")
     with pytest.raises(ValueError, match="holds 2 blocks, the model has 1"):
         streamer(model.blocks[:1], torch.zeros(1), {})
@@ -322,17 +314,17 @@ def rank2_lora(model: MultiTalkDiT, names: list[str], generator: torch.Generator
 @pytest.mark.parametrize("streamed", [False, True])
 def test_lora_on_fp8_weights_equals_merging_in_bf16_then_quantising(streamed):
     case = load_case("dit_2p")
-    bf16 = golden_dit(case).to(torch.bfloat16)
+    bf16 = case.dit().to(torch.bfloat16)
     originals = {name: tensor.clone() for name, tensor in bf16.state_dict().items()}
     touched = ["blocks.0.self_attn.q", "blocks.1.ffn.2", "blocks.1.audio_cross_attn.proj"]
     lora = rank2_lora(bf16, touched, torch.Generator().manual_seed(3))
     # Truth: the plain bf16 merge, then the model quantised.
     merge_loras(bf16, [(lora, 0.7)])
     quantize_blocks(bf16, min_features=64)
-    untouched = golden_dit(case).to(torch.bfloat16)
+    untouched = case.dit().to(torch.bfloat16)
     quantize_blocks(untouched, min_features=64)
 
-    model = golden_dit(case).to(torch.bfloat16)
+    model = case.dit().to(torch.bfloat16)
     quantize_blocks(model, min_features=64)
     if streamed:
         stream_blocks(model, "cpu")
@@ -355,7 +347,7 @@ def test_lora_on_fp8_weights_equals_merging_in_bf16_then_quantising(streamed):
 
 def test_lora_on_fp8_weights_needs_the_checkpoint():
     case = load_case("dit_1p")
-    model = golden_dit(case).to(torch.bfloat16)
+    model = case.dit().to(torch.bfloat16)
     lora = rank2_lora(model, ["blocks.0.ffn.0"], torch.Generator().manual_seed(4))
     quantize_blocks(model, min_features=64)
     with pytest.raises(LoRAError, match="fp8 weights.*reload"):

@@ -14,11 +14,8 @@ import torch
 import torch.distributed as dist
 from golden import cases_with_prefix, load_case
 from parallel_ranks import run_ranks
-from safetensors.torch import load_file
 
 from wan.model.attention import attention
-from wan.configs import DiTConfig
-from wan.model.dit import MultiTalkDiT
 from wan.parallel.sequence import SequenceParallel
 
 WORLD = 2
@@ -94,13 +91,6 @@ def dit_cases() -> list[str]:
 
 
 @functools.cache
-def golden_model(case_name: str) -> MultiTalkDiT:
-    case = load_case(case_name)
-    model = MultiTalkDiT(DiTConfig.from_dict(case.dit_config_values())).eval().requires_grad_(False)
-    model.load_state_dict(load_file(case.file("weights")), strict=True)
-    return model
-
-
 def model_inputs(case_name: str, crop: bool) -> dict[str, torch.Tensor]:
     """The golden inputs; `crop` cuts the latent to 6 x 10 (45 tokens: odd, frames cut mid-way by the split). The
     speaker masks stay whole: the DiT resizes them to its token grid."""
@@ -115,7 +105,7 @@ def _dit_on_rank(rank: int, world: int, case_names: list[str]) -> dict:
     parallel = SequenceParallel.over(dist.group.WORLD)
     results = {}
     for case_name in case_names:
-        model = golden_model(case_name)
+        model = load_case(case_name).dit()
         for crop in (False, True):
             with torch.inference_mode():
                 results[case_name, crop] = model(**model_inputs(case_name, crop), parallel=parallel)
@@ -142,7 +132,7 @@ def split_dit(tmp_path_factory):
 @pytest.mark.parametrize("case_name", ["dit_1p", "dit_2p"])
 @pytest.mark.parametrize("crop", [False, True])
 def test_split_dit_equals_unsplit(split_dit, case_name, crop):
-    model = golden_model(case_name)
+    model = load_case(case_name).dit()
     with torch.inference_mode():
         unsplit = model(**model_inputs(case_name, crop))
     for rank in range(WORLD):

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from golden import cases_with_prefix, load_case
+from golden import cases_with_prefix, golden_parts, load_case
 from PIL import Image
-from safetensors.torch import load_file
 
-from golden import golden_parts
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
 from wan.configs import DiTConfig
 from wan.generation import sampling
@@ -38,10 +36,7 @@ TWO_PASS, THREE_PASS = ("cond", "drop_audio"), ("cond", "drop_text", "uncond")
 @functools.cache
 def golden_model() -> MultiTalkDiT:
     """The tiny DiT of the golden cases (dit_2p uses dit_1p's weights)."""
-    case = load_case("dit_1p")
-    model = MultiTalkDiT(DiTConfig.from_dict(case.dit_config_values())).eval().requires_grad_(False)
-    model.load_state_dict(load_file(case.file("weights")), strict=True)
-    return model
+    return load_case("dit_1p").dit()
 
 
 @dataclass(frozen=True)

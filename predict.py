@@ -24,7 +24,9 @@ from wan.loading.audio_layers import infinitetalk_set
 from wan.loading.lora import LoRAError
 from wan.loading.weights import fetch_lora, resolve_fast_lora, resolve_weights
 from wan.memory import plan_for_device
-from wan.serving import MAX_REQUEST_SECONDS, Recipe, check_time, plan_request, sampling_options, trimmed_samples
+from wan.serving import (
+    MAX_REQUEST_SECONDS, Recipe, check_time, gpus_to_use, plan_request, sampling_options, trimmed_samples
+)
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("predict")
@@ -64,8 +66,8 @@ class Runner(BaseRunner):
         # Every model on the GPU for the runner's life where it fits (80 GB cards), fp8 and parked or streamed weights
         # on smaller ones: chosen from the free memory (or MULTITALK_MEMORY_PLAN) and logged once, here.
         plan = plan_for_device(device)
-        # Every visible GPU: with more than one the DiT runs in one worker process per GPU (wan.parallel).
-        gpus = torch.cuda.device_count() if on_gpu else 1
+        # Every visible GPU (or MULTITALK_GPUS): with more than one the DiT runs in a worker process per GPU.
+        gpus = gpus_to_use(torch.cuda.device_count()) if on_gpu else 1
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request.
         self.pipeline = load_pipeline(
             paths.wan, paths.multitalk, paths.infinitetalk, device=device, compile=on_gpu, memory_plan=plan, gpus=gpus

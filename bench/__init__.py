@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 
 from wan.configs import MULTITALK_14B, DiTConfig
+from wan.memory import RESIDENT, MemoryPlan, place_dit
 from wan.model.attention import attention, flash_attention_4, flash_attention_4_available
+from wan.model.dit import MultiTalkDiT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -65,6 +67,28 @@ def build_random(
     model = model.to(dtype).to_empty(device=device)
     init_random_(model, generator)
     return model.eval().requires_grad_(False)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomSource:
+    """Random DiT weights, the same on every device (one seed), for `wan.parallel.workers.WorkerGroup`: picklable, so
+    each worker process builds its own copy on its GPU, placed by the group's memory plan."""
+
+    config: DiTConfig
+    dtype: torch.dtype
+    seed: int = 1234
+
+    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
+        generator = torch.Generator(device).manual_seed(self.seed)
+        model = build_random(lambda: MultiTalkDiT(self.config), device, self.dtype, generator)
+        place_dit(model, plan, device)
+        return model
+
+    def tensor_reader(self, device: torch.device) -> None:
+        return None  # no files: LoRA merges are undone from host copies
+
+    def audio_layer_sets(self) -> dict:
+        return {}
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """A request exactly as Cog runs it, on the GPU: `Runner.setup()`, then `run()` unchanged, at full size.
 
-    python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10]
+    python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10] [--gpus 2]
     python -m bench.bench_request --tiny --out /tmp/request.json        # the script itself on a CPU, seconds
 
 The runner is set up on the tiny set (`python -m wan.tiny`), then its components become the published sizes with
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import tempfile
 import time
@@ -30,11 +31,12 @@ import numpy as np
 import soundfile
 import torch
 
-from bench import build_random, environment
+from bench import RandomSource, build_random, environment
 from wan.configs import FPS, MULTITALK_14B
 from wan.encoders.image import clip_vision_config
 from wan.encoders.text import umt5_config
 from wan.encoders.vae import vae_config
+from wan.factory import DiTShape
 from wan.generation.video import write_mp4
 from wan.loading.audio_layers import AudioLayers, AudioLayerSet
 from wan.loading.checkpoints import is_multitalk_key
@@ -42,7 +44,10 @@ from wan.loading.dit_weights import DiTWeights
 from wan.loading.lora import LoraSet
 from wan.model.attention import fastest_self_attention
 from wan.model.dit import MultiTalkDiT
+from wan.memory import plan_for_device as runner_plan
 from wan.model.fp8 import quantize_blocks
+from wan.parallel.workers import WorkerGroup, WorkerOptions, visible_devices
+from wan.serving import GPUS_ENV
 from wan.testing.tiny import TINY_DIT, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes, write_tiny_checkpoints
 
 UMT5_XXL = T5Dims(vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24)
@@ -74,8 +79,9 @@ def meta(shapes: dict) -> dict[str, torch.Tensor]:
     return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
-def full_size(runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool) -> float:
-    """Give the runner's pipeline published-size components with random weights; seconds taken."""
+def full_size(runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool, gpus: int) -> float:
+    """Give the runner's pipeline published-size components with random weights; seconds taken. With `gpus` > 1 the
+    DiT lives in one worker process per GPU as `setup()` starts them, each building the random DiT on its GPU."""
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
@@ -90,16 +96,27 @@ def full_size(runner, device: torch.device, generator: torch.Generator, work: Pa
             pipeline.vae.model = AutoencoderKLWan(**vae_config(meta(vae_shapes(WAN_VAE)))).eval()
             runner.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).to(device).eval()  # chinese-wav2vec2-base: the base config
         pipeline.text_encoder.text_len = config.text_len
-    dit = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
-    dit.set_self_attention(fastest_self_attention(device))
-    if device.type == "cuda":
-        dit.compile_blocks()
-    pipeline.dit = dit
-    pipeline.weights = DiTWeights(LoraSet(dit))  # LoRAs undone from copies; the audio-layer sets are not benchmarked
+    if gpus > 1:
+        pipeline.close()
+        options = WorkerOptions(compile=device.type == "cuda", memory_plan=runner_plan(device))
+        devices = ["cpu"] * gpus if device.type == "cpu" else visible_devices()[:gpus]
+        pipeline.workers = WorkerGroup(RandomSource(config, dtype), devices, options)
+        pipeline.workers.start()
+        pipeline.dit, pipeline.pass_seconds = DiTShape(config, dtype), None
+        dit = None
+    else:
+        dit = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
+        dit.set_self_attention(fastest_self_attention(device))
+        if device.type == "cuda":
+            dit.compile_blocks()
+        pipeline.dit = dit
+        pipeline.weights = DiTWeights(LoraSet(dit))  # LoRAs undone from copies; audio-layer sets not benchmarked
     if not tiny:
         runner.size_buckets = {}  # the published bucket tables (the tiny set's thumbnails otherwise)
     lora = {}
-    for name, module in dit.named_modules():
+    with torch.device("meta"):
+        linears = MultiTalkDiT(config).named_modules()
+    for name, module in linears:
         if isinstance(module, torch.nn.Linear) and name.startswith("blocks."):
             key = f"diffusion_model.{name}"
             lora[f"{key}.lora_down.weight"] = 0.01 * torch.randn(32, module.in_features, generator=generator,
@@ -171,11 +188,16 @@ def main() -> None:
     parser.add_argument("--presets", default="fast", help="comma list of fast, turbo, quality")
     parser.add_argument("--fp8", default="off", help="off, on, or off,on (fp8 runs after the bf16 ones)")
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per speaker")
+    parser.add_argument("--repeats", type=int, default=1, help="requests per preset: the first pays one-off costs "
+                        "(LoRA merge), the others show a warm container")
     parser.add_argument("--sampling-steps", type=int, default=None, help="override the presets' steps (short runs)")
     parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE, help="the picture (default: the reference's example)")
     parser.add_argument("--dub", action="store_true", help="InfiniteTalk dubbing of a source video instead")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs for the DiT (> 1: one worker process per GPU)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script, times nothing")
     args = parser.parse_args()
+    if args.gpus > 1 and (args.dub or args.fp8 != "off"):
+        parser.error("--gpus > 1 runs bf16 MultiTalk requests only (workers take fp8 from the memory plan in setup)")
 
     from predict import Runner
 
@@ -187,10 +209,11 @@ def main() -> None:
         work = Path(scratch)
         started = time.perf_counter()
         runner = Runner()
+        os.environ[GPUS_ENV] = "1"  # the tiny set in-process; the full-size DiT's workers are started below
         runner.setup(weights=str(write_tiny_checkpoints(work / "tiny")))
         results["tiny_setup_s"] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(0)
-        results["build_s"] = full_size(runner, device, generator, work, args.tiny)
+        results["build_s"] = full_size(runner, device, generator, work, args.tiny, args.gpus)
         started = time.perf_counter()
         runner.costs = runner.pipeline.warm_up("multitalk-480" if not args.tiny else {"0.50": [32, 64]})
         results["warm_up_s"] = time.perf_counter() - started  # compile (first generation) + the measured one
@@ -219,9 +242,10 @@ def main() -> None:
                 results["fp8_warm_up_s"] = time.perf_counter() - started
             for preset in args.presets.split(","):
                 flags = dict(fast=preset == "fast", turbo=preset == "turbo")
-                label = f"{'dub ' if args.dub else ''}{preset} fp8 {fp8}"
-                results["requests"].append(request(runner, log, inputs | flags, label, device))
-                save(results, args.out)  # what is done survives a run cut short
+                for repeat in range(args.repeats):
+                    label = f"{'dub ' if args.dub else ''}{preset} fp8 {fp8}{' again' if repeat else ''}"
+                    results["requests"].append(request(runner, log, inputs | flags, label, device))
+                    save(results, args.out)  # what is done survives a run cut short
     save(results, args.out)
     print(f"wrote {args.out}")
 

@@ -35,46 +35,19 @@ import torch
 
 from wan import configs
 from wan.generation.denoise import ClipInputs, guidance_branches
-from wan.memory import RESIDENT, MemoryPlan, place_dit
-from wan.model.dit import MultiTalkDiT
 from wan.parallel.guidance import Split, choose_split, valid_splits
-from wan.parallel.workers import WorkerGroup
+from wan.parallel.workers import WorkerGroup, WorkerOptions
 
-from . import build_random, environment, full_config, relative_error, tiny_config
+from . import RandomSource, environment, full_config, relative_error, tiny_config
 from .bench_dit import FULL_CLIP, TINY_CLIP, ClipShape, dit_inputs
 from .gpu_check import BF16_REL_TOL, Report
 
 FP32_REL_TOL = 1e-5
 SEED = 1234
+# 40 heads as the 14B model, so that every sequence degree of the real model exists.
+TINY_40_HEADS = dataclasses.replace(tiny_config(), dim=320, num_heads=40)
 TIMESTEP = torch.tensor([992.0])  # exact in bf16
 TEXT_SCALE = {3: 5.0, 2: 1.0}  # a text scale that gives that many passes
-
-
-@dataclasses.dataclass(frozen=True)
-class RandomSource:
-    """Random DiT weights, the same on every device (one seed); picklable for the worker processes."""
-
-    size: str  # "tiny" or "14b"
-    dtype: torch.dtype
-
-    @property
-    def config(self) -> configs.DiTConfig:
-        if self.size == "14b":
-            return full_config()
-        # 40 heads as the 14B model, so that every sequence degree of the real model exists.
-        return dataclasses.replace(tiny_config(), dim=320, num_heads=40)
-
-    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
-        generator = torch.Generator(device).manual_seed(SEED)
-        model = build_random(lambda: MultiTalkDiT(self.config), device, self.dtype, generator)
-        place_dit(model, plan, device)
-        return model
-
-    def tensor_reader(self, device: torch.device) -> None:
-        return None
-
-    def audio_layer_sets(self) -> dict:
-        return {}
 
 
 def conditioning(config: configs.DiTConfig, clip: ClipShape, speakers: int) -> tuple[ClipInputs, torch.Tensor]:
@@ -113,7 +86,7 @@ def host_memory_gib(pids: list[int]) -> list[float | None]:
 
 
 def check_tiny(devices: list[str], report: Report) -> dict:
-    source = RandomSource("tiny", torch.float32)
+    source = RandomSource(TINY_40_HEADS, torch.float32, SEED)
     group = WorkerGroup(source, devices)
     results = {}
     try:
@@ -143,13 +116,14 @@ def time_step(group: WorkerGroup, split: Split, cond, latent, passes: int, repea
     return times, velocities
 
 
-def check_full(devices: list[str], repeats: int, report: Report, smoke: bool = False) -> dict:
-    """Part (b); `smoke` runs its code on the tiny float32 DiT instead (CPU check of this script)."""
-    source = RandomSource("tiny", torch.float32) if smoke else RandomSource("14b", torch.bfloat16)
+def check_full(devices: list[str], repeats: int, report: Report, smoke: bool = False, compile: bool = False) -> dict:
+    """Part (b); `smoke` runs its code on the tiny float32 DiT instead (CPU check of this script); `compile`: the
+    workers' blocks compiled, as the predictor runs them."""
+    source = RandomSource(TINY_40_HEADS, torch.float32, SEED) if smoke else RandomSource(full_config(), torch.bfloat16, SEED)
     clip = TINY_CLIP if smoke else FULL_CLIP
     heads, gpus = source.config.num_heads, len(devices)
-    group = WorkerGroup(source, devices)
-    results: dict = dict(steps={})
+    group = WorkerGroup(source, devices, WorkerOptions(compile=compile))
+    results: dict = dict(steps={}, compiled=compile)
     try:
         started = time.perf_counter()
         group.start()
@@ -211,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu", type=int, default=0, help="run on this many CPU workers (gloo) instead")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each step (after one warm-up)")
     parser.add_argument("--tiny-only", action="store_true", help="skip the 14B part")
+    parser.add_argument("--compile", action="store_true", help="compile the workers' blocks in part (b)")
     parser.add_argument("--smoke", action="store_true", help="run part (b) on the tiny DiT (CPU check of the script)")
     args = parser.parse_args(argv)
 
@@ -237,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tiny part: {time.perf_counter() - started:.0f} s", flush=True)
         if not args.tiny_only:
             started = time.perf_counter()
-            results["full"] = check_full(devices, args.repeats, report, smoke=args.smoke)
+            results["full"] = check_full(devices, args.repeats, report, smoke=args.smoke, compile=args.compile)
             print(f"14B part: {time.perf_counter() - started:.0f} s", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

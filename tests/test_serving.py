@@ -6,7 +6,7 @@ import pytest
 from conftest import run_inputs
 from wan.generation.estimate import Costs, estimate_seconds, tokens_of
 from wan.generation.clips import plan_clips
-from wan.serving import Recipe, check_time, sampling_options
+from wan.serving import GPUS_ENV, Recipe, check_time, gpus_to_use, sampling_options
 
 # What an H200 measured in its warm-up (bench/NOTES.md, session 3).
 H200 = Costs(pass_seconds=3.2307, tokens=32928, clip_seconds=4.559, pixels=448 * 896, frames=81, text_seconds=0.0886)
@@ -51,3 +51,14 @@ def test_the_runner_refuses_before_any_model_work_and_stays_ready(runner, monkey
         assert runner.run(**inputs).exists()
     finally:
         runner.pipeline.set_weights("multitalk", [])  # the shared runner as the other tests expect it: no LoRA
+
+
+def test_gpus_default_to_every_visible_one_and_the_setting_takes_fewer(monkeypatch):
+    monkeypatch.delenv(GPUS_ENV, raising=False)
+    assert gpus_to_use(4) == 4 and gpus_to_use(0) == 1
+    monkeypatch.setenv(GPUS_ENV, "1")
+    assert gpus_to_use(4) == 1
+    for bad in ("5", "0", "two"):
+        monkeypatch.setenv(GPUS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{GPUS_ENV}='{bad}'.*1 to 4"):
+            gpus_to_use(4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -17,6 +18,7 @@ from .generation.request import GuidanceOptions, Model, SamplingOptions
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_SECONDS = 1800.0  # Replicate's limit for one prediction
+GPUS_ENV = "MULTITALK_GPUS"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ def sampling_options(recipe: Recipe, max_frames: int | None, seed: int) -> Sampl
             use_apg=recipe.use_apg,
         ),
     )
+
+
+def gpus_to_use(visible: int) -> int:
+    """Every visible GPU, or the first `MULTITALK_GPUS` of them (e.g. 1: the single-process path on a bigger host)."""
+    text = os.environ.get(GPUS_ENV, "").strip()
+    if not text:
+        return max(1, visible)
+    if not text.isdigit() or not 1 <= int(text) <= max(1, visible):
+        raise ValueError(f"{GPUS_ENV}={text!r}: give a whole number from 1 to {max(1, visible)} (the visible GPUs)")
+    return int(text)
 
 
 def plan_request(audio_frames: int, options: SamplingOptions) -> tuple[ClipPlan, int]:

@@ -1,21 +1,23 @@
-"""The DiT over several GPUs (`wan.parallel`): correctness against one GPU, and the time of a step for every split.
+"""The DiT over several GPUs (`wan.parallel`): correctness against one GPU, and the time of a step for every schedule.
 
     python -m bench.parallel_check --out $OUT/parallel.json            # every visible GPU (at least 2)
     python -m bench.parallel_check --cpu 2 --tiny-only --out /tmp/p.json  # CPU smoke test: 2 gloo workers
 
 One worker process per GPU, as the predictor runs them (`wan.parallel.workers.WorkerGroup`); the DiT has random
 weights built on the meta device and filled on each GPU from the same seed, so every GPU holds the same model. A
-split GxD runs the passes of a step on G guidance groups of D GPUs each (sequence parallel inside a group); 1x1 is
-the plain single-GPU path (in worker 0) that every split is compared with.
+split GxD runs G passes of a step at once on G guidance groups of D GPUs each (sequence parallel inside a group); a
+schedule runs a step as rounds of splits ("2x1 then 1x2"); 1x1 is the plain single-GPU path (in worker 0) that every
+schedule is compared with.
 
 (a) tiny DiT (2 blocks, 40 heads of 8 dims, so every sequence degree of the 14B model exists), float32: the velocity
-    of every branch of a 3-pass step, 1 and 2 speakers, each split against 1x1 at rel < 1e-5 (float32 noise).
+    of every branch of a 3-pass step, 1 and 2 speakers, each split (every round the same) and each two-round
+    schedule against 1x1 at rel < 1e-5 (float32 noise).
 (b) 14B config (40 blocks, dim 5120), bf16, the 81-frame 448x896 clip (32928 tokens): one pass timed per sequence
-    degree (what the predictor measures to choose its split); then the 3-pass (quality/turbo) and the 2-pass (fast)
-    step timed for every split (warm-up, median of --repeats), two speakers; the split `choose_split` picks from the
-    pass times against the fastest measured one; each split's velocities against 1x1 at the bf16 bar of gpu_check
-    (rel < 2e-2 one speaker, < 5e-2 two: near-tie speaker routing may flip a few tokens). With 1 speaker, one
-    3-pass step per split for accuracy only.
+    degree (what the predictor measures to choose its schedule); then the 3-pass (quality/turbo) and the 2-pass (fast)
+    step timed for every split and the chosen schedule (warm-up, median of --repeats), two speakers; the schedule
+    `choose_schedule` picks from the pass times against the fastest measured one; each one's velocities against 1x1
+    at the bf16 bar of gpu_check (rel < 2e-2 one speaker, < 5e-2 two: near-tie speaker routing may flip a few
+    tokens). With 1 speaker, one 3-pass step per schedule for accuracy only.
 Self-attention runs through our Ulysses exchange (torch.distributed all-to-all over NCCL) around the local kernel the
 workers choose (FA4 where installed, else SDPA); xfuser is not used. Peak host memory (VmHWM) of each worker is
 reported. Prints PASS/FAIL lines and writes JSON; exits 1 if anything failed.
@@ -35,7 +37,7 @@ import torch
 
 from wan import configs
 from wan.generation.denoise import ClipInputs, guidance_branches
-from wan.parallel.guidance import Split, choose_split, valid_splits
+from wan.parallel.guidance import Schedule, Split, candidate_schedules, choose_schedule, describe, valid_splits
 from wan.parallel.workers import WorkerGroup, WorkerOptions
 
 from . import RandomSource, environment, full_config, relative_error, tiny_config
@@ -60,8 +62,8 @@ def conditioning(config: configs.DiTConfig, clip: ClipShape, speakers: int) -> t
     return cond, inputs["x"]
 
 
-def step_velocities(group: WorkerGroup, split: Split, cond: ClipInputs, latent, passes: int) -> dict:
-    group.use_split(split)
+def step_velocities(group: WorkerGroup, schedule: Schedule, cond: ClipInputs, latent, passes: int) -> dict:
+    group.use_schedule(schedule)
     return group.velocities(latent, TIMESTEP, guidance_branches(TEXT_SCALE[passes]))
 
 
@@ -94,24 +96,31 @@ def check_tiny(devices: list[str], report: Report) -> dict:
         for speakers in (1, 2):
             cond, latent = conditioning(source.config, TINY_CLIP, speakers)
             group.begin_clip(cond)
-            truth = step_velocities(group, Split(1, 1), cond, latent, 3)
-            for split in valid_splits(len(devices), 3, source.config.num_heads):
-                if split != Split(1, 1):
-                    velocities = step_velocities(group, split, cond, latent, 3)
-                    errors = compare(report, f"tiny fp32 {speakers}p split {split}", velocities, truth, FP32_REL_TOL)
-                    results[f"{speakers}p {split}"] = errors
+            truth = step_velocities(group, (Split(1, 1),), cond, latent, 3)
+            for schedule in every_schedule(len(devices), source.config.num_heads):
+                if schedule != (Split(1, 1),):
+                    velocities = step_velocities(group, schedule, cond, latent, 3)
+                    name = f"tiny fp32 {speakers}p {describe(schedule)}"
+                    results[f"{speakers}p {describe(schedule)}"] = compare(report, name, velocities, truth, FP32_REL_TOL)
             group.end_clip()
     finally:
         group.close()
     return results
 
 
-def time_step(group: WorkerGroup, split: Split, cond, latent, passes: int, repeats: int) -> tuple[list[float], dict]:
-    step_velocities(group, split, cond, latent, passes)  # warm-up
+def every_schedule(gpus: int, heads: int) -> list[Schedule]:
+    """Each split for every round of a 3-pass step, and each schedule of two different rounds."""
+    uniform = [(split,) for split in valid_splits(gpus, 3, heads)]
+    return uniform + [s for s in candidate_schedules(gpus, 3, heads, set(range(1, gpus + 1))) if len(set(s)) > 1
+                      and len(s) == 2]
+
+
+def time_step(group: WorkerGroup, schedule: Schedule, cond, latent, passes: int, repeats: int) -> tuple[list[float], dict]:
+    step_velocities(group, schedule, cond, latent, passes)  # warm-up
     times, velocities = [], None
     for _ in range(repeats):
         started = time.perf_counter()
-        velocities = step_velocities(group, split, cond, latent, passes)
+        velocities = step_velocities(group, schedule, cond, latent, passes)
         times.append(time.perf_counter() - started)
     return times, velocities
 
@@ -140,37 +149,40 @@ def check_full(devices: list[str], repeats: int, report: Report, smoke: bool = F
         group.begin_clip(cond)
         for passes in (3, 2):
             measured, truth = {}, None
-            for split in valid_splits(gpus, passes, heads):
-                times, velocities = time_step(group, split, cond, latent, passes, repeats)
-                measured[split] = statistics.median(times)
-                print(f"{passes}-pass step, split {split}: median {measured[split]:.3f} s {times}", flush=True)
-                results["steps"][f"{passes}pass {split}"] = dict(median_s=measured[split], times_s=times)
-                if split == Split(1, 1):
+            chosen = choose_schedule(gpus, passes, heads, pass_seconds)
+            schedules = [(split,) for split in valid_splits(gpus, passes, heads)]  # every round the same split
+            for schedule in schedules + ([chosen] if chosen not in schedules else []):
+                times, velocities = time_step(group, schedule, cond, latent, passes, repeats)
+                measured[schedule] = statistics.median(times)
+                name = describe(schedule)
+                print(f"{passes}-pass step, schedule {name}: median {measured[schedule]:.3f} s {times}", flush=True)
+                results["steps"][f"{passes}pass {name}"] = dict(median_s=measured[schedule], times_s=times)
+                if schedule == (Split(1, 1),):
                     truth = velocities
                 else:
-                    compare(report, f"14B bf16 2p {passes}-pass split {split}", velocities, truth, BF16_REL_TOL[2])
+                    compare(report, f"14B bf16 2p {passes}-pass {name}", velocities, truth, BF16_REL_TOL[2])
             fastest = min(measured, key=measured.get)
-            chosen = choose_split(gpus, passes, heads, pass_seconds)
+            one_gpu = measured[(Split(1, 1),)]
             within = measured[chosen] <= measured[fastest] * 1.05
             report.add(
-                f"14B {passes}-pass split choice",
+                f"14B {passes}-pass schedule choice",
                 within or smoke,  # tiny CPU timings are noise: the smoke run only exercises the code
-                f"chosen {chosen} ({measured[chosen]:.3f} s), fastest measured {fastest} ({measured[fastest]:.3f} s), "
-                f"1x1 {measured[Split(1, 1)]:.3f} s: speed-up {measured[Split(1, 1)] / measured[chosen]:.2f}x"
+                f"chosen {describe(chosen)} ({measured[chosen]:.3f} s), fastest measured {describe(fastest)} "
+                f"({measured[fastest]:.3f} s), 1x1 {one_gpu:.3f} s: speed-up {one_gpu / measured[chosen]:.2f}x"
                 + (" (smoke run: not judged)" if smoke else " (chosen within 5 % of the fastest)"),
-                chosen=str(chosen),
-                fastest=str(fastest),
+                chosen=describe(chosen),
+                fastest=describe(fastest),
             )
-            results[f"{passes}pass"] = dict(chosen=str(chosen), fastest=str(fastest))
+            results[f"{passes}pass"] = dict(chosen=describe(chosen), fastest=describe(fastest))
         group.end_clip()
 
         cond, latent = conditioning(source.config, clip, 1)
         group.begin_clip(cond)
-        truth = step_velocities(group, Split(1, 1), cond, latent, 3)
-        for split in valid_splits(gpus, 3, heads):
-            if split != Split(1, 1):
-                velocities = step_velocities(group, split, cond, latent, 3)
-                compare(report, f"14B bf16 1p 3-pass split {split}", velocities, truth, BF16_REL_TOL[1])
+        truth = step_velocities(group, (Split(1, 1),), cond, latent, 3)
+        for schedule in every_schedule(gpus, heads):
+            if schedule != (Split(1, 1),):
+                velocities = step_velocities(group, schedule, cond, latent, 3)
+                compare(report, f"14B bf16 1p 3-pass {describe(schedule)}", velocities, truth, BF16_REL_TOL[1])
         group.end_clip()
         results["worker_peak_host_gib"] = host_memory_gib(group.pids)
     finally:

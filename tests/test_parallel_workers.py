@@ -100,18 +100,19 @@ def assert_same_velocities(actual: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "split, case_name, branches",
+    "schedule, case_name, branches",
     [
-        (Split(1, 2), "dit_2p", TWO_PASS),  # both passes sequence-parallel
-        (Split(1, 2), "dit_1p", THREE_PASS),
-        (Split(2, 1), "dit_1p", TWO_PASS),  # one pass per GPU
-        (Split(2, 1), "dit_2p", THREE_PASS),  # 2 passes on one GPU, 1 on the other
+        ((Split(1, 2),), "dit_2p", TWO_PASS),  # both passes sequence-parallel
+        ((Split(1, 2),), "dit_1p", THREE_PASS),
+        ((Split(2, 1),), "dit_1p", TWO_PASS),  # one pass per GPU
+        ((Split(2, 1),), "dit_2p", THREE_PASS),  # 2 passes on one GPU, 1 on the other
+        ((Split(2, 1), Split(1, 2)), "dit_2p", THREE_PASS),  # one pass per GPU, then the third over both
     ],
     ids=str,
 )
-def test_step_over_workers_equals_plain_step(group, split, case_name, branches):
+def test_step_over_workers_equals_plain_step(group, schedule, case_name, branches):
     cond, latent, t = conditioning(case_name)
-    group.use_split(split)
+    group.use_schedule(schedule)
     group.begin_clip(cond)
     velocities = group.velocities(latent, t, branches)
     group.end_clip()
@@ -121,13 +122,14 @@ def test_step_over_workers_equals_plain_step(group, split, case_name, branches):
     torch.testing.assert_close(combine(velocities, 3.0, 2.0), combine(expected, 3.0, 2.0), rtol=1e-5, atol=1e-4)
 
 
-def test_teacache_over_several_steps_matches_plain_loop(group):
+@pytest.mark.parametrize("schedule", [(Split(2, 1),), (Split(2, 1), Split(1, 2))], ids=str)
+def test_teacache_over_several_steps_matches_plain_loop(group, schedule):
     """Each branch's TeaCache lives in the workers that run the branch; the loop and its skips are the plain one's."""
     cond, latent, _ = conditioning("dit_2p")
     steps = sampling.timesteps(8, shift=5.0)
     # The tiny DiT's time embedding moves far more per step than the 14B's: a threshold that skips some passes.
     settings = (1e6, "multitalk-480")
-    group.use_split(Split(2, 1))
+    group.use_schedule(schedule)
     group.begin_clip(cond, settings)
     teacache = sampling.TeaCache(*settings)
     ours = theirs = latent
@@ -144,7 +146,7 @@ def test_teacache_over_several_steps_matches_plain_loop(group):
 
 def test_killed_worker_fails_the_request_and_the_next_request_restarts(group):
     cond, latent, t = conditioning("dit_1p")
-    group.use_split(Split(1, 2))
+    group.use_schedule((Split(1, 2),))
     group.begin_clip(cond)
     os.kill(group.pids[1], signal.SIGKILL)
     with pytest.raises(WorkerError, match=r"DiT worker 1 on cpu died \(exit code -9\)"):
@@ -157,7 +159,7 @@ def test_killed_worker_fails_the_request_and_the_next_request_restarts(group):
 
 def test_error_in_a_worker_is_reported_with_its_traceback(group):
     cond, latent, t = conditioning("dit_1p")
-    group.use_split(Split(2, 1))
+    group.use_schedule((Split(2, 1),))
     group.begin_clip(cond)
     with pytest.raises(WorkerError, match=r"(?s)DiT worker \d on cpu failed:.*unknown guidance branch 'sideways'"):
         group.velocities(latent, t, ("cond", "sideways"))
@@ -238,7 +240,7 @@ def test_workers_stream_the_checkpoint_and_merge_and_restore_loras(tiny_weights)
     group = WorkerGroup(source, ["cpu", "cpu"])
     try:
         group.set_weights(None, [(lora, 1.0)])  # before the start: applied when the workers are up
-        group.use_split(Split(2, 1))
+        group.use_schedule((Split(2, 1),))
         group.begin_clip(cond)
         assert_same_velocities(group.velocities(latent, t, THREE_PASS), with_lora)
         group.set_weights(None, [])  # exact restore from the files
@@ -264,7 +266,7 @@ def test_workers_place_their_dit_by_the_memory_plan(tiny_weights):
 
     group = WorkerGroup(source, ["cpu", "cpu"], WorkerOptions(memory_plan=FP8))
     try:
-        group.use_split(Split(2, 1))
+        group.use_schedule((Split(2, 1),))
         group.begin_clip(cond)
         velocities = group.velocities(latent, t, TWO_PASS)
     finally:

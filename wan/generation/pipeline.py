@@ -44,7 +44,7 @@ class DiTWorkers(BranchRunner, Protocol):
 
     def time_passes(self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor) -> dict[int, float]: ...
 
-    def use_fastest_split(self, passes: int, pass_seconds: dict[int, float]) -> None: ...
+    def use_fastest_schedule(self, passes: int, pass_seconds: dict[int, float]) -> None: ...
 
     def begin_clip(self, inputs: ClipInputs, teacache: tuple[float, str] | None) -> None: ...
 
@@ -221,14 +221,14 @@ class Pipeline:
         self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor, passes: int, options: SamplingOptions,
         teacache_bucket: str,
     ) -> None:
-        """The workers get the clip and the fastest split for `passes` passes a step; the first clip measures a pass
-        at every sequence degree the GPUs allow."""
+        """The workers get the clip and the fastest schedule for `passes` passes a step; the first clip measures a
+        pass at every sequence degree the GPUs allow."""
         workers = self.workers
         if self.pass_seconds is None:
             workers.start()
             self.pass_seconds = workers.time_passes(inputs, latent, t)
             log.info("DiT pass seconds by sequence degree: %s", self.pass_seconds)
-        workers.use_fastest_split(passes, self.pass_seconds)
+        workers.use_fastest_schedule(passes, self.pass_seconds)
         guidance = options.guidance
         workers.begin_clip(inputs, (guidance.teacache_thresh, teacache_bucket) if guidance.use_teacache else None)
 

@@ -42,7 +42,7 @@ from ..loading.dit_weights import DiTWeights
 from ..loading.lora import LoraSet
 from ..memory import RESIDENT, MemoryPlan
 from ..model.dit import MultiTalkDiT
-from .guidance import Split, assign_branches, choose_split, valid_splits
+from .guidance import Schedule, Split, choose_schedule, describe, schedule_rounds, valid_splits
 from .sequence import SequenceParallel
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,6 @@ class TeaCacheSettings:
 
 # Commands, driver -> every worker. Each is answered by every worker.
 @dataclass(frozen=True)
-class _UseSplit:
-    split: Split
-
-
-@dataclass(frozen=True)
 class _SetWeights:
     audio_layers: str | None
     loras: tuple[tuple[str, float], ...]
@@ -130,6 +125,7 @@ class _Step:
     latent: torch.Tensor  # CPU
     t: torch.Tensor
     branches: tuple[str, ...]
+    schedule: Schedule
 
 
 @dataclass(frozen=True)
@@ -165,7 +161,7 @@ class WorkerGroup:
         self.options = options
         self.heads: int | None = None  # the DiT's, reported by the workers
         self.worker_info: list[dict] = []  # what each worker reported when it was ready
-        self.split: Split | None = None  # what the workers use (re-applied after a restart); default: all GPUs
+        self.schedule: Schedule | None = None  # how a step's passes run; default: every pass over all GPUs
         self.active_audio_layers: str | None = "multitalk"  # what the workers' DiTs hold (re-applied after a restart)
         self.loras: tuple[tuple[str, float], ...] = ()
         self._processes: list[Any] = []
@@ -207,9 +203,8 @@ class WorkerGroup:
         self.worker_info = self._collect()
         self.heads = self.worker_info[0]["heads"]
         log.info("%d DiT workers ready on %s in %.0f s", self.size, ", ".join(self.devices), time.monotonic() - started)
-        if self.split is None:  # the most GPUs a single pass can use
-            self.split = max(valid_splits(self.size, 1, self.heads), key=lambda split: split.gpus)
-        self._request(_UseSplit(self.split))
+        if self.schedule is None:  # the most GPUs a single pass can use
+            self.schedule = (max(valid_splits(self.size, 1, self.heads), key=lambda split: split.gpus),)
         if self.loras or self.active_audio_layers != "multitalk":
             self._request(_SetWeights(self.active_audio_layers, self.loras))
 
@@ -219,15 +214,15 @@ class WorkerGroup:
             _stop_workers(self._processes, self._connections, grace_s)
         self._processes, self._connections, self._finalizer = [], [], None
 
-    def use_split(self, split: Split) -> None:
-        """Run each step as `split` (at most this group's GPUs; a sequence degree that divides the heads)."""
-        if split.gpus > self.size:
-            raise ValueError(f"split {split} needs {split.gpus} GPUs, the group has {self.size}")
-        if self.heads is not None and self.heads % split.degree:
-            raise ValueError(f"split {split}: sequence degree {split.degree} does not divide the {self.heads} heads")
-        if split != self.split and self.running:
-            self._request(_UseSplit(split))
-        self.split = split
+    def use_schedule(self, schedule: Schedule) -> None:
+        """Run each step in these rounds (each split of at most this group's GPUs, with a sequence degree that divides
+        the heads); `(split,)` runs every round as `split`."""
+        for split in schedule:
+            if split.gpus > self.size:
+                raise ValueError(f"split {split} needs {split.gpus} GPUs, the group has {self.size}")
+            if self.heads is not None and self.heads % split.degree:
+                raise ValueError(f"split {split}: sequence degree {split.degree} does not divide the {self.heads} heads")
+        self.schedule = tuple(schedule)
 
     def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str | Path, float]]) -> None:
         """The audio-layer set (None: unchanged) and the merged LoRAs ((file, scale) pairs) in every worker, as
@@ -238,12 +233,12 @@ class WorkerGroup:
             self._request(_SetWeights(audio_layers, wanted))
         self.active_audio_layers, self.loras = audio_layers, wanted
 
-    def use_fastest_split(self, passes: int, pass_seconds: dict[int, float]) -> None:
-        """The split that runs `passes` passes a step fastest, by the measured pass seconds per sequence degree."""
-        split = choose_split(self.size, passes, self.heads, pass_seconds)
-        if split != self.split:
-            log.info("%d passes a step: %d guidance groups x %d GPUs each", passes, split.groups, split.degree)
-        self.use_split(split)
+    def use_fastest_schedule(self, passes: int, pass_seconds: dict[int, float]) -> None:
+        """The schedule that runs `passes` passes a step fastest, by the measured pass seconds per sequence degree."""
+        schedule = choose_schedule(self.size, passes, self.heads, pass_seconds)
+        if schedule != self.schedule:
+            log.info("%d passes a step: %s (guidance groups x GPUs each, per round)", passes, describe(schedule))
+        self.use_schedule(schedule)
 
     def begin_clip(self, cond: ClipInputs, teacache: tuple[float, str] | None = None) -> None:
         """Hand every worker a clip's conditioning (and a fresh TeaCache: threshold, size bucket); starts the group
@@ -254,11 +249,11 @@ class WorkerGroup:
     def velocities(self, latent: torch.Tensor, t: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The velocity of each branch at (latent, t), the branches spread over the split's groups; on latent's
         device."""
-        replies = self._request(_Step(latent.detach().cpu(), t.detach().cpu(), tuple(branches)))
+        replies = self._request(_Step(latent.detach().cpu(), t.detach().cpu(), tuple(branches), self.schedule))
         found = {branch: v for reply in replies for branch, v in reply.items()}
         missing = set(branches) - found.keys()
         if missing:
-            raise WorkerError(f"no worker returned the branches {sorted(missing)} (split {self.split})")
+            raise WorkerError(f"no worker returned the branches {sorted(missing)} (schedule {describe(self.schedule)})")
         return {branch: found[branch].to(latent.device) for branch in branches}
 
     def end_clip(self) -> float:
@@ -276,10 +271,10 @@ class WorkerGroup:
         self.begin_clip(cond)
         if degrees is None:
             degrees = sorted({split.degree for split in valid_splits(self.size, 1, self.heads)})
-        kept, seconds = self.split, {}
+        kept, seconds = self.schedule, {}
         try:
             for degree in degrees:
-                self.use_split(Split(1, degree))
+                self.use_schedule((Split(1, degree),))
                 times = []
                 for _ in range(repeats + 1):
                     started = time.perf_counter()
@@ -289,7 +284,7 @@ class WorkerGroup:
         finally:
             if self.running:
                 self.end_clip()
-                self.use_split(kept)
+            self.schedule = kept
         return seconds
 
     def _request(self, command: Any) -> list[Any]:
@@ -406,12 +401,12 @@ class _Worker:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.dit.compile_blocks()
         self.sequence_groups = _sequence_groups(rank, world, self.dit.config.num_heads)
-        self.split = Split(1, 1)
         loras = LoraSet(self.dit, reload=source.tensor_reader(device))
         sets = source.audio_layer_sets()
         self.weights = DiTWeights(loras, AudioLayers(self.dit, sets) if sets else None)
         self.cond: ClipInputs | None = None
         self.teacache: sampling.TeaCache | None = None
+        self.led: set[str] = set()  # the clip's branches whose velocity this worker returns (TeaCache counts)
 
     def info(self) -> dict:
         return dict(
@@ -422,16 +417,11 @@ class _Worker:
         )
 
     def handle(self, command: Any) -> Any:
-        if isinstance(command, _UseSplit):
-            if command.split.degree > 1 and command.split.degree not in self.sequence_groups:
-                raise ValueError(f"no sequence-parallel group of degree {command.split.degree} (split {command.split})")
-            self.split = command.split
-            return None
         if isinstance(command, _SetWeights):
             return self.weights.set_weights(command.audio_layers, command.loras)
         if isinstance(command, _BeginClip):
             self.cond = command.cond.to(self.device)
-            self.teacache = None
+            self.teacache, self.led = None, set()
             if command.teacache is not None:
                 self.teacache = sampling.TeaCache(command.teacache.thresh, command.teacache.size_bucket)
             return None
@@ -439,36 +429,34 @@ class _Worker:
             return self._step(command)
         if isinstance(command, _EndClip):
             counts = None
-            if self.teacache is not None and self._leads_a_group():
-                decisions = [d for branch in self.teacache.branches.values() for d in branch.decisions]
+            if self.teacache is not None and self.led:
+                decisions = [d for name in self.led for d in self.teacache.branches[name].decisions]
                 counts = (sum(d.skipped for d in decisions), len(decisions))
             self.cond = self.teacache = None
             return counts
         raise TypeError(f"unknown worker command {command!r}")
 
-    def _group(self) -> int | None:
-        """This worker's guidance group in the current split; None when the split leaves it idle."""
-        return self.rank // self.split.degree if self.rank < self.split.gpus else None
-
-    def _leads_a_group(self) -> bool:
-        return self._group() is not None and self.rank % self.split.degree == 0
-
     def _step(self, command: _Step) -> dict[str, torch.Tensor]:
-        group = self._group()
-        if group is None:
-            return {}
         if self.cond is None:
             raise RuntimeError("a step arrived before its clip's conditioning")
-        branches = assign_branches(command.branches, self.split.groups)[group]
-        parallel = self.sequence_groups[self.split.degree] if self.split.degree > 1 else None
         latent, t = command.latent.to(self.device), command.t.to(self.device)
         velocities = {}
-        with torch.inference_mode():
-            for branch in branches:
-                cache = self.teacache.branch(branch) if self.teacache is not None else None
-                velocities[branch] = branch_velocity(self.dit, latent, t, self.cond, branch, cache, parallel=parallel)
-        # Every rank of a group holds the whole velocity; only the group's first sends it back.
-        return {branch: v.cpu() for branch, v in velocities.items()} if self._leads_a_group() else {}
+        for split, branches in schedule_rounds(command.schedule, command.branches):
+            group = self.rank // split.degree if self.rank < split.gpus else None
+            if group is None or group >= len(branches):
+                continue  # this round leaves this GPU idle
+            if split.degree > 1 and split.degree not in self.sequence_groups:
+                raise ValueError(f"no sequence-parallel group of degree {split.degree} (split {split})")
+            parallel = self.sequence_groups[split.degree] if split.degree > 1 else None
+            branch = branches[group]
+            cache = self.teacache.branch(branch) if self.teacache is not None else None
+            with torch.inference_mode():
+                velocity = branch_velocity(self.dit, latent, t, self.cond, branch, cache, parallel=parallel)
+            # Every rank of a group holds the whole velocity; only the group's first sends it back.
+            if self.rank % split.degree == 0:
+                velocities[branch] = velocity.cpu()
+                self.led.add(branch)
+        return velocities
 
 
 def _sequence_groups(rank: int, world: int, heads: int) -> dict[int, SequenceParallel]:

@@ -17,6 +17,7 @@ from PIL import Image
 from src.audio import audio_prepare_multi, audio_prepare_single, get_embedding, load_wav2vec, video_frame_count
 from src.video import read_video
 from wan import GenerationRequest, load_pipeline
+from wan.compile_cache import compile_cache_file, load_compile_cache, save_compile_cache
 from wan.configs import FPS
 from wan.generation.timing import StageClock
 from wan.generation.video import write_mp4
@@ -74,7 +75,11 @@ class Runner(BaseRunner):
         )
         self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
         self._warm_up_audio()
+        # The warm-up compiles; kernels compiled by an earlier container on this GPU type are loaded first.
+        compile_cache = compile_cache_file(self.pipeline.device) if on_gpu and gpus == 1 else None
+        load_compile_cache(compile_cache)
         self.costs = self.pipeline.warm_up(self._buckets("480p", "multitalk"))
+        save_compile_cache(compile_cache)
         self.max_seconds = float(os.environ.get("MULTITALK_MAX_REQUEST_SECONDS", MAX_REQUEST_SECONDS))
         # Both go away with the runner (cog never deletes outputs; each request removes the previous one).
         self._outputs = tempfile.TemporaryDirectory(prefix="multitalk-outputs-")

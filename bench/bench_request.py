@@ -156,10 +156,15 @@ def source_video(path: Path, soundtrack: Path, seconds: float) -> Path:
     return write_mp4(0.8 * video, path, soundtrack, fps=FPS)
 
 
-def request(runner, log: Log, inputs: dict, label: str, device: torch.device) -> dict:
+def run_arguments(inputs: dict) -> dict:
+    """`run()`'s keyword arguments for these inputs, checked and completed with the defaults as cog does it."""
     from cog import _inspector
 
-    kwargs = _inspector.check_input(_inspector.create_predictor("predict", "Runner").inputs, inputs)
+    return _inspector.check_input(_inspector.create_predictor("predict", "Runner").inputs, inputs)
+
+
+def request(runner, log: Log, inputs: dict, label: str, device: torch.device) -> dict:
+    kwargs = run_arguments(inputs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log.lines.clear()

@@ -337,7 +337,7 @@ def random_weights(shapes: Shapes, generator: torch.Generator, dtype: torch.dtyp
     """Small random tensors: norm scales 1 + N(0, 0.02), everything else N(0, 0.02); drawn in key order."""
     tensors = {}
     for key, shape in shapes.items():
-        values = torch.randn(shape, generator=generator) * 0.02
+        values = torch.randn(shape, generator=generator, device=generator.device) * 0.02
         if _NORM_WEIGHT.search(key):
             values += 1.0
         elif key == "log_scale":
@@ -401,26 +401,30 @@ def write_fast_lora(path: Path, config: DiTConfig, generator: torch.Generator, r
     save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
-def write_dit(wan_dir: Path, multitalk_dir: Path, config: DiTConfig, generator: torch.Generator) -> None:
-    """config.json + base shards + Wan's index in `wan_dir`; audio weights + MultiTalk's index in `multitalk_dir`."""
-    tensors = random_weights(dit_shapes(config), generator)
+def write_dit(
+    wan_dir: Path, multitalk_dir: Path, config: DiTConfig, generator: torch.Generator,
+    dtype: torch.dtype = torch.float32, num_shards: int = DIT_SHARDS,
+) -> None:
+    """config.json + base shards + Wan's index in `wan_dir`; audio weights + MultiTalk's index in `multitalk_dir`.
+    The tensors are drawn on the generator's device (a GPU for the published sizes) and saved shard by shard."""
+    tensors = random_weights(dit_shapes(config), generator, dtype)
     base = {k: v for k, v in tensors.items() if not is_multitalk_key(k)}
     audio = {k: v for k, v in tensors.items() if is_multitalk_key(k)}
 
-    shard_names = [f"diffusion_pytorch_model-{i:05d}-of-{DIT_SHARDS:05d}.safetensors" for i in range(1, DIT_SHARDS + 1)]
+    shard_names = [f"diffusion_pytorch_model-{i:05d}-of-{num_shards:05d}.safetensors" for i in range(1, num_shards + 1)]
     total = sum(_nbytes(t) for t in base.values())
     shards: list[dict[str, torch.Tensor]] = [{} for _ in shard_names]
     done = 0
     for key, tensor in base.items():
-        shards[min(DIT_SHARDS - 1, done * DIT_SHARDS // total)][key] = tensor
+        shards[min(num_shards - 1, done * num_shards // total)][key] = tensor
         done += _nbytes(tensor)
     for name, shard in zip(shard_names, shards):
-        save_file(shard, wan_dir / name, metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in shard.items()}, wan_dir / name, metadata={"format": "pt"})
     base_map = {key: name for name, shard in zip(shard_names, shards) for key in shard}
     _write_index(wan_dir / DIT_INDEX_NAME, base_map, total)
 
     multitalk_dir.mkdir(parents=True, exist_ok=True)
-    save_file(audio, multitalk_dir / MULTITALK_WEIGHTS_NAME, metadata={"format": "pt"})
+    save_file({k: v.cpu() for k, v in audio.items()}, multitalk_dir / MULTITALK_WEIGHTS_NAME, metadata={"format": "pt"})
     audio_map = {key: MULTITALK_WEIGHTS_NAME for key in audio}
     audio_total = total + sum(_nbytes(t) for t in audio.values())
     _write_index(multitalk_dir / DIT_INDEX_NAME, {**base_map, **audio_map}, audio_total)
@@ -489,10 +493,10 @@ def _save_tokenizer(folder: Path, model_name: str, model: bytes, tokenizer) -> N
     _write_json(folder / "special_tokens_map.json", special)
 
 
-def write_wav2vec(folder: Path, generator: torch.Generator) -> None:
+def write_wav2vec(folder: Path, generator: torch.Generator, config: dict = TINY_WAV2VEC) -> None:
     """A `Wav2Vec2ForPreTraining` dump like chinese-wav2vec2-base: legacy weight-norm names, .bin and .safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = Wav2Vec2Config(**TINY_WAV2VEC)
+    config = Wav2Vec2Config(**config)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Wav2Vec2ForPreTraining(config).state_dict().items()}
     # The published files predate torch's parametrized weight norm: magnitude and direction are weight_g / weight_v.

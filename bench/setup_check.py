@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the set (default: a temp dir)")
     parser.add_argument("--seconds", type=float, default=3.0, help="speech of the short requests (one clip)")
+    parser.add_argument("--requests", default="fast,turbo", help="after the second setup: fast (4 steps), turbo "
+                        "(with 4 steps: the LoRA undone from the files)")
     parser.add_argument("--tiny", action="store_true", help="the tiny set on the CPU: checks the script")
     parser.add_argument("--timeout", type=float, default=400.0, help="seconds per setup process")
     args = parser.parse_args()
@@ -123,7 +125,8 @@ def main() -> None:
 
         soundfile.write(audio, speech(args.seconds, 130), 16000)
         short = dict(image=str(EXAMPLE_IMAGE), audio=str(audio), seed=1)
-        requests = [short | dict(fast=True), short | dict(turbo=True, sampling_steps=4)]
+        presets = dict(fast=dict(fast=True), turbo=dict(turbo=True, sampling_steps=4))
+        requests = [short | presets[name] for name in args.requests.split(",") if name]
         env = {"MULTITALK_GPUS": "1", "MULTITALK_COMPILE_CACHE": str(work / "compile-cache")}
         for label, served in (("first start (no compile cache)", []), ("next start (compile cache)", requests)):
             # A new container: its own empty inductor cache; only the compile cache folder outlives it.

@@ -31,6 +31,8 @@ from .timing import StageClock
 
 log = logging.getLogger(__name__)
 
+WARM_UP_SMALL_FRAMES = 9  # the second warm-up clip: 3 latent frames
+
 class DiTWorkers(BranchRunner, Protocol):
     """The DiT in other processes, one per GPU (`wan.parallel.workers.WorkerGroup`)."""
 
@@ -102,18 +104,28 @@ class Pipeline:
             self.workers.close()
 
     def warm_up(self, size_bucket: str | Mapping[str, Sequence[int]] = "multitalk-480", frame_num: int = 81) -> Costs:
-        """Two one-step generations of a two-speaker clip of the most common shape: the first builds the compiled
-        graphs (one and two speakers) and warms the kernels, the second measures what `estimate_seconds` needs."""
+        """One-step generations that build every compiled graph a request takes, then one that measures what
+        `estimate_seconds` needs.
+
+        The first is a two-speaker clip of the most common shape (its graph is specialised to that shape); then two
+        and one speakers at a small shape: torch.compile makes the sizes that differed dynamic, so no later request
+        (one speaker, a short clip, another bucket, 720p) compiles. Two passes a step: the third pass of a step has
+        the same shapes, so it adds no graph.
+        """
         config = self.dit.config
         table = ASPECT_RATIO_BUCKETS[size_bucket] if isinstance(size_bucket, str) else size_bucket
         height, width = table["0.50"] if "0.50" in table else next(iter(table.values()))
         audio = torch.zeros(frame_num, config.audio_layers, config.audio_channels)
         request = GenerationRequest("", Image.new("RGB", (width, height)), (audio, audio))
         options = SamplingOptions(size_bucket={"0.50": [height, width]}, frame_num=frame_num, steps=1, seed=0,
-                                  color_correction=1.0)
+                                  color_correction=1.0, text_scale=1.0)
         self.generate(request, options, progress=False)
-        if self.workers is not None:  # also build and pick the split of two passes a step
-            self.generate(request, dataclasses.replace(options, text_scale=1.0), progress=False)
+        small_height = 16 * max(2, round(height / 64))  # a quarter of the sides, the same aspect
+        small = dataclasses.replace(options, frame_num=WARM_UP_SMALL_FRAMES,
+                                    size_bucket={"0.50": [small_height, 16 * round(small_height * width / height / 16)]})
+        for speakers in (2, 1):  # dynamo never generalises a size of 1: one speaker is a graph of its own
+            audio_small = (audio[:WARM_UP_SMALL_FRAMES],) * speakers
+            self.generate(dataclasses.replace(request, audio=audio_small), small, progress=False)
         clock = StageClock(self.device)
         self.generate(request, options, progress=False, clock=clock)
         seconds = clock.seconds

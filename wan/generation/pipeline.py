@@ -123,9 +123,9 @@ class Pipeline:
         small_height = 16 * max(2, round(height / 64))  # a quarter of the sides, the same aspect
         small = dataclasses.replace(options, frame_num=WARM_UP_SMALL_FRAMES,
                                     size_bucket={"0.50": [small_height, 16 * round(small_height * width / height / 16)]})
+        audio = torch.zeros(WARM_UP_SMALL_FRAMES, config.audio_layers, config.audio_channels)
         for speakers in (2, 1):  # dynamo never generalises a size of 1: one speaker is a graph of its own
-            audio_small = (audio[:WARM_UP_SMALL_FRAMES],) * speakers
-            self.generate(dataclasses.replace(request, audio=audio_small), small, progress=False)
+            self.generate(dataclasses.replace(request, audio=(audio,) * speakers), small, progress=False)
         clock = StageClock(self.device)
         self.generate(request, options, progress=False, clock=clock)
         seconds = clock.seconds

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench import environment
-from bench.bench_request import EXAMPLE_IMAGE, UMT5_XXL, VIT_H14, WAN_VAE, speech
+from bench.bench_request import EXAMPLE_IMAGE, UMT5_XXL, VIT_H14, WAN_VAE, save, speech
 from wan.configs import MULTITALK_14B
 from wan.loading.checkpoints import (
     FAST_LORA_DIR_NAME, FAST_LORA_NAME, INFINITETALK_DIR_NAME, INFINITETALK_FILES, MULTITALK_DIR_NAME,
@@ -138,11 +138,6 @@ def main() -> None:
             save(results, args.out)
     save(results, args.out)
     print(f"wrote {args.out}")
-
-
-def save(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

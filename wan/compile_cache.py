@@ -5,6 +5,7 @@ request takes, the kernels, autotuning results and AOT graphs it produced are wr
 outlives the container (`MULTITALK_COMPILE_CACHE`, default `~/.cache/multitalk/compile`: mount it, or put it on the
 weights volume; empty disables). The next `setup()` loads the file before compiling: dynamo still traces, inductor
 finds its work done. The file is keyed by torch version and GPU; a stale entry inside it is a miss, never an error.
+It covers the single-process DiT; DiT worker processes (several GPUs) compile their own.
 """
 
 from __future__ import annotations

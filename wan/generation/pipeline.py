@@ -31,7 +31,8 @@ from .timing import StageClock
 
 log = logging.getLogger(__name__)
 
-WARM_UP_SMALL_FRAMES = 9  # the second warm-up clip: 3 latent frames
+WARM_UP_SMALL_FRAMES = 9  # the warm-up's small clips: 3 latent frames
+
 
 class DiTWorkers(BranchRunner, Protocol):
     """The DiT in other processes, one per GPU (`wan.parallel.workers.WorkerGroup`)."""

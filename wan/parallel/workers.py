@@ -217,6 +217,8 @@ class WorkerGroup:
     def use_schedule(self, schedule: Schedule) -> None:
         """Run each step in these rounds (each split of at most this group's GPUs, with a sequence degree that divides
         the heads); `(split,)` runs every round as `split`."""
+        if not schedule:
+            raise ValueError("a schedule needs at least one round")
         for split in schedule:
             if split.gpus > self.size:
                 raise ValueError(f"split {split} needs {split.gpus} GPUs, the group has {self.size}")

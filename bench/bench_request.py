@@ -103,7 +103,6 @@ def full_size(runner, device: torch.device, generator: torch.Generator, work: Pa
         pipeline.workers = WorkerGroup(RandomSource(config, dtype), devices, options)
         pipeline.workers.start()
         pipeline.dit, pipeline.pass_seconds = DiTShape(config, dtype), None
-        dit = None
     else:
         dit = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
         dit.set_self_attention(fastest_self_attention(device))

@@ -166,6 +166,17 @@ def test_error_in_a_worker_is_reported_with_its_traceback(group):
     assert not group.running
 
 
+def test_a_schedule_the_group_cannot_run_is_refused_before_any_step(group):
+    kept = group.schedule
+    for schedule, problem in (
+        ((), "at least one round"),
+        ((Split(2, 1), Split(1, 4)), "split 1x4 needs 4 GPUs, the group has 2"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            group.use_schedule(schedule)
+    assert group.schedule == kept
+
+
 @pytest.fixture(scope="module")
 def pipeline_parts(tmp_path_factory):
     """The tiny pipeline of the golden pipeline_e2e case (its DiT is dit_1p's), CLIP stubbed by its stored output."""

@@ -174,13 +174,14 @@ def test_input_errors_are_clear(pipeline):
 def test_warm_up_runs_every_graph_then_measures(pipeline):
     pipeline.dit.calls.clear()
     costs = pipeline.warm_up(BUCKET, frame_num=5)
-    # Two passes a step: cond (the request's speakers) and drop_audio (one silent track). The common shape with two
-    # speakers; two and one speakers at the small shape (9 frames: 3 latent frames of 2x3 patches); the common
-    # shape again, measured.
+    # The common shape with two speakers, two passes: cond (the request's speakers) and drop_audio (one silent
+    # track). Two and one speakers at the small shape (9 frames: 3 latent frames of 2x3 patches), three passes:
+    # cond, drop_text, uncond (silent). The common shape again, measured.
     small = 3 * (32 // 16) * (48 // 16)
     common = 2 * (32 // 16) * (48 // 16)
     assert [(c["speakers"], c["x"][0].numel() // 4) for c in pipeline.dit.calls] == [
-        (2, common), (1, common), (2, small), (1, small), (1, small), (1, small), (2, common), (1, common)
+        (2, common), (1, common), (2, small), (2, small), (1, small), (1, small), (1, small), (1, small),
+        (2, common), (1, common),
     ]
     assert costs.tokens == 2 * (32 // 16) * (48 // 16) and costs.pixels == 32 * 48 and costs.frames == 5
     assert costs.pass_seconds > 0 and costs.clip_seconds > 0 and costs.text_seconds > 0

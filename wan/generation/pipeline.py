@@ -110,8 +110,7 @@ class Pipeline:
 
         The first is a two-speaker clip of the most common shape (its graph is specialised to that shape); then two
         and one speakers at a small shape: torch.compile makes the sizes that differed dynamic, so no later request
-        (one speaker, a short clip, another bucket, 720p) compiles. Two passes a step: the third pass of a step has
-        the same shapes, so it adds no graph.
+        (one speaker, a short clip, another bucket, 720p) compiles.
         """
         config = self.dit.config
         table = ASPECT_RATIO_BUCKETS[size_bucket] if isinstance(size_bucket, str) else size_bucket
@@ -122,7 +121,8 @@ class Pipeline:
                                   color_correction=1.0, text_scale=1.0)
         self.generate(request, options, progress=False)
         small_height = 16 * max(2, round(height / 64))  # a quarter of the sides, the same aspect
-        small = dataclasses.replace(options, frame_num=WARM_UP_SMALL_FRAMES,
+        # Three passes a step: with DiT workers the three-pass schedule's rounds run every sequence degree it uses.
+        small = dataclasses.replace(options, frame_num=WARM_UP_SMALL_FRAMES, text_scale=5.0,
                                     size_bucket={"0.50": [small_height, 16 * round(small_height * width / height / 16)]})
         audio = torch.zeros(WARM_UP_SMALL_FRAMES, config.audio_layers, config.audio_channels)
         for speakers in (2, 1):  # dynamo never generalises a size of 1: one speaker is a graph of its own

@@ -227,7 +227,7 @@ class Runner(BaseRunner):
             used = 1 if model == "multitalk" else plan.total
             source = read_video(video, max_frames=used, timing="timestamps") if video is not None else None
         source_hw = (picture.height, picture.width) if picture is not None else source.frames.shape[1:3]
-        check_time(self.costs, frames, source_hw, recipe, options, self.max_seconds)
+        check_time(self.costs, frames, source_hw, recipe, options, self.max_seconds, self.pipeline.teacache_steps)
         # wav2vec2 runs over the audio the video reads, not the whole file.
         tracks = [track[: trimmed_samples(needed, SAMPLE_RATE)] for track in tracks]
 

@@ -144,6 +144,18 @@ def test_teacache_over_several_steps_matches_plain_loop(group, schedule):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_teacache_steps_come_from_the_workers_dit(group):
+    """The driver holds no DiT weights: the first worker predicts TeaCache's steps, as the in-process DiT would."""
+    timesteps = sampling.timesteps(12, shift=5.0)[:-1].view(-1, 1)
+    model = golden_model()
+    for thresh in (0.0, 1e6, 1e12):
+        with torch.inference_mode():
+            expected = sampling.teacache_computed_steps((model.time_embeddings(t)[1] for t in timesteps), thresh,
+                                                        "multitalk-480")
+        assert group.teacache_steps(timesteps, thresh, "multitalk-480") == expected
+    assert expected == 5  # only the warm-up steps: the prediction is not constant
+
+
 def test_killed_worker_fails_the_request_and_the_next_request_restarts(group):
     cond, latent, t = conditioning("dit_1p")
     group.use_schedule((Split(1, 2),))

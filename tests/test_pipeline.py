@@ -3,6 +3,8 @@
 Built from the golden tiny DiT / T5 / VAE weights with a fixed CLIP feature, so a generate() call takes seconds.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +28,9 @@ class CountingDiT(torch.nn.Module):
     def forward(self, x, t, context, clip_fea, y, audio, masks, cache=None):
         self.calls.append(dict(t=float(t), speakers=audio.shape[0], sound=bool(audio.any()), cache=cache, x=x.clone()))
         return self.dit(x, t, context, clip_fea, y, audio, masks, cache=cache)
+
+    def time_embeddings(self, t):
+        return self.dit.time_embeddings(t)
 
 
 class RecordingVAE:
@@ -155,6 +160,23 @@ def test_teacache_branch_per_pass_and_fresh_per_clip(pipeline):
     first_clip, second_clip = caches[:4], caches[4:8]
     assert first_clip[0] is first_clip[2] and first_clip[1] is first_clip[3] and first_clip[0] is not first_clip[1]
     assert not {id(c) for c in first_clip} & {id(c) for c in second_clip}
+
+
+@pytest.mark.parametrize("thresh", [0.0, 1e6, 1e12])
+def test_teacache_steps_are_known_before_the_clip_runs(pipeline, thresh):
+    """The steps whose blocks run, predicted from the time embeddings alone, are those every branch of every clip
+    then runs. The tiny DiT's time embedding moves far more per step than the 14B's: 1e6 skips some, 1e12 all but
+    the 5 warm-up steps, 0 none."""
+    settings = dict(steps=12, shift=5.0, guidance=GuidanceOptions(use_teacache=True, teacache_thresh=thresh))
+    options = SamplingOptions(size_bucket=BUCKET, frame_num=9, motion_frame=5, seed=3, **settings)
+    predicted = pipeline.teacache_steps(options)
+    _generate(pipeline, 14, **settings)  # three clips (starting at frames 0, 4, 8), three passes a step
+    caches = {id(call["cache"]): call["cache"] for call in pipeline.dit.calls}
+    assert len(caches) == 9
+    assert [sum(not d.skipped for d in cache.decisions) for cache in caches.values()] == [predicted] * 9
+    assert predicted == {0.0: 12, 1e12: 5}.get(thresh, predicted) and (thresh != 1e6 or 5 < predicted < 12)
+    no_teacache = dataclasses.replace(options, guidance=GuidanceOptions())
+    assert pipeline.teacache_steps(no_teacache) == 12
 
 
 def test_input_errors_are_clear(pipeline):

@@ -39,6 +39,22 @@ def test_a_request_over_the_limit_is_refused_with_what_fits():
     assert check_time(H200, 250, (1440, 2560), recipe("quality"), options, limit=2000) < 2000
 
 
+def test_teacache_skips_known_ahead_are_taken_off_the_estimate():
+    turbo = sampling_options(recipe("turbo"), 1000, 1)
+    quality = sampling_options(recipe("quality"), 1000, 1)
+    skips = lambda options: 18 if options.guidance.use_teacache else options.steps  # noqa: E731 (18 of 40 run)
+    # 10 s of turbo: 5 x (4.559 + 18 steps x 3 passes x 3.2307) + 0.0886 = 895.2 s, where all 40 steps (1961 s) would
+    # be refused.
+    assert check_time(H200, 250, (1440, 2560), recipe("turbo"), turbo, computed_steps=skips) == pytest.approx(
+        0.0886 + 5 * (4.559 + 18 * 3 * 3.2307)
+    )
+    with pytest.raises(ValueError, match="about 33 min"):
+        check_time(H200, 250, (1440, 2560), recipe("turbo"), turbo)
+    # A quality request over the limit is pointed to turbo as well as fast.
+    with pytest.raises(ValueError, match="use the turbo or fast preset"):
+        check_time(H200, 250, (1440, 2560), recipe("quality"), quality, computed_steps=skips)
+
+
 def test_the_runner_refuses_before_any_model_work_and_stays_ready(runner, monkeypatch):
     merged = list(runner.pipeline.weights.loras.active)
     monkeypatch.setattr(runner, "max_seconds", 1e-3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .configs import FPS, INFINITETALK_MOTION_FRAME, PRESETS, QUALITY_SHIFT
@@ -81,13 +81,17 @@ def check_time(
     recipe: Recipe,
     options: SamplingOptions,
     limit: float = MAX_REQUEST_SECONDS,
+    computed_steps: Callable[[SamplingOptions], int] | None = None,
 ) -> float:
-    """The request's estimated seconds; a ValueError that says what fits if that is over `limit`."""
+    """The request's estimated seconds; a ValueError that says what fits if that is over `limit`. `computed_steps`
+    (e.g. `Pipeline.teacache_steps`): the steps of a clip whose passes run, TeaCache's skips taken off; default:
+    every step."""
 
     def estimate(options: SamplingOptions, frames: int) -> float:
         plan = plan_clips(frames, options.frame_num, options.motion_frame, options.max_frames)
         height, width = choose_bucket(*source_hw, options.size_bucket)
-        return estimate_seconds(costs, plan, height, width, options.steps, options.text_scale)
+        steps = computed_steps(options) if computed_steps is not None else options.steps
+        return estimate_seconds(costs, plan, height, width, steps, options.text_scale)
 
     seconds = estimate(options, audio_frames)
     length = plan_clips(audio_frames, options.frame_num, options.motion_frame, options.max_frames).total / FPS

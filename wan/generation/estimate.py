@@ -35,8 +35,8 @@ def tokens_of(frames: int, height: int, width: int, patch: tuple[int, int, int] 
 
 def estimate_seconds(costs: Costs, plan: ClipPlan, height: int, width: int, steps: int, text_scale: float) -> float:
     """The request's model time: prompt + per clip (VAE and CLIP, scaled by pixels x frames; DiT passes, scaled by
-    tokens: linearly for the linear layers, quadratically for the attention). TeaCache is not counted on: its skips
-    depend on the weights and the content, so the estimate is the time without them."""
+    tokens: linearly for the linear layers, quadratically for the attention). `steps`: those of a clip whose passes
+    run (TeaCache's skips taken off: `Pipeline.teacache_steps`)."""
     ratio = tokens_of(plan.frames, height, width) / costs.tokens
     per_pass = costs.pass_seconds * (LINEAR_SHARE * ratio + (1 - LINEAR_SHARE) * ratio**2)
     per_clip = costs.clip_seconds * (height * width * plan.frames) / (costs.pixels * costs.frames)

@@ -51,6 +51,8 @@ class DiTWorkers(BranchRunner, Protocol):
 
     def begin_clip(self, inputs: ClipInputs, teacache: tuple[float, str] | None) -> None: ...
 
+    def teacache_steps(self, timesteps: torch.Tensor, thresh: float, size_bucket: str) -> int: ...
+
     def end_clip(self) -> float: ...
 
 
@@ -142,6 +144,23 @@ class Pipeline:
         return costs
 
     @torch.inference_mode()
+    def teacache_steps(self, options: SamplingOptions) -> int:
+        """The steps of each clip whose DiT passes run: all of them, less those TeaCache will skip (it decides from the
+        time embedding alone, so this is exact before any clip runs)."""
+        if not options.guidance.use_teacache:
+            return options.steps
+        steps = sampling.timesteps(options.steps, options.shift)[:-1].view(-1, 1)
+        thresh, bucket = options.guidance.teacache_thresh, self._teacache_bucket(options)
+        if self.workers is not None:
+            return self.workers.teacache_steps(steps, thresh, bucket)
+        return sampling.teacache_computed_steps((self.dit.time_embeddings(t)[1] for t in steps), thresh, bucket)
+
+    @staticmethod
+    def _teacache_bucket(options: SamplingOptions) -> str:
+        # TeaCache's rescale polynomial is fitted per published bucket table; a custom table takes the 480p one.
+        return options.size_bucket if isinstance(options.size_bucket, str) else "multitalk-480"
+
+    @torch.inference_mode()
     def generate(
         self,
         request: GenerationRequest,
@@ -181,7 +200,7 @@ class Pipeline:
             context, context_null = self._encode_text(request.prompt, request.negative_prompt)
         timesteps = sampling.timesteps(options.steps, options.shift).to(self.device)
         generator = torch.Generator(self.device).manual_seed(seed)
-        teacache_bucket = options.size_bucket if isinstance(options.size_bucket, str) else "multitalk-480"
+        teacache_bucket = self._teacache_bucket(options)
 
         kept: list[torch.Tensor] = []
         previous: torch.Tensor | None = None  # the last clip's video, colour-corrected

@@ -7,6 +7,7 @@ instance; make new ones (or `reset()`) for every clip.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -222,3 +223,16 @@ class TeaCache:
         """Share of DiT calls whose blocks were skipped, over all branches."""
         decisions = [d for branch in self.branches.values() for d in branch.decisions]
         return sum(d.skipped for d in decisions) / max(len(decisions), 1)
+
+
+def teacache_computed_steps(e0_per_step: Iterable[torch.Tensor], thresh: float, size_bucket: str) -> int:
+    """How many steps of a clip run the DiT's blocks under TeaCache, from each step's time modulation e0
+    (`MultiTalkDiT.time_embeddings`). TeaCache decides from e0 alone, never from the content, so the count is known
+    before the clip runs; every branch and every clip of a request gets the same pattern."""
+    branch = TeaCache(thresh, size_bucket).branch("cond")
+    computed = 0
+    for e0 in e0_per_step:
+        if not branch.skip(e0):
+            computed += 1
+            branch.residual = e0  # stands for the blocks' residual: a decision only asks whether there is one
+    return computed

@@ -311,11 +311,7 @@ class MultiTalkDiT(nn.Module):
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2)
 
-        # t stays float32 whatever the activation dtype (the reference's timesteps are float32 tensors); the sinusoid
-        # is taken in float64. Rounding t to bf16 would merge neighbouring steps at high shift.
-        sinusoid = sinusoidal_embedding(t.to(device, torch.float32), config.freq_dim)
-        e = self.time_embedding(sinusoid)
-        e0 = self.time_projection(e).unflatten(1, (6, config.dim))
+        e, e0 = self.time_embeddings(t)
 
         # T5 padding rows are embedded and attended too (no key mask), as in the reference.
         text = context.to(device, dtype)
@@ -376,6 +372,14 @@ class MultiTalkDiT(nn.Module):
     def set_block_runner(self, runner: BlockRunner) -> None:
         """What runs the block stack: `runner(blocks, tokens, block_kwargs)` -> tokens (`run_blocks` unless set)."""
         self.run_blocks = runner
+
+    def time_embeddings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e `[1, dim]` for the head, e0 `[1, 6, dim]` for the blocks' modulation) of timestep t `[1]`."""
+        # t stays float32 whatever the activation dtype (the reference's timesteps are float32 tensors); the sinusoid
+        # is taken in float64. Rounding t to bf16 would merge neighbouring steps at high shift.
+        sinusoid = sinusoidal_embedding(t.to(self.patch_embedding.weight.device, torch.float32), self.config.freq_dim)
+        e = self.time_embedding(sinusoid)
+        return e, self.time_projection(e).unflatten(1, (6, self.config.dim))
 
     def compile_blocks(self, **options) -> None:
         """Regional compilation: every block compiled on its own, so all 40 share one graph (about 20 s once)."""

@@ -134,6 +134,12 @@ class _EndClip:
 
 
 @dataclass(frozen=True)
+class _TeaCacheSteps:
+    timesteps: torch.Tensor  # CPU, [steps, 1]
+    settings: TeaCacheSettings
+
+
+@dataclass(frozen=True)
 class _Stop:
     pass
 
@@ -257,6 +263,12 @@ class WorkerGroup:
         if missing:
             raise WorkerError(f"no worker returned the branches {sorted(missing)} (schedule {describe(self.schedule)})")
         return {branch: found[branch].to(latent.device) for branch in branches}
+
+    def teacache_steps(self, timesteps: torch.Tensor, thresh: float, size_bucket: str) -> int:
+        """`wan.generation.sampling.teacache_computed_steps` over the workers' DiT (the first worker answers);
+        starts the group if it is not running."""
+        self.start()
+        return self._request(_TeaCacheSteps(timesteps.cpu(), TeaCacheSettings(thresh, size_bucket)))[0]
 
     def end_clip(self) -> float:
         """Drop the clip's tensors in the workers; returns the share of DiT passes TeaCache skipped."""
@@ -429,6 +441,12 @@ class _Worker:
             return None
         if isinstance(command, _Step):
             return self._step(command)
+        if isinstance(command, _TeaCacheSteps):
+            if self.rank:
+                return None
+            with torch.inference_mode():
+                e0s = (self.dit.time_embeddings(t.to(self.device))[1] for t in command.timesteps)
+                return sampling.teacache_computed_steps(e0s, command.settings.thresh, command.settings.size_bucket)
         if isinstance(command, _EndClip):
             counts = None
             if self.teacache is not None and self.led:

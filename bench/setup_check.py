@@ -2,13 +2,14 @@
 compile cache of an earlier start; then one short `fast` request and one short `turbo` request through `run()`, so
 that the LoRA merge and its exact undoing read the files as in production.
 
-    python -m bench.setup_check --out $OUT/setup.json [--dir /tmp/weights]    # a GPU with ~60 GB of free disk
+    python -m bench.setup_check --out $OUT/setup.json [--dir /tmp/weights]    # a GPU with ~70 GB of free disk
     python -m bench.setup_check --tiny --out /tmp/setup.json                   # the script itself on a CPU
 
 The set is the published layout at the published sizes with random weights (the DiT in bf16 shards to fit the
 disk; InfiniteTalk's audio-layer files are links to MultiTalk's, which `setup()` only checks for). Each setup runs in
 a new process with its own empty inductor cache (a new container), the page cache warm from the writing. Per setup:
-the wall time and the log's timeline (weights loaded, warm-up, compile cache loaded or saved).
+the seconds from the process's start (imports included) to the end of `setup()`, and the log's timeline (weights
+loaded, warm-up, compile cache loaded or saved).
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class Pipeline:
     @torch.inference_mode()
     def teacache_steps(self, options: SamplingOptions) -> int:
         """The steps of each clip whose DiT passes run: all of them, less those TeaCache will skip (it decides from the
-        time embedding alone, so this is exact before any clip runs)."""
+        time embedding alone, so this is exact before any clip runs, for the weights the DiT holds now)."""
         if not options.guidance.use_teacache:
             return options.steps
         steps = sampling.timesteps(options.steps, options.shift)[:-1].view(-1, 1)

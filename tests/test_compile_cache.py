@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from wan.compile_cache import COMPILE_CACHE_ENV, compile_cache_file, load_compile_cache, save_compile_cache
@@ -36,6 +38,7 @@ def probe(mode: str, cache_file, inductor_dir) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="CPU inductor needs a C++ compiler")
 def test_a_new_process_with_the_file_skips_the_compile(tmp_path):
     cache = tmp_path / "keep" / "inductor.bin"
     first = probe("save", cache, tmp_path / "container1")

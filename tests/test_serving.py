@@ -50,9 +50,13 @@ def test_teacache_skips_known_ahead_are_taken_off_the_estimate():
     )
     with pytest.raises(ValueError, match="about 33 min"):
         check_time(H200, 250, (1440, 2560), recipe("turbo"), turbo)
-    # A quality request over the limit is pointed to turbo as well as fast.
+    # A quality request over the limit is pointed to turbo as well as fast; each preset's steps are asked for once,
+    # however many lengths the advice tries.
+    asked = []
     with pytest.raises(ValueError, match="use the turbo or fast preset"):
-        check_time(H200, 250, (1440, 2560), recipe("quality"), quality, computed_steps=skips)
+        check_time(H200, 250, (1440, 2560), recipe("quality"), quality,
+                   computed_steps=lambda options: asked.append(options) or skips(options))
+    assert len(asked) == 3
 
 
 def test_the_runner_refuses_before_any_model_work_and_stays_ready(runner, monkeypatch):

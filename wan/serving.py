@@ -87,11 +87,14 @@ def check_time(
     (e.g. `Pipeline.teacache_steps`): the steps of a clip whose passes run, TeaCache's skips taken off; default:
     every step."""
 
+    steps_of: dict[int, int] = {}  # per options object: the advice below estimates each many times
+
     def estimate(options: SamplingOptions, frames: int) -> float:
         plan = plan_clips(frames, options.frame_num, options.motion_frame, options.max_frames)
         height, width = choose_bucket(*source_hw, options.size_bucket)
-        steps = computed_steps(options) if computed_steps is not None else options.steps
-        return estimate_seconds(costs, plan, height, width, steps, options.text_scale)
+        if id(options) not in steps_of:  # TeaCache's prediction runs the time embedding, maybe in the DiT workers
+            steps_of[id(options)] = computed_steps(options) if computed_steps is not None else options.steps
+        return estimate_seconds(costs, plan, height, width, steps_of[id(options)], options.text_scale)
 
     seconds = estimate(options, audio_frames)
     length = plan_clips(audio_frames, options.frame_num, options.motion_frame, options.max_frames).total / FPS

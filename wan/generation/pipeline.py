@@ -126,9 +126,9 @@ class Pipeline:
         # Three passes a step: with DiT workers the three-pass schedule's rounds run every sequence degree it uses.
         small = dataclasses.replace(options, frame_num=WARM_UP_SMALL_FRAMES, text_scale=5.0,
                                     size_bucket={"0.50": [small_height, 16 * round(small_height * width / height / 16)]})
-        audio = torch.zeros(WARM_UP_SMALL_FRAMES, config.audio_layers, config.audio_channels)
+        small_audio = torch.zeros(WARM_UP_SMALL_FRAMES, config.audio_layers, config.audio_channels)
         for speakers in (2, 1):  # dynamo never generalises a size of 1: one speaker is a graph of its own
-            self.generate(dataclasses.replace(request, audio=(audio,) * speakers), small, progress=False)
+            self.generate(dataclasses.replace(request, audio=(small_audio,) * speakers), small, progress=False)
         clock = StageClock(self.device)
         self.generate(request, options, progress=False, clock=clock)
         seconds = clock.seconds

@@ -18,9 +18,9 @@ from src.audio import audio_prepare_multi, audio_prepare_single, get_embedding, 
 from src.video import read_video
 from wan import GenerationRequest, load_pipeline
 from wan.compile_cache import compile_cache_file, load_compile_cache, save_compile_cache
-from wan.configs import FPS
+from wan.configs import FPS, PRESETS
 from wan.generation.timing import StageClock
-from wan.generation.video import write_mp4
+from wan.generation.video import Mp4Writer
 from wan.loading.audio_layers import infinitetalk_set
 from wan.loading.lora import LoRAError
 from wan.loading.weights import fetch_lora, resolve_fast_lora, resolve_weights
@@ -78,7 +78,7 @@ class Runner(BaseRunner):
         # The warm-up compiles; kernels compiled by an earlier container on this GPU type are loaded first.
         compile_cache = compile_cache_file(self.pipeline.device) if on_gpu and gpus == 1 else None
         load_compile_cache(compile_cache)
-        self.costs = self.pipeline.warm_up(self._buckets("480p", "multitalk"))
+        self.warm_up()
         save_compile_cache(compile_cache)
         self.max_seconds = float(os.environ.get("MULTITALK_MAX_REQUEST_SECONDS", MAX_REQUEST_SECONDS))
         # Both go away with the runner (cog never deletes outputs; each request removes the previous one).
@@ -90,6 +90,13 @@ class Runner(BaseRunner):
         except Exception as error:  # the base model still works; only `fast` needs this file
             self.fast_lora, self.fast_lora_error = None, f"{type(error).__name__}: {error}"
             log.warning("fast mode unavailable: %s", self.fast_lora_error)
+
+    def warm_up(self, size_bucket=None) -> None:
+        """Compile every shape a request can take and measure the costs the time estimate uses (setup's last step;
+        again whenever the DiT changes). Clip costs are measured with the VAE of the default preset (turbo; fast's
+        too): quality's float32 VAE adds ~2 s to a clip of ~400 s."""
+        self.costs = self.pipeline.warm_up(size_bucket or self._buckets("480p", "multitalk"),
+                                           vae_dtype=getattr(torch, PRESETS["turbo"].vae_dtype))
 
     def _warm_up_audio(self) -> None:
         """The audio front end once on a second of sound: its first call loads and compiles what the decoding,
@@ -257,11 +264,12 @@ class Runner(BaseRunner):
                     self.pipeline.set_weights(audio_layers, loras)  # touches only what changes
                 except LoRAError as error:
                     raise ValueError(f"{'lora_url' if lora_url else 'fast'}: {error}") from error
-            video_out = self.pipeline.generate(request, options, clock=clock)
-            with clock.stage("mp4"):
-                output = write_mp4(
-                    video_out, self.outputs / f"{model}-{seed}-{int(time.time())}.mp4", soundtrack, fps=FPS
-                )
+            # Each clip is encoded while the next one is generated; what is left after the last is the mp4 stage.
+            path = self.outputs / f"{model}-{seed}-{int(time.time())}.mp4"
+            with Mp4Writer(path, plan.total, soundtrack, fps=FPS) as writer:
+                video_out = self.pipeline.generate(request, options, clock=clock, on_frames=writer.write)
+                with clock.stage("mp4"):
+                    output = writer.close()
 
         frames, height, width = video_out.shape[1:]
         scope = current_scope()

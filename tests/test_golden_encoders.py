@@ -113,3 +113,9 @@ def test_golden_vae(case_name: str, tmp_path: Path) -> None:
     case.assert_close("decode_video", vae.decode(inputs["latent"]))
     if "roundtrip_decode_of_encode" in outputs:
         case.assert_close("roundtrip_decode_of_encode", vae.decode(latent))
+    # The GPU's layout (`place_vae`): channels-last convolutions compute the same video.
+    vae.channels_last()
+    conv = vae.model.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    case.assert_close("encode_latent", vae.encode(inputs["video"]))
+    case.assert_close("decode_video", vae.decode(inputs["latent"]))

@@ -132,6 +132,44 @@ def test_streaming_reencodes_and_renoises_the_motion_frames(pipeline):
         assert torch.equal(video[:, start : start + count], decoded[k][1][:, 5 : 5 + count])
 
 
+def test_each_clip_is_handed_out_as_soon_as_it_is_decoded(pipeline):
+    """on_frames gets the returned video clip by clip (the last one cut to the audio), each before the next clip's
+    DiT passes: what lets the runner encode the mp4 while the next clip is generated."""
+    pieces, passes_then = [], []
+
+    def on_frames(frames: torch.Tensor) -> None:
+        pieces.append(frames.clone())
+        passes_then.append(len(pipeline.dit.calls))
+
+    generator = torch.Generator().manual_seed(14)
+    audio = (torch.randn(14, 12, 768, generator=generator),)
+    pipeline.dit.calls.clear()
+    video = pipeline.generate(GenerationRequest("talk", Image.new("RGB", (96, 64)), audio),
+                              SamplingOptions(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, seed=3),
+                              progress=False, on_frames=on_frames)
+    assert [p.shape[1] for p in pieces] == [9, 4, 1]  # clips of 9 advancing by 4; 14 frames in all
+    assert torch.equal(torch.cat(pieces, dim=1), video)
+    assert passes_then == [6, 12, 18]  # 2 steps x 3 passes a clip
+
+
+def test_the_vae_dtype_is_the_options(pipeline):
+    """vae_dtype=bfloat16 encodes and decodes with a bfloat16 copy of the VAE: a video within bf16 rounding of the
+    float32 one, not equal to it; the float32 weights stay."""
+    vae = pipeline.vae.vae  # the golden float32 VideoVAE behind the recording wrapper
+    fp32 = Pipeline(pipeline.dit, pipeline.text_encoder, pipeline.image_encoder, vae)
+    weight = next(vae.model.parameters()).clone()
+    request = GenerationRequest("talk", Image.new("RGB", (96, 64)), (torch.randn(9, 12, 768),))
+    options = SamplingOptions(size_bucket=BUCKET, frame_num=9, steps=2, seed=5)
+    base = fp32.generate(request, options, progress=False)
+    half = fp32.generate(request, dataclasses.replace(options, vae_dtype=torch.bfloat16), progress=False)
+    relative = ((half - base).norm() / base.norm()).item()
+    assert 1e-4 < relative < 0.05
+    assert vae.cast(torch.bfloat16).dtype == torch.bfloat16 and vae.cast(torch.bfloat16) is vae.cast(torch.bfloat16)
+    assert vae.cast(torch.float32) is vae and torch.equal(next(vae.model.parameters()), weight)
+    assert torch.equal(fp32.generate(request, dataclasses.replace(options, vae_dtype=torch.float32), progress=False),
+                       base)
+
+
 def test_max_frames_caps_the_video(pipeline):
     assert _generate(pipeline, 14, max_frames=9).shape[1] == 9
 

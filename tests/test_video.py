@@ -20,7 +20,7 @@ import torch
 
 from mp4_boxes import avc_format, colour, mp4_tracks
 from synthetic_media import write_media
-from wan.generation.video import frames_to_uint8, probe_video, write_mp4
+from wan.generation.video import Mp4Writer, frames_to_uint8, probe_video, write_mp4
 
 FRAMES, HEIGHT, WIDTH, FPS = 9, 48, 64, 25
 
@@ -172,3 +172,38 @@ def test_write_mp4_errors(tmp_path, clean_dirs) -> None:
     with pytest.raises(av.FFmpegError):
         write_mp4(torch.zeros(3, 2, 16, 16), tmp_path / "partial.mp4", preset="no-such-preset")
     assert not (tmp_path / "partial.mp4").exists()
+
+
+def test_frames_written_as_they_come_make_the_same_file(tmp_path, clean_dirs) -> None:
+    """Clips handed over one by one (as the runner does while the next clip is generated) give the file that the
+    whole video at once gives, byte for byte, with its audio interleaved to the last frame."""
+    video, soundtrack = _video(), _wav(tmp_path / "voice.wav", 1.3)
+    whole = write_mp4(video, tmp_path / "whole.mp4", soundtrack, fps=FPS)
+    with Mp4Writer(tmp_path / "parts.mp4", FRAMES, soundtrack, fps=FPS) as writer:
+        for start, stop in ((0, 5), (5, 7), (7, FRAMES)):
+            writer.write(video[:, start:stop])
+        parts = writer.close()
+    assert parts.read_bytes() == whole.read_bytes()
+    facts = probe_video(parts)
+    assert facts["frames"] == FRAMES and facts["audio_duration"] == pytest.approx(FRAMES / FPS, abs=1024 / 16000)
+    assert (_decode(parts).int() - frames_to_uint8(video).int()).abs().float().mean() < 3.0
+
+
+def test_a_stream_that_fails_or_miscounts_leaves_no_file(tmp_path, clean_dirs) -> None:
+    video = _video()
+    with pytest.raises(RuntimeError, match="the DiT worker died"):
+        with Mp4Writer(tmp_path / "failed.mp4", FRAMES) as writer:
+            writer.write(video[:, :4])
+            raise RuntimeError("the DiT worker died")  # the generation failing between clips
+    with pytest.raises(ValueError, match="10 frames given for a video of 9"):
+        with Mp4Writer(tmp_path / "long.mp4", FRAMES) as writer:
+            writer.write(video[:, :4])
+            writer.write(torch.cat([video, video[:, :1]], dim=1)[:, 4:])
+    with pytest.raises(ValueError, match="4 frames given for a video of 9"):
+        with Mp4Writer(tmp_path / "short.mp4", FRAMES) as writer:
+            writer.write(video[:, :4])
+    with pytest.raises(ValueError, match="frames of 32x48 in a 64x48 video"):
+        with Mp4Writer(tmp_path / "resized.mp4", FRAMES) as writer:
+            writer.write(video[:, :4])
+            writer.write(video[:, 4:, :, :32])
+    assert list(tmp_path.glob("*.mp4")) == []

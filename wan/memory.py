@@ -272,7 +272,10 @@ def place_text_encoder(encoder, plan: MemoryPlan, device):
 
 
 def place_vae(vae, plan: MemoryPlan) -> None:
-    """Tiled encode and decode for plans that cannot afford the full frame's workspace (a `VideoVAE`)."""
+    """A `VideoVAE` set up for its device: channels-last convolutions on a GPU (faster, see
+    `VideoVAE.channels_last`); tiled encode and decode for plans that cannot afford the full frame's workspace."""
+    if vae.device.type == "cuda":
+        vae.channels_last()
     if plan.vae_tiled:
         vae.model.enable_tiling(
             tile_sample_min_height=VAE_TILE_PX,

@@ -9,6 +9,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import torch
+
 from .configs import FPS, INFINITETALK_MOTION_FRAME, PRESETS, QUALITY_SHIFT
 from .generation.clips import ClipPlan, frames_read, plan_clips
 from .generation.conditioning import choose_bucket
@@ -50,6 +52,7 @@ def sampling_options(recipe: Recipe, max_frames: int | None, seed: int) -> Sampl
         audio_scale=preset.audio_guide_scale if recipe.audio_scale is None else recipe.audio_scale,
         seed=seed,
         color_correction=recipe.color_correction,
+        vae_dtype=getattr(torch, preset.vae_dtype),
         guidance=GuidanceOptions(
             use_teacache=preset.teacache_thresh is not None,
             teacache_thresh=preset.teacache_thresh or 0.0,

@@ -5,6 +5,7 @@ The keys go through diffusers' own Wan converter; the config is read off the ten
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ class VideoVAE:
 
     def __init__(self, model: AutoencoderKLWan):
         self.model = model.eval().requires_grad_(False)
+        self._casts: dict[torch.dtype, VideoVAE] = {}  # copies computing in other dtypes, made on first use
         # The reference multiplies by a float32 reciprocal on encode and divides by it on decode.
         self.mean = torch.tensor(VAE_LATENT_MEAN, dtype=torch.float32).view(-1, 1, 1, 1)
         self.inv_std = 1.0 / torch.tensor(VAE_LATENT_STD, dtype=torch.float32).view(-1, 1, 1, 1)
@@ -91,7 +93,28 @@ class VideoVAE:
 
     def to(self, device: str | torch.device) -> "VideoVAE":
         self.model.to(device)
+        self._casts.clear()
         return self
+
+    def channels_last(self) -> "VideoVAE":
+        """Convolution weights (and so the activations) in channels-last-3d: cuDNN's NHWC kernels without the layout
+        conversions around each conv (H200, one 81-frame 448x896 clip in float32: encode 1.72 -> 1.56 s, decode 2.79
+        -> 2.60 s, the video 8e-4 relative from the NCHW one, as far as two TF32 algorithms differ)."""
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        self._casts.clear()
+        return self
+
+    def cast(self, dtype: torch.dtype) -> "VideoVAE":
+        """This VAE computing in `dtype`: itself, or a converted copy made on first use (its tiling and weight layout
+        kept; these weights stay as they are)."""
+        if dtype == self.dtype:
+            return self
+        if dtype not in self._casts:
+            # nn.Module's own `to`: diffusers' warns about keeping modules in float32, which this VAE has none of.
+            self._casts[dtype] = VideoVAE(torch.nn.Module.to(copy.deepcopy(self.model), dtype))
+        return self._casts[dtype]
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

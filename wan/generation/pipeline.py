@@ -66,6 +66,7 @@ class StepInfo:
 
 
 StepCallback = Callable[[StepInfo], None]
+FramesCallback = Callable[[torch.Tensor], None]
 
 
 class Pipeline:
@@ -106,9 +107,14 @@ class Pipeline:
         if self.workers is not None:
             self.workers.close()
 
-    def warm_up(self, size_bucket: str | Mapping[str, Sequence[int]] = "multitalk-480", frame_num: int = 81) -> Costs:
+    def warm_up(
+        self,
+        size_bucket: str | Mapping[str, Sequence[int]] = "multitalk-480",
+        frame_num: int = 81,
+        vae_dtype: torch.dtype | None = None,
+    ) -> Costs:
         """One-step generations that build every compiled graph a request takes, then one that measures what
-        `estimate_seconds` needs.
+        `estimate_seconds` needs, with the VAE in `vae_dtype` (None: as loaded).
 
         The first is a two-speaker clip of the most common shape (its graph is specialised to that shape); then two
         and one speakers at a small shape: torch.compile makes the sizes that differed dynamic, so no later request
@@ -120,7 +126,7 @@ class Pipeline:
         audio = torch.zeros(frame_num, config.audio_layers, config.audio_channels)
         request = GenerationRequest("", Image.new("RGB", (width, height)), (audio, audio))
         options = SamplingOptions(size_bucket={"0.50": [height, width]}, frame_num=frame_num, steps=1, seed=0,
-                                  color_correction=1.0, text_scale=1.0)
+                                  color_correction=1.0, text_scale=1.0, vae_dtype=vae_dtype)
         self.generate(request, options, progress=False)
         small_height = 16 * max(2, round(height / 64))  # a quarter of the sides, the same aspect
         # Three passes a step: with DiT workers the three-pass schedule's rounds run every sequence degree it uses.
@@ -169,8 +175,11 @@ class Pipeline:
         on_step: StepCallback | None = None,
         clock: StageClock | None = None,
         progress: bool = True,
+        on_frames: FramesCallback | None = None,
     ) -> torch.Tensor:
-        """Video `[3, frames, H, W]` in [-1, 1] at 25 fps, as long as person 1's audio (at most `max_frames`)."""
+        """Video `[3, frames, H, W]` in [-1, 1] at 25 fps, as long as person 1's audio (at most `max_frames`).
+        `on_frames` gets each clip's final frames `[3, n, H, W]` (on the device) as soon as they are decoded: the
+        returned video in order, e.g. for an `Mp4Writer` that encodes while the next clip is generated."""
         started = time.monotonic()
         clock = clock or StageClock()
         seed = options.seed if options.seed is not None and options.seed >= 0 else random.SystemRandom().randint(0, 99_999_999)
@@ -202,17 +211,19 @@ class Pipeline:
         generator = torch.Generator(self.device).manual_seed(seed)
         teacache_bucket = self._teacache_bucket(options)
 
+        vae = self.vae if options.vae_dtype is None else self.vae.cast(options.vae_dtype)
         kept: list[torch.Tensor] = []
+        emitted = 0  # frames handed to on_frames
         previous: torch.Tensor | None = None  # the last clip's video, colour-corrected
         for index, start in enumerate(plan.starts):
             motion_frames = None if previous is None else previous[None, :, -options.motion_frame :]
             with clock.stage("vae_encode"):
                 if options.model == "infinitetalk":
                     source = cond_image if index == 0 else image_to_tensor(request.source_frame(start), height, width)
-                    condition = infinitetalk_condition(self.vae, source.to(self.device), motion_frames, plan.frames)
+                    condition = infinitetalk_condition(vae, source.to(self.device), motion_frames, plan.frames)
                 else:
                     cond_frames = cond_image if motion_frames is None else motion_frames
-                    condition = multitalk_condition(self.vae, cond_frames, plan.frames, index == 0, self.dit.dtype)
+                    condition = multitalk_condition(vae, cond_frames, plan.frames, index == 0, self.dit.dtype)
             with clock.stage("image_encoder"):
                 clip_fea = self.image_encoder(condition.clip_frame)
             audio = clip_audio(speakers, plan, index).to(self.device)
@@ -241,13 +252,16 @@ class Pipeline:
             if options.guidance.use_teacache:
                 log.info("TeaCache skipped %.0f%% of clip %d's DiT passes", 100 * skipped, index + 1)
             with clock.stage("vae_decode"):
-                video = self.vae.decode(latent)
+                video = vae.decode(latent)
             if options.color_correction > 0:
                 with clock.stage("color_correction"):
                     video = match_colors(video, cond_image[0, :, 0], options.color_correction)
-            kept.append(video if index == 0 else video[:, options.motion_frame :])
+            kept.append((video if index == 0 else video[:, options.motion_frame :])[:, : plan.total - emitted])
+            emitted += kept[-1].shape[1]
+            if on_frames is not None:
+                on_frames(kept[-1])
             previous = video
-        return torch.cat(kept, dim=1)[:, : plan.total].float().cpu()
+        return torch.cat(kept, dim=1).float().cpu()
 
     def _begin_worker_clip(
         self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor, passes: int, options: SamplingOptions,

@@ -44,6 +44,7 @@ class SamplingOptions:
     face_scale: float = 0.05
     color_correction: float = 0.0  # strength in [0, 1]
     guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
+    vae_dtype: torch.dtype | None = None  # None: the VAE as loaded (float32, as the reference)
 
     def __post_init__(self) -> None:
         if self.frame_num % 4 != 1:

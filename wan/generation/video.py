@@ -1,4 +1,5 @@
-"""MP4 writing and probing with PyAV (libav in this process; no ffmpeg binary, subprocess or temporary file).
+"""MP4 writing (also while the frames are still being made) and probing with PyAV (libav in this process; no ffmpeg
+binary, subprocess or temporary file).
 
 The video is H.264 yuv420p tagged BT.709 limited range; the soundtrack is AAC, padded with silence or cut so that it
 lasts exactly as long as the video.
@@ -6,6 +7,7 @@ lasts exactly as long as the video.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,6 +37,126 @@ def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
     return levels.to(torch.uint8).permute(1, 2, 3, 0)
 
 
+class Mp4Writer:
+    """An H.264 yuv420p MP4 (moov first, for streaming) written while its frames still arrive.
+
+    `write()` takes frames `[3, n, H, W]` in [-1, 1] (any device) as they are made, converts them to uint8 RGB on
+    the caller's thread and encodes them on a background one (libav releases the GIL), so a video is encoded while
+    its next clip is generated; `close()` waits for that and finishes the file. The frame size is the first
+    frames'. The soundtrack (any audio or video file, read by content) is encoded as AAC at its own sample rate,
+    padded with silence or cut to exactly `num_frames / fps` seconds; more than two channels are mixed to mono.
+    Audio and video packets are interleaved frame by frame. Use it as a context manager: on any failure, here or in
+    the code that feeds it, no file is left at `path`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        num_frames: int,
+        audio_path: str | Path | None = None,
+        fps: int = FPS,
+        crf: int = 18,
+        preset: str = "medium",
+    ):
+        if num_frames < 1:
+            raise ValueError("video has no frames")
+        if audio_path is not None and not Path(audio_path).is_file():
+            raise FileNotFoundError(f"soundtrack {audio_path} not found")
+        self.path, self.num_frames, self.fps, self.crf, self.preset = Path(path), num_frames, fps, crf, preset
+        # Decoded before the output is opened, so an unreadable soundtrack fails with nothing written.
+        self.soundtrack = None if audio_path is None else _soundtrack(audio_path, num_frames / fps)
+        self.frames_given = 0
+        self._container = self._video_stream = self._audio_stream = None
+        self._audio_written = 0
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4")  # one thread: frames in order
+        self._pending: list[Future] = []
+        self._closed = False
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self._abort()
+        elif not self._closed:
+            self.close()
+
+    def write(self, video: torch.Tensor) -> None:
+        """Queue frames `[3, n, H, W]` in [-1, 1] for encoding; an error of earlier frames' encoding is raised here."""
+        if video.ndim != 4 or video.shape[0] != 3:
+            raise ValueError(f"video must be [3, F, H, W], got {tuple(video.shape)}")
+        count, height, width = video.shape[1:]
+        if self.frames_given + count > self.num_frames:
+            raise ValueError(f"{self.frames_given + count} frames given for a video of {self.num_frames}")
+        if self._container is None:
+            self._open(width, height)
+        elif (height, width) != (self._video_stream.height, self._video_stream.width):
+            raise ValueError(f"frames of {width}x{height} in a {self._video_stream.width}x{self._video_stream.height} "
+                             "video")
+        for done in [f for f in self._pending if f.done()]:
+            done.result()
+            self._pending.remove(done)
+        for offset in range(0, count, CONVERT_FRAMES):
+            rgb = frames_to_uint8(video[:, offset : offset + CONVERT_FRAMES]).cpu().contiguous().numpy()
+            self._pending.append(self._encoder.submit(self._encode, rgb, self.frames_given + offset))
+        self.frames_given += count
+
+    def close(self) -> Path:
+        """Wait for the queued frames, flush the encoders and finish the file; the path written."""
+        if self._closed:
+            return self.path
+        try:
+            for future in self._pending:
+                future.result()
+            if self.frames_given != self.num_frames:
+                raise ValueError(f"{self.frames_given} frames given for a video of {self.num_frames}")
+            self._container.mux(self._video_stream.encode(None))
+            if self._audio_stream is not None:
+                self._container.mux(self._audio_stream.encode(None))
+            self._container.close()
+        except BaseException:
+            self._abort()
+            raise
+        self._encoder.shutdown()
+        self._closed = True
+        return self.path
+
+    def _open(self, width: int, height: int) -> None:
+        if height % 2 or width % 2:
+            raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(str(self.path), "w", format="mp4", options={"movflags": "+faststart"})
+        try:
+            self._video_stream = _add_h264(self._container, width, height, self.fps, self.crf, self.preset)
+            self._audio_stream = None if self.soundtrack is None else _add_aac(self._container, self.soundtrack)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _encode(self, rgb: np.ndarray, first: int) -> None:
+        for offset, pixels in enumerate(rgb):
+            index = first + offset
+            frame = av.VideoFrame.from_ndarray(pixels, "rgb24").reformat(**YUV)
+            frame.pts = index
+            self._container.mux(self._video_stream.encode(frame))
+            if self._audio_stream is not None:
+                until = round((index + 1) / self.fps * self.soundtrack[1])  # the audio that plays during this frame
+                self._audio_written = _mux_audio(self._container, self._audio_stream, self.soundtrack,
+                                                  self._audio_written, until)
+
+    def _abort(self) -> None:
+        self._closed = True
+        for future in self._pending:
+            future.cancel()
+        self._encoder.shutdown(wait=True)
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # a half-written file: it goes anyway
+                pass
+        self.path.unlink(missing_ok=True)
+
+
 def write_mp4(
     video: torch.Tensor,
     path: str | Path,
@@ -43,46 +165,13 @@ def write_mp4(
     crf: int = 18,
     preset: str = "medium",
 ) -> Path:
-    """Encode `video` `[3, F, H, W]` in [-1, 1] to an H.264 yuv420p MP4 at `path` (moov first, for streaming).
-
-    The soundtrack (any audio or video file, read by content) is encoded as AAC at its own sample rate, padded with
-    silence or cut to exactly F / fps seconds; more than two channels are mixed to mono. Audio and video packets
-    are interleaved frame by frame. On any failure no file is left at `path`.
-    """
+    """Encode `video` `[3, F, H, W]` in [-1, 1] to an MP4 at `path` with the soundtrack of `audio_path` (see
+    `Mp4Writer`); on any failure no file is left at `path`."""
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"video must be [3, F, H, W], got {tuple(video.shape)}")
-    num_frames, height, width = video.shape[1:]
-    if num_frames == 0:
-        raise ValueError("video has no frames")
-    if height % 2 or width % 2:
-        raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
-    if audio_path is not None and not Path(audio_path).is_file():
-        raise FileNotFoundError(f"soundtrack {audio_path} not found")
-    # Decoded before the output is opened, so an unreadable soundtrack fails with nothing written.
-    soundtrack = None if audio_path is None else _soundtrack(audio_path, num_frames / fps)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-            video_stream = _add_h264(container, width, height, fps, crf, preset)
-            audio_stream = None if soundtrack is None else _add_aac(container, soundtrack)
-            audio_written, rgb = 0, None
-            for index in range(num_frames):
-                if index % CONVERT_FRAMES == 0:
-                    rgb = frames_to_uint8(video[:, index : index + CONVERT_FRAMES]).cpu().contiguous().numpy()
-                frame = av.VideoFrame.from_ndarray(rgb[index % CONVERT_FRAMES], "rgb24").reformat(**YUV)
-                frame.pts = index
-                container.mux(video_stream.encode(frame))
-                if audio_stream is not None:
-                    until = round((index + 1) / fps * soundtrack[1])  # the audio that plays during this frame
-                    audio_written = _mux_audio(container, audio_stream, soundtrack, audio_written, until)
-            container.mux(video_stream.encode(None))
-            if audio_stream is not None:
-                container.mux(audio_stream.encode(None))
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
+    with Mp4Writer(path, video.shape[1], audio_path, fps, crf, preset) as writer:
+        writer.write(video)
+    return writer.path
 
 
 def _add_h264(container: av.container.OutputContainer, width: int, height: int, fps: int, crf: int, preset: str):

@@ -239,6 +239,8 @@ def main() -> None:
         for fp8 in args.fp8.split(","):
             if fp8 == "on":
                 started = time.perf_counter()
+                if "fast" in args.presets.split(","):  # merged in bf16 first, as a request does before quantising
+                    runner.pipeline.set_weights("multitalk", [(runner.fast_lora, 1.0)])
                 quantize_blocks(runner.pipeline.dit)
                 torch._dynamo.reset()
                 if device.type == "cuda":

@@ -1,13 +1,14 @@
 """The worker processes of `wan.parallel.workers` on 2 CPU processes (gloo) with the golden tiny DiT: the guidance
 passes of a step, sequence-parallel (1x2) and guidance-parallel (2x1), against the same passes run in this process
 by the plain path; TeaCache over several steps; a worker that dies or fails, and the restart after it; the whole
-pipeline with its DiT in the workers against the plain pipeline."""
+pipeline with its DiT in the workers against the plain pipeline; the compiled workers' kernels kept between starts."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 
@@ -296,3 +297,33 @@ def test_workers_place_their_dit_by_the_memory_plan(tiny_weights):
         group.close()
     # One pass per worker (no sequence split), one thread each: the same arithmetic as here, to the bit.
     assert all(torch.equal(velocities[branch], expected[branch]) for branch in TWO_PASS)
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="CPU inductor needs a C++ compiler")
+def test_compiled_workers_keep_their_kernels_between_starts(tmp_path, monkeypatch):
+    """Each worker saves what it compiled to its own file next to the single-process one; the next group (another
+    container: empty inductor caches) loads it and compiles nothing, with the same velocities."""
+    cache = tmp_path / "keep" / "inductor.bin"
+    options = WorkerOptions(compile=True, compile_cache=cache)
+    cond, latent, t = conditioning("dit_2p")
+    expected = plain(cond, latent, t, THREE_PASS)
+    reports = []
+    for container in ("first", "second"):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / container))  # the workers' own /tmp caches
+        workers = WorkerGroup(GoldenSource(), ["cpu", "cpu"], options)
+        try:
+            workers.start()
+            workers.use_schedule((Split(2, 1), Split(1, 2)))  # a whole pass on each worker, then one over both
+            workers.begin_clip(cond)
+            velocities = workers.velocities(latent, t, THREE_PASS)
+            workers.end_clip()
+            reports.append(([info["compile_cache_loaded"] for info in workers.worker_info],
+                            workers.save_compile_cache()))
+        finally:
+            workers.close()
+        assert_same_velocities(velocities, expected)
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["inductor-worker0of2.bin", "inductor-worker1of2.bin"]
+    (first_loaded, first_counts), (second_loaded, second_counts) = reports
+    assert first_loaded == [False, False] and all(c["fxgraph_cache_miss"] > 0 for c in first_counts)
+    assert second_loaded == [True, True]
+    assert all(c["fxgraph_cache_hit"] > 0 and c["fxgraph_cache_miss"] == 0 for c in second_counts)

@@ -5,7 +5,8 @@ request takes, the kernels, autotuning results and AOT graphs it produced are wr
 outlives the container (`MULTITALK_COMPILE_CACHE`, default `~/.cache/multitalk/compile`: mount it, or put it on the
 weights volume; empty disables). The next `setup()` loads the file before compiling: dynamo still traces, inductor
 finds its work done. The file is keyed by torch version and GPU; a stale entry inside it is a miss, never an error.
-It covers the single-process DiT; DiT worker processes (several GPUs) compile their own.
+DiT worker processes (several GPUs) each keep a file of their own next to it (`worker_cache_file`): a worker
+compiles the graphs of its own shards and rounds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +33,32 @@ def compile_cache_file(device: torch.device) -> Path | None:
         return None
     card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
     return Path(folder) / f"inductor-torch{torch.__version__.replace('+', '-')}-{card}.bin"
+
+
+def worker_cache_file(path: Path | None, rank: int, world: int) -> Path | None:
+    """DiT worker `rank` of `world`'s file, next to the single-process one `path` (None: none)."""
+    return None if path is None else path.with_name(f"{path.stem}-worker{rank}of{world}{path.suffix}")
+
+
+def inductor_cache_counts() -> dict[str, int]:
+    """This process's FX-graph cache hits and misses so far (what came from a cache, what was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return {key: counters["inductor"].get(key, 0) for key in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+
+
+@contextlib.contextmanager
+def kept_compiled(path: Path | None, workers=None) -> Iterator[None]:
+    """Around a warm-up: the kernels of an earlier start loaded from `path` before, this start's saved after. With
+    DiT workers (a `WorkerGroup`, which load their own files as they start) they are asked to save theirs instead;
+    this process compiles nothing then."""
+    if workers is None:
+        load_compile_cache(path)
+    yield
+    if workers is None:
+        save_compile_cache(path)
+    else:
+        workers.save_compile_cache()
 
 
 def load_compile_cache(path: Path | None) -> bool:

@@ -37,6 +37,7 @@ def load_pipeline(
     gpus: int = 1,
     loras: Sequence[tuple[str | Path, float]] = (),
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+    compile_cache: Path | None = None,
 ) -> Pipeline:
     """A pipeline over the published files (`checkpoint_dir`: the Wan2.1-I2V-14B-480P dir; `multitalk_dir`: the
     MeiGen-MultiTalk dir unless the Wan dir holds the merged index; `infinitetalk_dir`, optional: the InfiniteTalk
@@ -49,7 +50,8 @@ def load_pipeline(
     no copies kept). `compile` compiles every block (regionally; the graphs are built on the first call, e.g.
     `Pipeline.warm_up`). `gpus` > 1: the DiT runs in one worker process per GPU (`wan.parallel`: sequence parallel
     and the guidance passes on different GPUs), each streaming the weights from the same files; the encoders stay
-    here, on `device`.
+    here, on `device`; with `compile` each loads its kernels from its own file next to `compile_cache` (see
+    `wan.compile_cache`) before it compiles.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = memory_plan or (FP8 if fp8 else RESIDENT)
@@ -62,7 +64,7 @@ def load_pipeline(
     )
     dit, weights, workers = None, None, None
     if gpus > 1:
-        workers = start_workers(files, multitalk_dir, infinitetalk_dir, plan, dtype, compile, gpus, loras)
+        workers = start_workers(files, multitalk_dir, infinitetalk_dir, plan, dtype, compile, gpus, loras, compile_cache)
         dit = DiTShape(DiTConfig.from_json(files.config), dtype)
     else:
         dit = load_dit_for_plan(files.root, multitalk_dir, plan, dtype=dtype, device=device)
@@ -101,7 +103,7 @@ class DiTShape:
 
 def start_workers(
     files: WanFiles, multitalk_dir, infinitetalk_dir, plan: MemoryPlan, dtype: torch.dtype, compile: bool, gpus: int,
-    loras: Sequence[tuple[str | Path, float]],
+    loras: Sequence[tuple[str | Path, float]], compile_cache: Path | None = None,
 ):
     """One DiT worker process per GPU (cuda:0 .. cuda:gpus-1), each streaming the weights from the same files."""
     from .parallel.workers import CheckpointSource, WorkerGroup, WorkerOptions, visible_devices
@@ -109,7 +111,7 @@ def start_workers(
     if len(visible_devices()) < gpus:
         raise ValueError(f"gpus={gpus}, but only {len(visible_devices())} GPUs are visible")
     source = CheckpointSource(files.root, multitalk_dir, infinitetalk_dir, dtype)
-    options = WorkerOptions(compile=compile, memory_plan=plan)
+    options = WorkerOptions(compile=compile, memory_plan=plan, compile_cache=compile_cache)
     workers = WorkerGroup(source, visible_devices()[:gpus], options)
     workers.set_weights(None, loras)
     workers.start()

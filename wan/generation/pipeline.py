@@ -55,6 +55,8 @@ class DiTWorkers(BranchRunner, Protocol):
 
     def end_clip(self) -> float: ...
 
+    def save_compile_cache(self) -> list[dict[str, int]]: ...
+
 
 @dataclass(frozen=True)
 class StepInfo:

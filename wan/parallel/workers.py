@@ -35,6 +35,7 @@ import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..compile_cache import inductor_cache_counts, load_compile_cache, save_compile_cache, worker_cache_file
 from ..generation import sampling
 from ..generation.denoise import ClipInputs, branch_velocity
 from ..loading.audio_layers import AudioLayers, AudioLayerSet, audio_layer_sets
@@ -97,8 +98,11 @@ class CheckpointSource:
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    compile: bool = False  # regional compilation of the blocks (CUDA)
+    compile: bool = False  # regional compilation of the blocks
     memory_plan: MemoryPlan = RESIDENT  # each worker's DiT is placed as the in-process one would be
+    # The single-process compile cache file (`wan.compile_cache`): each worker loads its own file next to it before
+    # compiling, and saves it on `WorkerGroup.save_compile_cache()`.
+    compile_cache: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,11 @@ class _EndClip:
 class _TeaCacheSteps:
     timesteps: torch.Tensor  # CPU, [steps, 1]
     settings: TeaCacheSettings
+
+
+@dataclass(frozen=True)
+class _SaveCompileCache:
+    pass
 
 
 @dataclass(frozen=True)
@@ -231,6 +240,14 @@ class WorkerGroup:
             if self.heads is not None and self.heads % split.degree:
                 raise ValueError(f"split {split}: sequence degree {split.degree} does not divide the {self.heads} heads")
         self.schedule = tuple(schedule)
+
+    def save_compile_cache(self) -> list[dict[str, int]]:
+        """Each worker writes what it compiled to its compile cache file (after the warm-up); per worker, the graphs
+        that came from the cache and those compiled."""
+        counts = self._request(_SaveCompileCache())
+        log.info("DiT workers' compiled graphs (from the cache / compiled): %s",
+                 ", ".join(f"{c['fxgraph_cache_hit']}/{c['fxgraph_cache_miss']}" for c in counts))
+        return counts
 
     def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str | Path, float]]) -> None:
         """The audio-layer set (None: unchanged) and the merged LoRAs ((file, scale) pairs) in every worker, as
@@ -409,7 +426,9 @@ class _Worker:
             world_size=world,
         )
         self.dit = source.build(device, options.memory_plan)
-        if options.compile and device.type == "cuda":
+        self.compile_cache = worker_cache_file(options.compile_cache, rank, world) if options.compile else None
+        self.compile_cache_loaded = load_compile_cache(self.compile_cache)
+        if options.compile:
             # Each sequence degree (its shard's sizes) is one more graph per speaker count, beyond dynamo's default
             # of 8 variants per function on 8 GPUs; this process is the DiT's alone.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -428,6 +447,7 @@ class _Worker:
             device=str(self.device),
             attention=getattr(self.dit.blocks[0].self_attn.attend, "__name__", "?"),
             pid=os.getpid(),
+            compile_cache_loaded=self.compile_cache_loaded,
         )
 
     def handle(self, command: Any) -> Any:
@@ -447,6 +467,9 @@ class _Worker:
             with torch.inference_mode():
                 e0s = (self.dit.time_embeddings(t.to(self.device))[1] for t in command.timesteps)
                 return sampling.teacache_computed_steps(e0s, command.settings.thresh, command.settings.size_bucket)
+        if isinstance(command, _SaveCompileCache):
+            save_compile_cache(self.compile_cache)
+            return inductor_cache_counts()
         if isinstance(command, _EndClip):
             counts = None
             if self.teacache is not None and self.led:

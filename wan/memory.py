@@ -30,6 +30,7 @@ STREAMING_SLOTS = 2  # the block that runs and the one being copied in
 TEXT_ENCODER_GIB = 10.58  # umT5-XXL encoder, 5.68 B parameters in bf16
 IMAGE_ENCODER_GIB = 1.18  # CLIP ViT-H/14 visual tower in fp16
 VAE_GIB = 0.47  # Wan VAE, 0.127 B parameters in float32
+VAE_BF16_GIB = 0.24  # its bfloat16 copy, made for the fast and turbo presets (`VideoVAE.cast`)
 WAV2VEC_GIB = 0.35  # chinese-wav2vec2-base in float32 (the predictor keeps it on the same GPU)
 
 # Workspace above the weights (bench/NOTES.md, H100, 81 frames at 448x896).
@@ -76,9 +77,9 @@ def _needs(resident_gib: float, phases_gib: tuple[float, ...]) -> float:
     return round(resident_gib + max(phases_gib) + MARGIN_GIB, 2)
 
 
-# Resident: 35.17 + 10.58 + 1.18 + 0.47 + 0.35 = 47.75 of weights; the decode's 9.8 is the largest phase:
-# 47.75 + 9.8 + 2.0 = 59.55 GiB.
-_ALWAYS = IMAGE_ENCODER_GIB + VAE_GIB + WAV2VEC_GIB  # 2.0
+# Resident: 35.17 + 10.58 + 1.18 + 0.47 + 0.24 + 0.35 = 47.99 of weights; the float32 decode's 9.8 is the largest
+# phase: 47.99 + 9.8 + 2.0 = 59.79 GiB.
+_ALWAYS = IMAGE_ENCODER_GIB + VAE_GIB + VAE_BF16_GIB + WAV2VEC_GIB  # 2.24
 RESIDENT = MemoryPlan(
     name="resident",
     dit_weights="bf16",
@@ -88,8 +89,8 @@ RESIDENT = MemoryPlan(
     gpu_gib=_needs(DIT_BF16_GIB + TEXT_ENCODER_GIB + _ALWAYS, (DIT_PASS_GIB, VAE_DECODE_GIB)),
     host_gib=0.0,
 )
-# fp8: 18.19 + 2.0 = 20.19 stay; phases: encoding +10.58, a DiT pass +3.4, the decode +9.8: 20.19 + 10.58 + 2.0 =
-# 32.77 GiB. The text encoder waits in pinned host memory.
+# fp8: 18.19 + 2.24 = 20.43 stay; phases: encoding +10.58, a DiT pass +3.4, the decode +9.8: 20.43 + 10.58 + 2.0 =
+# 33.01 GiB. The text encoder waits in pinned host memory.
 FP8 = MemoryPlan(
     name="fp8",
     dit_weights="fp8",
@@ -99,8 +100,8 @@ FP8 = MemoryPlan(
     gpu_gib=_needs(DIT_FP8_GIB + _ALWAYS, (TEXT_ENCODER_GIB, DIT_PASS_GIB, VAE_DECODE_GIB)),
     host_gib=TEXT_ENCODER_GIB,
 )
-# Streamed: 0.59 + 2 x 0.44 + 2.0 = 3.47 stay; phases: encoding +10.58, a pass +3.4, the tiled decode +6.4:
-# 3.47 + 10.58 + 2.0 = 16.05 GiB. Host: the 40 blocks (40 x 0.44 = 17.6) and the text encoder.
+# Streamed: 0.59 + 2 x 0.44 + 2.24 = 3.71 stay; phases: encoding +10.58, a pass +3.4, the tiled decode +6.4:
+# 3.71 + 10.58 + 2.0 = 16.29 GiB. Host: the 40 blocks (40 x 0.44 = 17.6) and the text encoder.
 STREAMED = MemoryPlan(
     name="streamed",
     dit_weights="fp8",

@@ -1,6 +1,7 @@
 """A request exactly as Cog runs it, on the GPU: `Runner.setup()`, then `run()` unchanged, at full size.
 
     python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10] [--gpus 2]
+    python -m bench.bench_request --out $OUT/example.json --example      # the reference's own example's inputs
     python -m bench.bench_request --tiny --out /tmp/request.json        # the script itself on a CPU, seconds
 
 The runner is set up on the tiny set (`python -m wan.tiny`), then its components become the published sizes with
@@ -54,7 +55,8 @@ UMT5_XXL = T5Dims(vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_
 VIT_H14 = ClipDims(vision_dim=1280, vision_layers=32, embed_dim=1024, text_vocab_size=250002, text_dim=1024,
                    text_layers=24, text_max_len=514)
 WAN_VAE = VaeDims(dim=96)
-EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "data" / "examples" / "multi" / "1" / "multi1.png"
+EXAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data" / "examples"
+EXAMPLE_IMAGE = EXAMPLES / "multi" / "1" / "multi1.png"
 STAGES = re.compile(r"^wrote (\d+) frames (\d+)x(\d+) in ([\d.]+)s \((.*)\)$")
 ESTIMATE = re.compile(r"^estimate: (\d+) s")
 
@@ -147,6 +149,17 @@ def random_audio_sets(runner, work: Path, generator: torch.Generator) -> None:
     runner.pipeline.weights = DiTWeights(runner.pipeline.weights.loras, AudioLayers(dit, sets))
 
 
+def reference_example() -> dict:
+    """`run()`'s inputs for the reference's `multitalk_example_1.json` (its boxes are [row_min, col_min, row_max,
+    col_max]; ours x1,y1,x2,y2)."""
+    spec = json.loads((EXAMPLES / "multitalk_example_1.json").read_text())
+    folder = EXAMPLES.parent  # the json's paths start with "examples/"
+    boxes = {k: f"{b[1]},{b[0]},{b[3]},{b[2]}" for k, b in spec["bbox"].items()}
+    return dict(image=str(folder / spec["cond_image"]), audio=str(folder / spec["cond_audio"]["person1"]),
+                second_audio=str(folder / spec["cond_audio"]["person2"]), prompt=spec["prompt"],
+                audio_type=spec["audio_type"], person1_bbox=boxes["person1"], person2_bbox=boxes["person2"], seed=1)
+
+
 def source_video(path: Path, soundtrack: Path, seconds: float) -> Path:
     """A moving colour field with the speech as its soundtrack, H.264 + AAC as a phone would record it."""
     frames = round(seconds * FPS)
@@ -197,10 +210,15 @@ def main() -> None:
                         "(LoRA merge), the others show a warm container")
     parser.add_argument("--sampling-steps", type=int, default=None, help="override the presets' steps (short runs)")
     parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE, help="the picture (default: the reference's example)")
+    parser.add_argument("--example", action="store_true",
+                        help="the reference's two-speaker example as it is (its picture, 1.8 s + 3.1 s of speech "
+                        "one after the other, boxes, prompt) instead of synthetic speech")
     parser.add_argument("--dub", action="store_true", help="InfiniteTalk dubbing of a source video instead")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs for the DiT (> 1: one worker process per GPU)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script, times nothing")
     args = parser.parse_args()
+    if args.example and args.dub:
+        parser.error("--example is a MultiTalk request; --dub an InfiniteTalk one")
     if args.gpus > 1 and (args.dub or args.fp8 != "off"):
         parser.error("--gpus > 1 runs bf16 MultiTalk requests only (workers take fp8 from the memory plan in setup)")
 
@@ -230,6 +248,8 @@ def main() -> None:
             soundfile.write(work / f"speaker{k + 1}.wav", speech(args.seconds, pitch), 16000)
         inputs = dict(image=str(args.image), audio=str(work / "speaker1.wav"),
                       second_audio=str(work / "speaker2.wav"), audio_type="para", seed=1)
+        if args.example:
+            inputs = reference_example()
         if args.dub:
             random_audio_sets(runner, work, generator)
             source = source_video(work / "source.mp4", work / "speaker1.wav", args.seconds)
@@ -250,7 +270,8 @@ def main() -> None:
             for preset in args.presets.split(","):
                 flags = dict(fast=preset == "fast", turbo=preset == "turbo")
                 for repeat in range(args.repeats):
-                    label = f"{'dub ' if args.dub else ''}{preset} fp8 {fp8}{' again' if repeat else ''}"
+                    kind = "dub " if args.dub else "example " if args.example else ""
+                    label = f"{kind}{preset} fp8 {fp8}{' again' if repeat else ''}"
                     results["requests"].append(request(runner, log, inputs | flags, label, device))
                     save(results, args.out)  # what is done survives a run cut short
     save(results, args.out)

@@ -18,7 +18,7 @@ from src.audio import audio_prepare_multi, audio_prepare_single, get_embedding, 
 from src.video import read_video
 from wan import GenerationRequest, load_pipeline
 from wan.compile_cache import compile_cache_file, kept_compiled
-from wan.configs import FPS, PRESETS
+from wan.configs import FPS
 from wan.generation.timing import StageClock
 from wan.generation.video import Mp4Writer
 from wan.loading.audio_layers import infinitetalk_set
@@ -26,7 +26,8 @@ from wan.loading.lora import LoRAError
 from wan.loading.weights import fetch_lora, resolve_fast_lora, resolve_weights
 from wan.memory import plan_for_device
 from wan.serving import (
-    MAX_REQUEST_SECONDS, Recipe, check_time, gpus_to_use, plan_request, sampling_options, trimmed_samples
+    MAX_REQUEST_SECONDS, Recipe, check_time, gpus_to_use, plan_request, preset_vae_dtype, sampling_options,
+    trimmed_samples,
 )
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -94,7 +95,7 @@ class Runner(BaseRunner):
         again whenever the DiT changes). Clip costs are measured with the VAE of the default preset (turbo; fast's
         too): quality's float32 VAE adds ~2 s to a clip of ~400 s."""
         self.costs = self.pipeline.warm_up(size_bucket or self._buckets("480p", "multitalk"),
-                                           vae_dtype=getattr(torch, PRESETS["turbo"].vae_dtype))
+                                           vae_dtype=preset_vae_dtype("turbo"))
 
     def _warm_up_audio(self) -> None:
         """The audio front end once on a second of sound: its first call loads and compiles what the decoding,

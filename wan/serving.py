@@ -52,13 +52,18 @@ def sampling_options(recipe: Recipe, max_frames: int | None, seed: int) -> Sampl
         audio_scale=preset.audio_guide_scale if recipe.audio_scale is None else recipe.audio_scale,
         seed=seed,
         color_correction=recipe.color_correction,
-        vae_dtype=getattr(torch, preset.vae_dtype),
+        vae_dtype=preset_vae_dtype(recipe.preset),
         guidance=GuidanceOptions(
             use_teacache=preset.teacache_thresh is not None,
             teacache_thresh=preset.teacache_thresh or 0.0,
             use_apg=recipe.use_apg,
         ),
     )
+
+
+def preset_vae_dtype(preset: str) -> torch.dtype:
+    """The dtype a preset's VAE computes in (`Preset.vae_dtype`)."""
+    return getattr(torch, PRESETS[preset].vae_dtype)
 
 
 def gpus_to_use(visible: int) -> int:

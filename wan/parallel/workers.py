@@ -340,18 +340,20 @@ class WorkerGroup:
                     continue
                 connection = self._connections[rank]
                 if not connection.poll():  # the sentinel fired and nothing is left to read: the process ended
-                    self._processes[rank].join(timeout=5)
-                    self._fail(rank, f"died (exit code {self._processes[rank].exitcode})")
+                    self._died(rank)
                 try:
                     status, payload = connection.recv()
                 except (EOFError, ConnectionResetError):
-                    self._processes[rank].join(timeout=5)
-                    self._fail(rank, f"died (exit code {self._processes[rank].exitcode})")
+                    self._died(rank)
                 if status == "error":
                     self._fail(rank, f"failed:\n{payload}")
                 replies[rank] = payload
                 pending.discard(rank)
         return replies
+
+    def _died(self, rank: int) -> None:
+        self._processes[rank].join(timeout=5)
+        self._fail(rank, f"died (exit code {self._processes[rank].exitcode})")
 
     def _fail(self, rank: int, what: str) -> None:
         self.close(grace_s=0)  # the others may wait in a collective for the failed one

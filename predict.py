@@ -17,7 +17,7 @@ from PIL import Image
 from src.audio import audio_prepare_multi, audio_prepare_single, get_embedding, load_wav2vec, video_frame_count
 from src.video import read_video
 from wan import GenerationRequest, load_pipeline
-from wan.compile_cache import compile_cache_file, kept_compiled
+from wan.compile_cache import compile_cache_file, recording_compiles, save_compiled
 from wan.configs import FPS
 from wan.generation.timing import StageClock
 from wan.generation.video import Mp4Writer
@@ -71,14 +71,16 @@ class Runner(BaseRunner):
         # Every visible GPU (or MULTITALK_GPUS): with more than one the DiT runs in a worker process per GPU.
         gpus = gpus_to_use(torch.cuda.device_count()) if on_gpu else 1
         # Compiled blocks run ~30 % faster (bench/NOTES.md); the compile itself belongs here, not in a request, and
-        # kernels compiled by an earlier container on this GPU type are loaded first (DiT workers: each its own).
+        # the kernels and traced graphs of an earlier container on this GPU type are loaded first and this start's
+        # saved after the warm-up (DiT workers: each its own file).
         compile_cache = compile_cache_file(torch.device(device)) if on_gpu else None
-        self.pipeline = load_pipeline(paths.wan, paths.multitalk, paths.infinitetalk, device=device, compile=on_gpu,
-                                      memory_plan=plan, gpus=gpus, compile_cache=compile_cache)
-        self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
-        self._warm_up_audio()
-        with kept_compiled(compile_cache, self.pipeline.workers):
+        with recording_compiles(compile_cache):
+            self.pipeline = load_pipeline(paths.wan, paths.multitalk, paths.infinitetalk, device=device,
+                                          compile=on_gpu, memory_plan=plan, gpus=gpus, compile_cache=compile_cache)
+            self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
+            self._warm_up_audio()
             self.warm_up()
+            save_compiled(compile_cache, self.pipeline)
         self.max_seconds = float(os.environ.get("MULTITALK_MAX_REQUEST_SECONDS", MAX_REQUEST_SECONDS))
         # Both go away with the runner (cog never deletes outputs; each request removes the previous one).
         self._outputs = tempfile.TemporaryDirectory(prefix="multitalk-outputs-")

@@ -2,7 +2,7 @@
 compile cache of an earlier start; then one short `fast` request and one short `turbo` request through `run()`, so
 that the LoRA merge and its exact undoing read the files as in production.
 
-    python -m bench.setup_check --out $OUT/setup.json [--dir /tmp/weights]    # a GPU with ~70 GB of free disk
+    python -m bench.setup_check --out $OUT/setup.json [--dir /tmp/weights] [--gpus 1,2]   # ~70 GB of free disk
     python -m bench.setup_check --tiny --out /tmp/setup.json                   # the script itself on a CPU
 
 The set is the published layout at the published sizes with random weights (the DiT in bf16 shards to fit the
@@ -112,6 +112,8 @@ def main() -> None:
                         "(with 4 steps: the LoRA undone from the files)")
     parser.add_argument("--tiny", action="store_true", help="the tiny set on the CPU: checks the script")
     parser.add_argument("--timeout", type=float, default=400.0, help="seconds per setup process")
+    parser.add_argument("--gpus", default="1", help="comma list: the DiT on this many GPUs (MULTITALK_GPUS), two "
+                        "starts each, each count with a compile cache folder of its own")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -128,15 +130,16 @@ def main() -> None:
         short = dict(image=str(EXAMPLE_IMAGE), audio=str(audio), seed=1)
         presets = dict(fast=dict(fast=True), turbo=dict(turbo=True, sampling_steps=4))
         requests = [short | presets[name] for name in args.requests.split(",") if name]
-        env = {"MULTITALK_GPUS": "1", "MULTITALK_COMPILE_CACHE": str(work / "compile-cache")}
-        for label, served in (("first start (no compile cache)", []), ("next start (compile cache)", requests)):
-            # A new container: its own empty inductor cache; only the compile cache folder outlives it.
-            inductor = tempfile.mkdtemp(dir=work, prefix="inductor-")
-            record = run_setup(work / "weights", served, env | {"TORCHINDUCTOR_CACHE_DIR": inductor}, args.timeout)
-            results.setdefault("starts", []).append(dict(label=label) | record)
-            print(f"{label}: setup {record['setup_s']:.1f} s; requests "
-                  f"{[round(r['total_s'], 1) for r in record['requests']]}", flush=True)  # fmt: skip
-            save(results, args.out)
+        for gpus in args.gpus.split(","):
+            env = {"MULTITALK_GPUS": gpus, "MULTITALK_COMPILE_CACHE": str(work / f"compile-cache-{gpus}")}
+            for label, served in (("first start (no compile cache)", []), ("next start (compile cache)", requests)):
+                # A new container: its own empty inductor cache; only the compile cache folder outlives it.
+                inductor = tempfile.mkdtemp(dir=work, prefix="inductor-")
+                record = run_setup(work / "weights", served, env | {"TORCHINDUCTOR_CACHE_DIR": inductor}, args.timeout)
+                results.setdefault("starts", []).append(dict(label=f"{gpus} GPU: {label}") | record)
+                print(f"{gpus} GPU: {label}: setup {record['setup_s']:.1f} s; requests "
+                      f"{[round(r['total_s'], 1) for r in record['requests']]}", flush=True)  # fmt: skip
+                save(results, args.out)
     save(results, args.out)
     print(f"wrote {args.out}")
 

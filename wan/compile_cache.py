@@ -3,15 +3,24 @@
 torch.compile's own caches live in /tmp (gone with the container). After the warm-up has compiled every graph a
 request takes, the kernels, autotuning results and AOT graphs it produced are written to one file in a folder that
 outlives the container (`MULTITALK_COMPILE_CACHE`, default `~/.cache/multitalk/compile`: mount it, or put it on the
-weights volume; empty disables). The next `setup()` loads the file before compiling: dynamo still traces, inductor
-finds its work done. The file is keyed by torch version and GPU; a stale entry inside it is a miss, never an error.
-DiT worker processes (several GPUs) each keep a file of their own next to it (`worker_cache_file`): a worker
-compiles the graphs of its own shards and rounds.
+weights volume; empty disables). The next `setup()` loads the file before compiling. The file is keyed by torch
+version and GPU; a stale entry inside it is a miss, never an error.
+
+In one process the file also keeps dynamo's traced graphs (torch's caching precompile), so a start that finds it
+neither traces nor compiles (dynamo's tracing was ~35 s of a cached setup). Saved graphs drop their guards on which
+functions a block calls (the self-attention kernel, fp8 linears' forward), so that file is named by what decides
+them too (`MultiTalkDiT.block_code`): a start with another kernel finds no file rather than the wrong graphs.
+The flag that records them (`torch._dynamo.config.caching_precompile`, experimental) is on only while `setup()`
+loads, compiles and warms up (`recording_compiles`). With torch 2.13 a start then traces nothing (CPU test); torch
+2.11's dynamo finds the graphs and traces them again (H200, bench/NOTES.md session 6): no gain there, no harm. DiT worker processes (several GPUs) each keep a file
+of their own next to it (`worker_cache_file`), kernels only (traced graphs of blocks that take a process group were
+not tried): a worker compiles the graphs of its own shards and rounds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -47,18 +56,28 @@ def inductor_cache_counts() -> dict[str, int]:
     return {key: counters["inductor"].get(key, 0) for key in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
 
 
+def traced_cache_file(path: Path | None, block_code: str) -> Path | None:
+    """The single-process file next to `path`, named by the blocks' code (`MultiTalkDiT.block_code`)."""
+    if path is None:
+        return None
+    return path.with_name(f"{path.stem}-{hashlib.sha256(block_code.encode()).hexdigest()[:12]}{path.suffix}")
+
+
 @contextlib.contextmanager
-def kept_compiled(path: Path | None, workers=None) -> Iterator[None]:
-    """Around a warm-up: the kernels of an earlier start loaded from `path` before, this start's saved after. With
-    DiT workers (a `WorkerGroup`, which load their own files as they start) they are asked to save theirs instead;
-    this process compiles nothing then."""
-    if workers is None:
-        load_compile_cache(path)
-    yield
-    if workers is None:
-        save_compile_cache(path)
+def recording_compiles(path: Path | None) -> Iterator[None]:
+    """Around a setup that loads a compile cache, compiles, warms up and saves: dynamo keeps the graphs it traces for
+    the file (and takes the file's) only when its file was loaded before `torch.compile` was called and everything up
+    to the save ran inside. Off again after, so that a request's recompile is an ordinary one."""
+    with torch._dynamo.config.patch(caching_precompile=path is not None):
+        yield
+
+
+def save_compiled(path: Path | None, pipeline) -> None:
+    """After the warm-up: the single-process file for the pipeline's DiT, or each DiT worker's own."""
+    if pipeline.workers is not None:
+        pipeline.workers.save_compile_cache()
     else:
-        workers.save_compile_cache()
+        save_compile_cache(traced_cache_file(path, pipeline.dit.block_code()))
 
 
 def load_compile_cache(path: Path | None) -> bool:
@@ -82,7 +101,13 @@ def load_compile_cache(path: Path | None) -> bool:
 
 def save_compile_cache(path: Path | None) -> None:
     """Write what this process compiled (atomically: a reader never sees half a file); failures are logged only."""
-    saved = torch.compiler.save_cache_artifacts() if path is not None else None
+    if path is None:
+        return
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as error:  # e.g. a graph that cannot be serialised: the next start compiles again, nothing worse
+        log.warning("compile cache not saved to %s (%s: %s)", path, type(error).__name__, error)
+        return
     if saved is None:
         return
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .compile_cache import load_compile_cache, traced_cache_file
 from .configs import DEFAULT_NEGATIVE_PROMPT, DiTConfig
 from .encoders.image import ImageEncoder
 from .encoders.text import TextEncoder
@@ -50,8 +51,8 @@ def load_pipeline(
     no copies kept). `compile` compiles every block (regionally; the graphs are built on the first call, e.g.
     `Pipeline.warm_up`). `gpus` > 1: the DiT runs in one worker process per GPU (`wan.parallel`: sequence parallel
     and the guidance passes on different GPUs), each streaming the weights from the same files; the encoders stay
-    here, on `device`; with `compile` each loads its kernels from its own file next to `compile_cache` (see
-    `wan.compile_cache`) before it compiles.
+    here, on `device`. With `compile` the blocks' kernels and graphs of an earlier start are loaded first from the
+    file next to `compile_cache` for these blocks (in each worker: its own file; see `wan.compile_cache`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = memory_plan or (FP8 if fp8 else RESIDENT)
@@ -74,7 +75,8 @@ def load_pipeline(
         )
         weights.set_weights(None, loras)
         log.info("DiT self-attention: %s", dit.blocks[0].self_attn.attend.__name__)
-        if compile:
+        if compile:  # an earlier start's graphs and kernels for these blocks first (`wan.compile_cache`)
+            load_compile_cache(traced_cache_file(compile_cache, dit.block_code()))
             dit.compile_blocks()
     image_encoder = ImageEncoder.from_checkpoint(
         files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device

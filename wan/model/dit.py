@@ -381,6 +381,16 @@ class MultiTalkDiT(nn.Module):
         e = self.time_embedding(sinusoid)
         return e, self.time_projection(e).unflatten(1, (6, self.config.dim))
 
+    def block_code(self) -> str:
+        """What the blocks' compiled code depends on besides tensors' shapes and dtypes: the classes of a block's
+        modules (fp8 linears or not) and its self-attention kernel. Names a cache of traced graphs, whose guards on
+        which functions a block calls are dropped when they are saved (`wan.compile_cache`)."""
+        block = self.blocks[0]
+        kinds = sorted({f"{type(module).__module__}.{type(module).__qualname__}" for module in block.modules()})
+        attend = block.self_attn.attend
+        kernel = f"{getattr(attend, '__module__', '')}.{getattr(attend, '__qualname__', type(attend).__qualname__)}"
+        return "\n".join([*kinds, kernel])
+
     def compile_blocks(self, **options) -> None:
         """Regional compilation: every block compiled on its own, so all 40 share one graph (about 20 s once)."""
         for block in self.blocks:

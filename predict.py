@@ -268,11 +268,11 @@ class Runner(BaseRunner):
             # Each clip is encoded while the next one is generated; what is left after the last is the mp4 stage.
             path = self.outputs / f"{model}-{seed}-{int(time.time())}.mp4"
             with Mp4Writer(path, plan.total, soundtrack, fps=FPS) as writer:
-                video_out = self.pipeline.generate(request, options, clock=clock, on_frames=writer.write)
+                shape = self.pipeline.stream(request, options, writer.write, clock=clock)
                 with clock.stage("mp4"):
                     output = writer.close()
 
-        frames, height, width = video_out.shape[1:]
+        frames, height, width = shape[1:]
         scope = current_scope()
         scope.record_metric("video_output_count", 1)
         scope.record_metric("video_output_duration_seconds", frames / FPS)

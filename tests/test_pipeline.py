@@ -133,7 +133,7 @@ def test_streaming_reencodes_and_renoises_the_motion_frames(pipeline):
 
 
 def test_each_clip_is_handed_out_as_soon_as_it_is_decoded(pipeline):
-    """on_frames gets the returned video clip by clip (the last one cut to the audio), each before the next clip's
+    """stream hands generate's video out clip by clip (the last one cut to the audio), each before the next clip's
     DiT passes: what lets the runner encode the mp4 while the next clip is generated."""
     pieces, passes_then = [], []
 
@@ -142,14 +142,14 @@ def test_each_clip_is_handed_out_as_soon_as_it_is_decoded(pipeline):
         passes_then.append(len(pipeline.dit.calls))
 
     generator = torch.Generator().manual_seed(14)
-    audio = (torch.randn(14, 12, 768, generator=generator),)
+    request = GenerationRequest("talk", Image.new("RGB", (96, 64)), (torch.randn(14, 12, 768, generator=generator),))
+    options = SamplingOptions(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, seed=3)
     pipeline.dit.calls.clear()
-    video = pipeline.generate(GenerationRequest("talk", Image.new("RGB", (96, 64)), audio),
-                              SamplingOptions(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, seed=3),
-                              progress=False, on_frames=on_frames)
+    shape = pipeline.stream(request, options, on_frames, progress=False)
     assert [p.shape[1] for p in pieces] == [9, 4, 1]  # clips of 9 advancing by 4; 14 frames in all
-    assert torch.equal(torch.cat(pieces, dim=1), video)
     assert passes_then == [6, 12, 18]  # 2 steps x 3 passes a clip
+    video = pipeline.generate(request, options, progress=False)
+    assert shape == video.shape and shape[:2] == (3, 14) and torch.equal(torch.cat(pieces, dim=1), video)
 
 
 def test_the_vae_dtype_is_the_options(pipeline):

@@ -17,9 +17,9 @@ def test_source_video_is_read_as_far_as_the_clips_use_it(runner, tmp_path, monke
     t = np.arange(16000) / 16000
     soundfile.write(speech, (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(np.pi * 4 * t) ** 2).astype(np.float32), 16000)
     requests = []
-    generate = runner.pipeline.generate
-    monkeypatch.setattr(runner.pipeline, "generate", lambda request, *a, **k: requests.append(request)
-                        or generate(request, *a, **k))
+    stream = runner.pipeline.stream
+    monkeypatch.setattr(runner.pipeline, "stream", lambda request, *a, **k: requests.append(request)
+                        or stream(request, *a, **k))
 
     try:
         runner.run(**run_inputs(video=str(video), audio=str(speech), model=model, seed=1))

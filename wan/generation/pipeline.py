@@ -71,6 +71,10 @@ StepCallback = Callable[[StepInfo], None]
 FramesCallback = Callable[[torch.Tensor], None]
 
 
+def _discard(frames: torch.Tensor) -> None:
+    """A warm-up's frames: its compiled graphs and measured costs are what it is for (no mp4 is written)."""
+
+
 class Pipeline:
     """MultiTalk generation from ready components: the DiT, the text encoder (prompts -> embeddings), the image
     encoder (frames -> CLIP features) and the VAE. Build one from the published files with `wan.load_pipeline`."""
@@ -129,16 +133,16 @@ class Pipeline:
         request = GenerationRequest("", Image.new("RGB", (width, height)), (audio, audio))
         options = SamplingOptions(size_bucket={"0.50": [height, width]}, frame_num=frame_num, steps=1, seed=0,
                                   color_correction=1.0, text_scale=1.0, vae_dtype=vae_dtype)
-        self.generate(request, options, progress=False)
+        self.stream(request, options, _discard, progress=False)
         small_height = 16 * max(2, round(height / 64))  # a quarter of the sides, the same aspect
         # Three passes a step: with DiT workers the three-pass schedule's rounds run every sequence degree it uses.
         small = dataclasses.replace(options, frame_num=WARM_UP_SMALL_FRAMES, text_scale=5.0,
                                     size_bucket={"0.50": [small_height, 16 * round(small_height * width / height / 16)]})
         small_audio = torch.zeros(WARM_UP_SMALL_FRAMES, config.audio_layers, config.audio_channels)
         for speakers in (2, 1):  # dynamo never generalises a size of 1: one speaker is a graph of its own
-            self.generate(dataclasses.replace(request, audio=(small_audio,) * speakers), small, progress=False)
+            self.stream(dataclasses.replace(request, audio=(small_audio,) * speakers), small, _discard, progress=False)
         clock = StageClock(self.device)
-        self.generate(request, options, progress=False, clock=clock)
+        self.stream(request, options, _discard, progress=False, clock=clock)
         seconds = clock.seconds
         costs = Costs(
             pass_seconds=seconds["dit"] / sampling.passes_per_step(options.text_scale),
@@ -177,11 +181,27 @@ class Pipeline:
         on_step: StepCallback | None = None,
         clock: StageClock | None = None,
         progress: bool = True,
-        on_frames: FramesCallback | None = None,
     ) -> torch.Tensor:
-        """Video `[3, frames, H, W]` in [-1, 1] at 25 fps, as long as person 1's audio (at most `max_frames`).
-        `on_frames` gets each clip's final frames `[3, n, H, W]` (on the device) as soon as they are decoded: the
-        returned video in order, e.g. for an `Mp4Writer` that encodes while the next clip is generated."""
+        """Video `[3, frames, H, W]` in [-1, 1] at 25 fps on the CPU, as long as person 1's audio (at most
+        `max_frames`): `stream`'s clips put together."""
+        clips: list[torch.Tensor] = []
+        self.stream(request, options, clips.append, on_step=on_step, clock=clock, progress=progress)
+        return torch.cat(clips, dim=1).float().cpu()
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        request: GenerationRequest,
+        options: SamplingOptions,
+        on_frames: FramesCallback,
+        *,
+        on_step: StepCallback | None = None,
+        clock: StageClock | None = None,
+        progress: bool = True,
+    ) -> torch.Size:
+        """The video clip by clip: `on_frames` gets each clip's new frames `[3, n, H, W]` (on the device) as soon as
+        they are decoded, e.g. an `Mp4Writer` that encodes them while the next clip is generated; nothing else keeps
+        them. Returns the whole video's shape `[3, frames, H, W]`."""
         started = time.monotonic()
         clock = clock or StageClock()
         seed = options.seed if options.seed is not None and options.seed >= 0 else random.SystemRandom().randint(0, 99_999_999)
@@ -214,7 +234,6 @@ class Pipeline:
         teacache_bucket = self._teacache_bucket(options)
 
         vae = self.vae if options.vae_dtype is None else self.vae.cast(options.vae_dtype)
-        kept: list[torch.Tensor] = []
         emitted = 0  # frames handed to on_frames
         previous: torch.Tensor | None = None  # the last clip's video, colour-corrected
         for index, start in enumerate(plan.starts):
@@ -258,12 +277,11 @@ class Pipeline:
             if options.color_correction > 0:
                 with clock.stage("color_correction"):
                     video = match_colors(video, cond_image[0, :, 0], options.color_correction)
-            kept.append((video if index == 0 else video[:, options.motion_frame :])[:, : plan.total - emitted])
-            emitted += kept[-1].shape[1]
-            if on_frames is not None:
-                on_frames(kept[-1])
+            frames = (video if index == 0 else video[:, options.motion_frame :])[:, : plan.total - emitted]
+            emitted += frames.shape[1]
+            on_frames(frames)
             previous = video
-        return torch.cat(kept, dim=1).float().cpu()
+        return torch.Size((video.shape[0], emitted, *video.shape[2:]))
 
     def _begin_worker_clip(
         self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor, passes: int, options: SamplingOptions,

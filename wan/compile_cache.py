@@ -81,7 +81,7 @@ def save_compiled(path: Path | None, pipeline) -> None:
 
 
 def load_compile_cache(path: Path | None) -> bool:
-    """Hand the file's kernels to torch.compile; False when there is none (or it cannot be read: logged)."""
+    """Hand the file's kernels (and traced graphs) to torch.compile; False when there is none or it cannot be read."""
     if path is None or not path.is_file():
         return False
     started = time.monotonic()

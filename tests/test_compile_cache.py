@@ -57,7 +57,7 @@ DIT_PROBE = textwrap.dedent("""
         save_compiled(base, pipeline)
         with torch.compiler.set_stance("force_eager"):
             eager = dit(**inputs)
-    print(json.dumps(dict(file=str(traced_cache_file(base, dit.block_code())),
+    print(json.dumps(dict(file=str(traced_cache_file(base, dit)),
                           traced=counters["stats"]["unique_graphs"], loaded=counters["dynamo_cache"]["dynamo_cache_hit"],
                           error=float((compiled - eager).abs().max()))))
 """)

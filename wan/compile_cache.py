@@ -12,9 +12,11 @@ functions a block calls (the self-attention kernel, fp8 linears' forward), so th
 them too (`MultiTalkDiT.block_code`): a start with another kernel finds no file rather than the wrong graphs.
 The flag that records them (`torch._dynamo.config.caching_precompile`, experimental) is on only while `setup()`
 loads, compiles and warms up (`recording_compiles`). With torch 2.13 a start then traces nothing (CPU test); torch
-2.11's dynamo finds the graphs and traces them again (H200, bench/NOTES.md session 6): no gain there, no harm. DiT worker processes (several GPUs) each keep a file
-of their own next to it (`worker_cache_file`), kernels only (traced graphs of blocks that take a process group were
-not tried): a worker compiles the graphs of its own shards and rounds.
+2.11's dynamo finds the graphs and traces them again (H200, bench/NOTES.md session 6): no gain there, no harm.
+
+DiT worker processes (several GPUs) each keep a file of their own next to it (`worker_cache_file`), kernels only
+(traced graphs of blocks that take a process group were not tried): a worker compiles the graphs of its own shards
+and rounds.
 """
 
 from __future__ import annotations
@@ -56,11 +58,11 @@ def inductor_cache_counts() -> dict[str, int]:
     return {key: counters["inductor"].get(key, 0) for key in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
 
 
-def traced_cache_file(path: Path | None, block_code: str) -> Path | None:
-    """The single-process file next to `path`, named by the blocks' code (`MultiTalkDiT.block_code`)."""
+def traced_cache_file(path: Path | None, dit: torch.nn.Module) -> Path | None:
+    """The single-process file for `dit` next to `path`, named by its blocks' code (`MultiTalkDiT.block_code`)."""
     if path is None:
         return None
-    return path.with_name(f"{path.stem}-{hashlib.sha256(block_code.encode()).hexdigest()[:12]}{path.suffix}")
+    return path.with_name(f"{path.stem}-{hashlib.sha256(dit.block_code().encode()).hexdigest()[:12]}{path.suffix}")
 
 
 @contextlib.contextmanager
@@ -77,7 +79,7 @@ def save_compiled(path: Path | None, pipeline) -> None:
     if pipeline.workers is not None:
         pipeline.workers.save_compile_cache()
     else:
-        save_compile_cache(traced_cache_file(path, pipeline.dit.block_code()))
+        save_compile_cache(traced_cache_file(path, pipeline.dit))
 
 
 def load_compile_cache(path: Path | None) -> bool:

@@ -76,7 +76,7 @@ def load_pipeline(
         weights.set_weights(None, loras)
         log.info("DiT self-attention: %s", dit.blocks[0].self_attn.attend.__name__)
         if compile:  # an earlier start's graphs and kernels for these blocks first (`wan.compile_cache`)
-            load_compile_cache(traced_cache_file(compile_cache, dit.block_code()))
+            load_compile_cache(traced_cache_file(compile_cache, dit))
             dit.compile_blocks()
     image_encoder = ImageEncoder.from_checkpoint(
         files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device

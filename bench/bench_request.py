@@ -1,6 +1,7 @@
 """A request exactly as Cog runs it, on the GPU: `Runner.setup()`, then `run()` unchanged, at full size.
 
-    python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10] [--gpus 2]
+    python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10]
+    python -m bench.bench_request --out $OUT/request.json --gpus 2 [--fp8 on] [--vae-bands on,off]
     python -m bench.bench_request --out $OUT/example.json --example      # the reference's own example's inputs
     python -m bench.bench_request --tiny --out /tmp/request.json        # the script itself on a CPU, seconds
 
@@ -11,7 +12,9 @@ VAE, wav2vec2-base; a rank-32 LoRA on every block linear stands in for lightx2v'
 `--seconds` of synthetic speech) on the reference example's 16:9 picture (the 448x896 bucket). Per request: the
 stage table the runner logs (audio decode, wav2vec2, T5, CLIP, VAE encode, DiT passes, VAE decode, colour
 correction, mp4), the total, the runner's own time estimate, peak GPU memory, seconds of compute per second of video.
-`--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again.
+`--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again;
+with `--gpus 2` the workers start on the fp8 memory plan instead. `--vae-bands on,off` serves the requests with the
+VAE in bands over the GPUs (as `setup()` places it), then again with the VAE on the first GPU alone (as before).
 `--dub` serves InfiniteTalk dubbing requests instead: `model=infinitetalk` and a `--seconds` long source video (H.264
 at 450x800, its own soundtrack the one speaker's speech), no image or audio input; the DiT gets three random
 audio-layer sets on disk (MultiTalk's and InfiniteTalk's two), so each request pays the switch as in production.
@@ -45,8 +48,9 @@ from wan.loading.dit_weights import DiTWeights
 from wan.loading.lora import LoraSet
 from wan.model.attention import fastest_self_attention
 from wan.model.dit import MultiTalkDiT
-from wan.memory import place_vae, plan_for_device as runner_plan
+from wan.memory import FP8, place_vae, plan_for_device as runner_plan
 from wan.model.fp8 import quantize_blocks
+from wan.parallel.vae_bands import BandedVAE
 from wan.parallel.workers import WorkerGroup, WorkerOptions, visible_devices
 from wan.serving import GPUS_ENV
 from wan.testing.tiny import TINY_DIT, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes, write_tiny_checkpoints
@@ -81,9 +85,12 @@ def meta(shapes: dict) -> dict[str, torch.Tensor]:
     return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
-def full_size(runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool, gpus: int) -> float:
+def full_size(
+    runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool, gpus: int, fp8: bool = False
+) -> float:
     """Give the runner's pipeline published-size components with random weights; seconds taken. With `gpus` > 1 the
-    DiT lives in one worker process per GPU as `setup()` starts them, each building the random DiT on its GPU."""
+    DiT lives in one worker process per GPU as `setup()` starts them, each building the random DiT on its GPU (`fp8`:
+    by the fp8 memory plan, as `MULTITALK_MEMORY_PLAN=fp8` would), and the VAE runs in bands over the GPUs."""
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
@@ -101,10 +108,12 @@ def full_size(runner, device: torch.device, generator: torch.Generator, work: Pa
         place_vae(pipeline.vae, runner_plan(device))
     if gpus > 1:
         pipeline.close()
-        options = WorkerOptions(compile=device.type == "cuda", memory_plan=runner_plan(device))
+        plan = FP8 if fp8 else runner_plan(device)
+        options = WorkerOptions(compile=device.type == "cuda", memory_plan=plan)
         devices = ["cpu"] * gpus if device.type == "cpu" else visible_devices()[:gpus]
         pipeline.workers = WorkerGroup(RandomSource(config, dtype), devices, options)
         pipeline.workers.start()
+        pipeline.vae = BandedVAE.over(pipeline.vae, devices)  # as `load_pipeline` on GPUs (on the CPU: the script)
         pipeline.dit, pipeline.pass_seconds = DiTShape(config, dtype), None
     else:
         dit = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
@@ -215,12 +224,17 @@ def main() -> None:
                         "one after the other, boxes, prompt) instead of synthetic speech")
     parser.add_argument("--dub", action="store_true", help="InfiniteTalk dubbing of a source video instead")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs for the DiT (> 1: one worker process per GPU)")
+    parser.add_argument("--vae-bands", default="on", choices=["on", "off", "on,off"],
+                        help="--gpus > 1: the VAE in bands over the GPUs (as setup), on one GPU (as before), or both")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script, times nothing")
     args = parser.parse_args()
     if args.example and args.dub:
         parser.error("--example is a MultiTalk request; --dub an InfiniteTalk one")
-    if args.gpus > 1 and (args.dub or args.fp8 != "off"):
-        parser.error("--gpus > 1 runs bf16 MultiTalk requests only (workers take fp8 from the memory plan in setup)")
+    if args.gpus > 1 and (args.dub or args.fp8 == "off,on"):
+        parser.error("--gpus > 1 runs MultiTalk requests, with --fp8 off or on (workers take fp8 from the memory plan "
+                     "they start with)")
+    if args.vae_bands != "on" and args.gpus == 1:
+        parser.error("--vae-bands: the VAE runs in bands with --gpus > 1 only")
 
     from predict import Runner
 
@@ -236,7 +250,9 @@ def main() -> None:
         runner.setup(weights=str(write_tiny_checkpoints(work / "tiny")))
         results["tiny_setup_s"] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(0)
-        results["build_s"] = full_size(runner, device, generator, work, args.tiny, args.gpus)
+        fp8_workers = args.gpus > 1 and args.fp8 == "on"
+        results["build_s"] = full_size(runner, device, generator, work, args.tiny, args.gpus, fp8_workers)
+        vaes = {"on": runner.pipeline.vae, "off": getattr(runner.pipeline.vae, "replicas", [None])[0]}
         started = time.perf_counter()
         runner.warm_up(None if not args.tiny else {"0.50": [32, 64]})
         results["warm_up_s"] = time.perf_counter() - started  # compile (first generation) + the measured one
@@ -257,7 +273,7 @@ def main() -> None:
         if args.sampling_steps:
             inputs["sampling_steps"] = args.sampling_steps
         for fp8 in args.fp8.split(","):
-            if fp8 == "on":
+            if fp8 == "on" and not fp8_workers:
                 started = time.perf_counter()
                 if "fast" in args.presets.split(","):  # merged in bf16 first, as a request does before quantising
                     runner.pipeline.set_weights("multitalk", [(runner.fast_lora, 1.0)])
@@ -267,13 +283,17 @@ def main() -> None:
                     runner.pipeline.dit.compile_blocks()
                 runner.warm_up(None if not args.tiny else {"0.50": [32, 64]})
                 results["fp8_warm_up_s"] = time.perf_counter() - started
-            for preset in args.presets.split(","):
-                flags = dict(fast=preset == "fast", turbo=preset == "turbo")
-                for repeat in range(args.repeats):
-                    kind = "dub " if args.dub else "example " if args.example else ""
-                    label = f"{kind}{preset} fp8 {fp8}{' again' if repeat else ''}"
-                    results["requests"].append(request(runner, log, inputs | flags, label, device))
-                    save(results, args.out)  # what is done survives a run cut short
+            for bands in args.vae_bands.split(",") if args.gpus > 1 else ["-"]:
+                if args.gpus > 1:
+                    runner.pipeline.vae = vaes[bands]
+                for preset in args.presets.split(","):
+                    flags = dict(fast=preset == "fast", turbo=preset == "turbo")
+                    for repeat in range(args.repeats):
+                        kind = "dub " if args.dub else "example " if args.example else ""
+                        vae = f" vae bands {bands}" if args.gpus > 1 else ""
+                        label = f"{kind}{preset} fp8 {fp8}{vae}{' again' if repeat else ''}"
+                        results["requests"].append(request(runner, log, inputs | flags, label, device))
+                        save(results, args.out)  # what is done survives a run cut short
     save(results, args.out)
     print(f"wrote {args.out}")
 

@@ -1,12 +1,16 @@
 """The Wan VAE's speed levers on one clip, and whether batching the guidance passes would pay.
 
-    python -m bench.vae_check --out $OUT/vae.json [--frames 81 --height 448 --width 896] [--profile]
+    python -m bench.vae_check --out $OUT/vae.json [--frames 81 --height 448 --width 896] [--profile] [--bands 2]
 
 VAE: the published architecture (`AutoencoderKLWan`, random weights) encodes a MultiTalk condition (25 known frames,
 zeros after them, as `encode_known_frames` gives it) and decodes a random latent of the same clip, in each variant:
 float32 as the reference (TF32 convolutions, torch's default), cuDNN's autotuned algorithms, channels-last-3d
 tensors, bfloat16 weights and activations. Each is timed (median of CUDA-event timings after a warm-up call) and
 compared with the float32 result: relative L2, largest difference and PSNR on the [-1, 1] video.
+
+Bands (`--bands N`, N GPUs): the kept variants (channels-last, bfloat16 and float32) as one VAE on the first GPU and
+as `BandedVAE` over N (each frame in N bands of rows, one per GPU), timed the same way and compared with the one-GPU
+result; `--variants` off skips the single-GPU table.
 
 Batched guidance: a step's passes differ only in their text and audio inputs, so they could run as one batch of 2
 or 3. The DiT's time is its self-attention and its linears at 32928 tokens; both are timed at batch 1 (twice) and
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from bench import environment, init_random_, time_calls
 from wan.configs import MULTITALK_14B
 from wan.encoders.vae import VideoVAE, vae_config
+from wan.parallel.vae_bands import BandedVAE
 from wan.testing.tiny import VaeDims, vae_shapes
 
 WAN_VAE = VaeDims(dim=96)
@@ -60,7 +65,8 @@ def compare(ours: torch.Tensor, base: torch.Tensor) -> dict:
     )
 
 
-def vae_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def clip_inputs(args: argparse.Namespace, device: torch.device) -> tuple[VideoVAE, torch.Tensor, torch.Tensor]:
+    """The VAE (random weights), a MultiTalk condition to encode and a latent to decode."""
     generator = torch.Generator(device).manual_seed(0)
     dims = WAN_VAE if not args.tiny else VaeDims(dim=8)
     base = build_vae(device, dims, generator)
@@ -69,6 +75,11 @@ def vae_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     video[:, :known] = torch.rand(3, known, args.height, args.width, device=device, generator=generator) * 2 - 1
     latent = torch.randn(16, 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8, device=device,
                          generator=generator)
+    return base, video, latent
+
+
+def vae_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    base, video, latent = clip_inputs(args, device)
     variants = [
         ("float32", torch.float32, False, False),
         ("float32 + cudnn.benchmark", torch.float32, False, True),
@@ -105,6 +116,31 @@ def vae_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
         print(table)
         rows.append(dict(variant="profile float32 decode", table=table))
+    return rows
+
+
+def banded_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One GPU against `args.bands` (the pipeline's placement: channels-last, `cast` for bfloat16)."""
+    base, video, latent = clip_inputs(args, device)
+    devices = [device] * args.bands if device.type == "cpu" else [f"cuda:{i}" for i in range(args.bands)]
+    placed = base.channels_last() if device.type == "cuda" else base
+    banded = BandedVAE.over(placed, devices)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        one, many = placed.cast(dtype), banded.cast(dtype)
+        timings = {}
+        for name, vae in (("1 GPU", one), (f"{args.bands} bands", many)):
+            encode, latent_out = time_calls(lambda: vae.encode(video), device, args.warmup, args.repeats)
+            decode, video_out = time_calls(lambda: vae.decode(latent), device, args.warmup, args.repeats)
+            timings[name] = encode, decode, latent_out, video_out
+        (encode1, decode1, latent1, video1), (encode_n, decode_n, latent_n, video_n) = timings.values()
+        row = dict(dtype=str(dtype), bands=args.bands, encode_1=encode1.summary(), decode_1=decode1.summary(),
+                   encode_n=encode_n.summary(), decode_n=decode_n.summary(),
+                   latent=compare(latent_n, latent1), video=compare(video_n, video1))
+        print(f"{str(dtype):15s} encode {encode1.median_s:6.3f} -> {encode_n.median_s:6.3f} s  decode "
+              f"{decode1.median_s:6.3f} -> {decode_n.median_s:6.3f} s ({args.bands} bands)  latent rel "
+              f"{row['latent']['rel_l2']:.1e}  video rel {row['video']['rel_l2']:.1e}", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -152,14 +188,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="top kernels of the float32 decode")
+    parser.add_argument("--bands", type=int, default=1, help="also time the VAE in bands over this many GPUs")
+    parser.add_argument("--variants", default="on", choices=["on", "off"], help="the single-GPU variants and batching")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script")
     args = parser.parse_args()
     if args.tiny:
         args.frames, args.height, args.width = 9, 32, 64
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     with torch.inference_mode():
-        result = dict(environment=environment(device), args=vars(args) | {"out": str(args.out)},
-                      vae=vae_rows(args, device), batched_guidance=batch_rows(args, device))
+        result = dict(environment=environment(device), args=vars(args) | {"out": str(args.out)})
+        if args.variants == "on":
+            result |= dict(vae=vae_rows(args, device), batched_guidance=batch_rows(args, device))
+        if args.bands > 1:
+            result["bands"] = banded_rows(args, device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

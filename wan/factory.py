@@ -50,9 +50,10 @@ def load_pipeline(
     ready for the plan as it arrives. `loras` are merged after that and stay undoable exactly (re-read from the shards,
     no copies kept). `compile` compiles every block (regionally; the graphs are built on the first call, e.g.
     `Pipeline.warm_up`). `gpus` > 1: the DiT runs in one worker process per GPU (`wan.parallel`: sequence parallel
-    and the guidance passes on different GPUs), each streaming the weights from the same files; the encoders stay
-    here, on `device`. With `compile` the blocks' kernels and graphs of an earlier start are loaded first from the
-    file next to `compile_cache` for these blocks (in each worker: its own file; see `wan.compile_cache`).
+    and the guidance passes on different GPUs), each streaming the weights from the same files; the text and image
+    encoders stay here, on `device`, and the VAE splits each frame into bands of rows over the GPUs (untiled plans;
+    `wan.parallel.vae_bands`). With `compile` the blocks' kernels and graphs of an earlier start are loaded first
+    from the file next to `compile_cache` for these blocks (in each worker: its own file; see `wan.compile_cache`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = memory_plan or (FP8 if fp8 else RESIDENT)
@@ -83,6 +84,10 @@ def load_pipeline(
     )
     vae = VideoVAE.from_checkpoint(files.vae, device=device)
     place_vae(vae, plan)
+    if workers is not None and not plan.vae_tiled:
+        from .parallel.vae_bands import BandedVAE
+
+        vae = BandedVAE.over(vae, workers.devices)  # each frame in bands of rows, one per GPU
     return Pipeline(
         dit,
         place_text_encoder(text_encoder, plan, device),

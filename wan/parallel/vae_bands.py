@@ -1,0 +1,259 @@
+"""The VAE over several GPUs: every frame cut into horizontal bands of latent rows, one band per GPU, run at once.
+
+Why: with DiT workers the VAE was the one stage of a request that ran on one GPU while the others waited (encode and
+decode: ~13 s of a 10 s `fast` request on two H200s, bench/NOTES.md).
+
+Exact, not tiled. The Wan 2.1 VAE's layers act on each pixel row alone except three kinds, and each band gets what
+those need from its neighbours when it needs it:
+- the 3x3 convolutions (the causal 3-D ones; the 2-D one after each upsample): the row above and the row below the
+  band, taken after the time cache is put in front (so the neighbours' cached frames come too), zero rows at the
+  frame's top and bottom as the unsplit convolution pads;
+- the stride-2 downsample (a zero row and column after the frame, then a 3x3 convolution): the band below's first row;
+- the mid-block's attention over a frame's pixels: every band's rows (each band attends over the whole frame at the
+  latent's resolution and keeps its own rows).
+RMS norms (over channels), SiLU, nearest upsampling, the 1x1 and time-only convolutions need nothing of other rows.
+So a banded encode or decode equals the unsplit one up to float rounding (convolution algorithms are chosen per
+shape). Bands are whole latent rows, so every downsample meets an even number of rows.
+
+Each band runs in a thread of its own, in lockstep with the others: an exchange is a barrier at which every band
+posts its edge rows and takes its neighbours' (torch orders a cross-GPU copy after the kernels that wrote its source
+and before those that read its result). Kernel launches are asynchronous, so the GPUs overlap while the threads take
+turns at the GIL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    AutoencoderKLWan, WanAttentionBlock, WanCausalConv3d, WanResample,
+)
+from torch import nn
+
+from ..configs import VAE_STRIDE
+from ..encoders.vae import VideoVAE
+
+
+class Exchange:
+    """Where the bands of one encode or decode meet: `share` gathers one value from every band's thread."""
+
+    def __init__(self, bands: int):
+        self._barrier = threading.Barrier(bands)
+        self._slots: list = [None] * bands
+
+    def share(self, index: int, value) -> list:
+        self._slots[index] = value
+        self._barrier.wait()
+        values = list(self._slots)
+        self._barrier.wait()  # no band posts again before every band has read
+        return values
+
+    def abort(self) -> None:
+        """A band failed: the others leave their wait (`threading.BrokenBarrierError`) instead of waiting forever."""
+        self._barrier.abort()
+
+
+@dataclass
+class Band:
+    """Band `index` of `count`; `exchange` is set for each call."""
+
+    index: int
+    count: int
+    exchange: Exchange | None = None
+
+    def with_rows(self, x: torch.Tensor, above: int, below: int) -> torch.Tensor:
+        """`x` with the last `above` rows of the band above and the first `below` rows of the band below around it
+        (dim -2); zero rows past the frame's edges."""
+        rows = x.shape[-2]
+        edges = self.exchange.share(self.index, (x[..., :below, :], x[..., rows - above :, :]))
+        parts = [x]
+        if above:
+            parts.insert(0, edges[self.index - 1][1].to(x.device) if self.index > 0 else zeros_rows(x, above))
+        if below:
+            parts.append(edges[self.index + 1][0].to(x.device) if self.index < self.count - 1 else zeros_rows(x, below))
+        return torch.cat(parts, dim=-2)
+
+    def whole(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every band's `x` put together along dim -2 on this band's device, and where this band's rows start."""
+        parts = self.exchange.share(self.index, x)
+        start = sum(part.shape[-2] for part in parts[: self.index])
+        return torch.cat([part.to(x.device) for part in parts], dim=-2), start
+
+
+def zeros_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-2], rows, x.shape[-1])
+
+
+class BandCausalConv3d(nn.Module):
+    """`WanCausalConv3d` with a spatial kernel, on one band: the rows its padding would add come from the neighbours."""
+
+    def __init__(self, conv: WanCausalConv3d, band: Band):
+        super().__init__()
+        self.conv, self.band = conv, band
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        conv = self.conv
+        pad_w, _, pad_h, _, pad_t, _ = conv._padding
+        if cache_x is not None and pad_t > 0:  # as WanCausalConv3d: cached frames stand in for the causal padding
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            pad_t -= cache_x.shape[2]
+        x = self.band.with_rows(F.pad(x, (pad_w, pad_w, 0, 0, pad_t, 0)), pad_h, pad_h)
+        return F.conv3d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+class BandConv2d(nn.Module):
+    """The padded 3x3 `nn.Conv2d` after an upsample, on one band."""
+
+    def __init__(self, conv: nn.Conv2d, band: Band):
+        super().__init__()
+        self.conv, self.band = conv, band
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        pad_h, pad_w = conv.padding
+        x = self.band.with_rows(F.pad(x, (pad_w, pad_w)), pad_h, pad_h)
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+class BandZeroPad2d(nn.Module):
+    """A downsample's `nn.ZeroPad2d` on one band: its bottom rows are the band below's first rows."""
+
+    def __init__(self, pad: nn.ZeroPad2d, band: Band):
+        super().__init__()
+        self.padding, self.band = pad.padding, band
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right, top, bottom = self.padding
+        return self.band.with_rows(F.pad(x, (left, right)), top, bottom)
+
+
+class BandAttention(nn.Module):
+    """The mid-block's attention over each frame's pixels, on one band: over the whole frame, keeping the band's rows."""
+
+    def __init__(self, block: WanAttentionBlock, band: Band):
+        super().__init__()
+        self.block, self.band = block, band
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        whole, start = self.band.whole(x)
+        return self.block(whole)[..., start : start + x.shape[-2], :]
+
+
+def banded_model(model: AutoencoderKLWan, band: Band) -> AutoencoderKLWan:
+    """A copy of `model`'s modules (its weights shared, not copied) whose row-mixing layers run on `band`."""
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    model = copy.deepcopy(model, memo=shared)
+    covered: set[int] = set()  # the row-mixing convolutions a band layer now runs
+
+    def wrap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, WanAttentionBlock):
+                setattr(module, name, BandAttention(child, band))
+            elif isinstance(child, WanCausalConv3d) and child.kernel_size[1] > 1:
+                setattr(module, name, BandCausalConv3d(child, band))
+                covered.add(id(child))
+            elif isinstance(child, WanResample) and child.mode.startswith("downsample"):
+                pad, conv = child.resample
+                child.resample[0] = BandZeroPad2d(pad, band)
+                covered.add(id(conv))
+                wrap(child)
+            elif isinstance(child, WanResample) and child.mode.startswith("upsample"):
+                child.resample[1] = BandConv2d(child.resample[1], band)
+                covered.add(id(child.resample[1].conv))
+                wrap(child)
+            else:
+                wrap(child)
+
+    wrap(model)
+    for name, module in model.named_modules():
+        mixes_rows = isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1
+        if mixes_rows and id(module) not in covered:
+            raise ValueError(f"VAE layer {name} ({type(module).__name__}) mixes rows and has no banded form: only the "
+                             "Wan 2.1 VAE's layout can run in bands")
+    return model
+
+
+def band_rows(rows: int, bands: int) -> list[int]:
+    """`rows` latent rows in `bands` contiguous bands, the first ones a row larger where they do not divide."""
+    return [rows // bands + (index < rows % bands) for index in range(bands)]
+
+
+class BandedVAE:
+    """A `VideoVAE` over several devices (one replica each, the first the pipeline's): `encode`, `decode` and `cast`
+    as `VideoVAE`'s, each frame split into one band of latent rows per device. Frames with fewer latent rows than
+    devices run unsplit on the first."""
+
+    def __init__(self, replicas: Sequence[VideoVAE]):
+        self.replicas = list(replicas)
+        self._bands = [Band(index, len(self.replicas)) for index in range(len(self.replicas))]
+        self._banded = [VideoVAE(banded_model(vae.model, band)) for vae, band in zip(self.replicas, self._bands)]
+        self._casts: dict[torch.dtype, BandedVAE] = {}
+
+    @classmethod
+    def over(cls, vae: VideoVAE, devices: Sequence[str | torch.device]) -> "BandedVAE":
+        """`vae` (on the first device) and a copy of it, weights and layout, on each other device."""
+        copies = [VideoVAE(copy.deepcopy(vae.model)).to(device) for device in devices[1:]]
+        return cls([vae, *copies])
+
+    @property
+    def device(self) -> torch.device:
+        return self.replicas[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.replicas[0].dtype
+
+    def cast(self, dtype: torch.dtype) -> "BandedVAE":
+        """This VAE computing in `dtype` on every device (`VideoVAE.cast`)."""
+        if dtype == self.dtype:
+            return self
+        if dtype not in self._casts:
+            self._casts[dtype] = BandedVAE([vae.cast(dtype) for vae in self.replicas])
+        return self._casts[dtype]
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """As `VideoVAE.encode`: video `[3, F, H, W]` -> normalised latent `[16, T, H / 8, W / 8]` (float32)."""
+        rows = band_rows(video.shape[-2] // VAE_STRIDE[1], len(self.replicas))
+        if min(rows) == 0:
+            return self.replicas[0].encode(video)
+        parts = video.split([VAE_STRIDE[1] * r for r in rows], dim=-2)
+        return self._run(VideoVAE.encode, parts)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """As `VideoVAE.decode`: latent `[16, T, h, w]` -> video `[3, 1 + 4 (T - 1), 8 h, 8 w]` in [-1, 1] (float32)."""
+        rows = band_rows(latent.shape[-2], len(self.replicas))
+        if min(rows) == 0:
+            return self.replicas[0].decode(latent)
+        return self._run(VideoVAE.decode, latent.split(rows, dim=-2))
+
+    def _run(self, step: Callable[[VideoVAE, torch.Tensor], torch.Tensor], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`step` on every band at once, one thread each; the bands' results put together on the first device."""
+        exchange = Exchange(len(parts))
+        for band in self._bands:
+            band.exchange = exchange
+        inference = torch.is_inference_mode_enabled()  # grad modes are per thread
+
+        def run_band(index: int) -> torch.Tensor:
+            vae = self._banded[index]
+            on_device = torch.cuda.device(vae.device) if vae.device.type == "cuda" else contextlib.nullcontext()
+            try:
+                with on_device, torch.inference_mode(inference):
+                    return step(vae, parts[index].to(vae.device))
+            except BaseException:
+                exchange.abort()
+                raise
+
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="vae-band") as pool:
+            futures = [pool.submit(run_band, index) for index in range(len(parts))]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # the band that failed first, not the ones its abort woke
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return torch.cat([f.result().to(self.device) for f in futures], dim=-2)

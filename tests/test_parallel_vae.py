@@ -98,3 +98,12 @@ def test_layers_without_a_banded_form_are_refused(tmp_path: Path) -> None:
     vae.model.decoder.mid_block.add_module("extra", torch.nn.Conv2d(4, 4, 3, padding=1))
     with pytest.raises(ValueError, match="decoder.mid_block.extra"):
         banded_model(vae.model, vae_bands.Band(0, 2))
+
+
+def test_channels_last_bands_match_the_reference(tmp_path: Path) -> None:
+    """The GPU's layout (`VideoVAE.channels_last`): each band's padded buffer keeps it."""
+    case, vae = golden_vae(CASES[0], tmp_path)
+    banded = BandedVAE.over(vae.channels_last(), ["cpu"] * 2)
+    inputs = case.inputs()
+    case.assert_close("encode_latent", banded.encode(inputs["video"]))
+    case.assert_close("decode_video", banded.decode(inputs["latent"]))

@@ -69,17 +69,44 @@ class Band:
     count: int
     exchange: Exchange | None = None
 
-    def with_rows(self, x: torch.Tensor, above: int, below: int) -> torch.Tensor:
-        """`x` with the last `above` rows of the band above and the first `below` rows of the band below around it
-        (dim -2); zero rows past the frame's edges."""
-        rows = x.shape[-2]
-        edges = self.exchange.share(self.index, (x[..., :below, :], x[..., rows - above :, :]))
-        parts = [x]
+    def padded(
+        self, x: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], frames: tuple[int, torch.Tensor | None] = (0, None)
+    ) -> torch.Tensor:
+        """`x` `[..., H, W]` padded in one copy for a convolution without padding of its own: `rows` (above, below)
+        from the neighbouring bands (zeros past the frame's edges), `cols` zero columns (left, right) and, on dim 2 of
+        a 5-D `x`, `frames` in front: that many zero frames, then the cached frames (may be None).
+
+        One buffer in `x`'s memory format (channels-last stays channels-last for cuDNN), filled once: the neighbours
+        copy their edge rows straight out of theirs, cached frames included."""
+        above, below = rows
+        left, right = cols
+        zero_frames, cache = frames
+        lead = zero_frames + (0 if cache is None else cache.shape[2])
+        height, width = x.shape[-2:]
+        shape = [*x.shape[:-2], above + height + below, left + width + right]
+        if lead:
+            shape[2] += lead
+        buffer = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+        inner = buffer[..., above : above + height, left : left + width]
+        if lead:
+            buffer[:, :, :zero_frames].zero_()
+            if cache is not None:
+                inner[:, :, zero_frames:lead].copy_(cache)
+            inner = inner[:, :, lead:]
+        inner.copy_(x)
+        if left:
+            buffer[..., :left].zero_()
+        if right:
+            buffer[..., left + width :].zero_()
+        edges = self.exchange.share(self.index, (buffer[..., above : above + below, :],
+                                                 buffer[..., above + height - above : above + height, :]))
         if above:
-            parts.insert(0, edges[self.index - 1][1].to(x.device) if self.index > 0 else zeros_rows(x, above))
+            top = buffer[..., :above, :]
+            top.copy_(edges[self.index - 1][1]) if self.index > 0 else top.zero_()
         if below:
-            parts.append(edges[self.index + 1][0].to(x.device) if self.index < self.count - 1 else zeros_rows(x, below))
-        return torch.cat(parts, dim=-2)
+            bottom = buffer[..., above + height :, :]
+            bottom.copy_(edges[self.index + 1][0]) if self.index < self.count - 1 else bottom.zero_()
+        return buffer
 
     def whole(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Every band's `x` put together along dim -2 on this band's device, and where this band's rows start."""
@@ -88,8 +115,13 @@ class Band:
         return torch.cat([part.to(x.device) for part in parts], dim=-2), start
 
 
-def zeros_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    return x.new_zeros(*x.shape[:-2], rows, x.shape[-1])
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout `x` is in: channels-last (as the GPU's convolution weights are, `VideoVAE.channels_last`) or not."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class BandCausalConv3d(nn.Module):
@@ -102,10 +134,10 @@ class BandCausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         conv = self.conv
         pad_w, _, pad_h, _, pad_t, _ = conv._padding
-        if cache_x is not None and pad_t > 0:  # as WanCausalConv3d: cached frames stand in for the causal padding
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            pad_t -= cache_x.shape[2]
-        x = self.band.with_rows(F.pad(x, (pad_w, pad_w, 0, 0, pad_t, 0)), pad_h, pad_h)
+        # As WanCausalConv3d: cached frames stand in for (part of) the causal zero frames.
+        cache = cache_x if cache_x is not None and pad_t > 0 else None
+        zero_frames = pad_t - (0 if cache is None else cache.shape[2])
+        x = self.band.padded(x, (pad_h, pad_h), (pad_w, pad_w), (zero_frames, cache))
         return F.conv3d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
@@ -119,7 +151,7 @@ class BandConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         pad_h, pad_w = conv.padding
-        x = self.band.with_rows(F.pad(x, (pad_w, pad_w)), pad_h, pad_h)
+        x = self.band.padded(x, (pad_h, pad_h), (pad_w, pad_w))
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
@@ -132,7 +164,7 @@ class BandZeroPad2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         left, right, top, bottom = self.padding
-        return self.band.with_rows(F.pad(x, (left, right)), top, bottom)
+        return self.band.padded(x, (top, bottom), (left, right))
 
 
 class BandAttention(nn.Module):

@@ -221,7 +221,7 @@ def band_rows(rows: int, bands: int) -> list[int]:
 class BandedVAE:
     """A `VideoVAE` over several devices (one replica each, the first the pipeline's): `encode`, `decode` and `cast`
     as `VideoVAE`'s, each frame split into one band of latent rows per device. Frames with fewer latent rows than
-    devices run unsplit on the first."""
+    devices, or a height that is no multiple of 8, run unsplit on the first."""
 
     def __init__(self, replicas: Sequence[VideoVAE]):
         self.replicas = list(replicas)
@@ -254,7 +254,7 @@ class BandedVAE:
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """As `VideoVAE.encode`: video `[3, F, H, W]` -> normalised latent `[16, T, H / 8, W / 8]` (float32)."""
         rows = band_rows(video.shape[-2] // VAE_STRIDE[1], len(self.replicas))
-        if min(rows) == 0:
+        if min(rows) == 0 or video.shape[-2] % VAE_STRIDE[1]:  # bands are whole latent rows
             return self.replicas[0].encode(video)
         parts = video.split([VAE_STRIDE[1] * r for r in rows], dim=-2)
         return self._run(VideoVAE.encode, parts)

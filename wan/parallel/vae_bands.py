@@ -70,11 +70,15 @@ class Band:
     exchange: Exchange | None = None
 
     def padded(
-        self, x: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], frames: tuple[int, torch.Tensor | None] = (0, None)
+        self,
+        x: torch.Tensor,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        frames: tuple[int, torch.Tensor | None] = (0, None),
     ) -> torch.Tensor:
         """`x` `[..., H, W]` padded in one copy for a convolution without padding of its own: `rows` (above, below)
         from the neighbouring bands (zeros past the frame's edges), `cols` zero columns (left, right) and, on dim 2 of
-        a 5-D `x`, `frames` in front: that many zero frames, then the cached frames (may be None).
+        a 5-D `x`, `frames` in front: that many zero frames, then the cached frames (or None).
 
         One buffer in `x`'s memory format (channels-last stays channels-last for cuDNN), filled once: the neighbours
         copy their edge rows straight out of theirs, cached frames included."""
@@ -98,14 +102,21 @@ class Band:
             buffer[..., :left].zero_()
         if right:
             buffer[..., left + width :].zero_()
-        edges = self.exchange.share(self.index, (buffer[..., above : above + below, :],
-                                                 buffer[..., above + height - above : above + height, :]))
+        # This band's first `below` and last `above` rows, for the bands above and below it.
+        first, last = buffer[..., above : above + below, :], buffer[..., height : above + height, :]
+        edges = self.exchange.share(self.index, (first, last))
         if above:
             top = buffer[..., :above, :]
-            top.copy_(edges[self.index - 1][1]) if self.index > 0 else top.zero_()
+            if self.index > 0:
+                top.copy_(edges[self.index - 1][1])
+            else:
+                top.zero_()
         if below:
             bottom = buffer[..., above + height :, :]
-            bottom.copy_(edges[self.index + 1][0]) if self.index < self.count - 1 else bottom.zero_()
+            if self.index < self.count - 1:
+                bottom.copy_(edges[self.index + 1][0])
+            else:
+                bottom.zero_()
         return buffer
 
     def whole(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:

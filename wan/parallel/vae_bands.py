@@ -239,6 +239,7 @@ class BandedVAE:
         self._bands = [Band(index, len(self.replicas)) for index in range(len(self.replicas))]
         self._banded = [VideoVAE(banded_model(vae.model, band)) for vae, band in zip(self.replicas, self._bands)]
         self._casts: dict[torch.dtype, BandedVAE] = {}
+        self._calls = threading.Lock()  # the bands hold one call's exchange at a time
 
     @classmethod
     def over(cls, vae: VideoVAE, devices: Sequence[str | torch.device]) -> "BandedVAE":
@@ -279,6 +280,12 @@ class BandedVAE:
 
     def _run(self, step: Callable[[VideoVAE, torch.Tensor], torch.Tensor], parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """`step` on every band at once, one thread each; the bands' results put together on the first device."""
+        with self._calls:
+            return self._run_bands(step, parts)
+
+    def _run_bands(
+        self, step: Callable[[VideoVAE, torch.Tensor], torch.Tensor], parts: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         exchange = Exchange(len(parts))
         for band in self._bands:
             band.exchange = exchange

@@ -5,9 +5,10 @@ process group (gloo on CPU, for tests). Each worker builds the DiT on its own GP
 streamed: no CPU copy of the weights), placed by the same memory plan as a single-process DiT (`wan.memory`: bf16 or
 fp8, resident or streamed, and the attention kernel that goes with it), and prepares a sequence-parallel group for
 every degree it may be asked for.
-The driver keeps everything else (encoders, VAE, the sampling loop) and, for each step, sends the latent to every
-worker and gets back the velocity of each guidance branch from the first GPU of the group that ran it; the groups
-run their branches at the same time (`wan.parallel.guidance`). Tensors cross the process boundary on the CPU, through
+The driver keeps everything else (encoders, the sampling loop; the VAE, whose frames it splits in bands over the
+GPUs: `wan.parallel.vae_bands`) and, for each step, sends the latent to every worker and gets back the velocity of
+each guidance branch from the first GPU of the group that ran it; the groups run their branches at the same time
+(`wan.parallel.guidance`). Tensors cross the process boundary on the CPU, through
 shared memory (a few MB per step); the heavy traffic stays between the GPUs.
 
 The driver is no member of the NCCL group, so a worker that dies cannot take it down: the driver sees the death

@@ -3,7 +3,8 @@
 
 Every setting comes from the case's `case.json`; every tensor the case stores is compared, per clip. The pipeline runs
 unchanged: its components are wrapped to record what they are given and return, `torch.randn` is wrapped to record
-the noise draws, and APG's direction function to record its updates.
+the noise draws, and APG's direction function to record its updates. The streaming cases run a second time with the
+VAE in two bands of rows (`wan.parallel.vae_bands`, as a two-GPU runner places it; CPU replicas here).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from wan.encoders.text import clean_prompt
 from wan.encoders.vae import VideoVAE
 from wan.generation import sampling
 from wan.model.dit import MultiTalkDiT
+from wan.parallel.vae_bands import BandedVAE
 
 pytestmark = pytest.mark.golden
 
@@ -123,9 +125,10 @@ def case_request(case: GoldenCase) -> tuple[GenerationRequest, SamplingOptions]:
     return request, options
 
 
-def run_case(case: GoldenCase, tmp_path, monkeypatch) -> tuple[torch.Tensor, Trace]:
+def run_case(case: GoldenCase, tmp_path, monkeypatch, vae_bands: int = 1) -> tuple[torch.Tensor, Trace]:
     trace = Trace()
     parts = golden_parts(case, tmp_path)
+    vae = parts.vae if vae_bands == 1 else BandedVAE.over(parts.vae, ["cpu"] * vae_bands)
 
     def encode_text(prompts):
         trace.prompts.append(prompts)
@@ -151,7 +154,7 @@ def run_case(case: GoldenCase, tmp_path, monkeypatch) -> tuple[torch.Tensor, Tra
         return update
 
     monkeypatch.setattr(sampling, "apg_direction", recording_apg)
-    pipeline = Pipeline(RecordingDiT(parts.dit, trace), encode_text, encode_image, RecordingVAE(parts.vae, trace))
+    pipeline = Pipeline(RecordingDiT(parts.dit, trace), encode_text, encode_image, RecordingVAE(vae, trace))
     request, options = case_request(case)
     return pipeline.generate(request, options, progress=False), trace
 
@@ -267,9 +270,28 @@ def teacache_tables(caches, steps: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", cases_with_prefix("pipeline_") + cases_with_prefix("infinitetalk_"))
 def test_golden_pipeline(name, tmp_path, monkeypatch):
-    case = load_case(name)
-    cfg, expected = case.config, case.outputs()
-    video, trace = run_case(case, tmp_path, monkeypatch)
+    check_case(load_case(name), tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("name", cases_with_prefix("pipeline_stream"))
+def test_golden_pipeline_with_the_vae_in_bands(name, tmp_path, monkeypatch):
+    """Every clip's encode (the motion frames of the clip before) and decode in two bands of rows."""
+    banded_calls = []
+    run_bands = BandedVAE._run_bands
+
+    def counted(vae, step, parts):
+        banded_calls.append(len(parts))
+        return run_bands(vae, step, parts)
+
+    monkeypatch.setattr(BandedVAE, "_run_bands", counted)
+    trace = check_case(load_case(name), tmp_path, monkeypatch, vae_bands=2)
+    assert banded_calls == [2] * (len(trace.encoded) + len(trace.decoded))
+
+
+def check_case(case: GoldenCase, tmp_path, monkeypatch, vae_bands: int = 1) -> Trace:
+    """The case run through `Pipeline.generate`, every stored tensor compared."""
+    name, cfg, expected = case.name, case.config, case.outputs()
+    video, trace = run_case(case, tmp_path, monkeypatch, vae_bands)
 
     negative = cfg.get("negative_prompt", "") or DEFAULT_NEGATIVE_PROMPT
     assert trace.prompts == [[cfg["prompt"], negative]]
@@ -291,6 +313,7 @@ def test_golden_pipeline(name, tmp_path, monkeypatch):
         except AssertionError as error:
             failures.append(str(error))
     assert not failures, "\n".join(failures)
+    return trace
 
 
 def assert_video_close(case: GoldenCase, video: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import statistics
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,48 +45,78 @@ def full_config() -> DiTConfig:
 
 
 @torch.no_grad()
-def init_random_(model: nn.Module, generator: torch.Generator) -> None:
-    """Fill every parameter in place on its own device: matrices N(0, 1/fan_in), biases N(0, 0.02²), norm scales
+def fill_random_(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
+    """One parameter's random values, by its role: matrices N(0, 1/fan_in), biases N(0, 0.02²), norm scales
     1 + N(0, 0.02²). Keeps activations O(1) through many layers, so timings are taken on realistic values."""
+    if name.endswith("bias"):
+        param.normal_(0.0, 0.02, generator=generator)
+    elif param.numel() == param.shape[0]:  # a per-channel scale, whatever its trailing singleton dims
+        param.normal_(1.0, 0.02, generator=generator)
+    else:
+        param.normal_(0.0, (param.numel() // param.shape[0]) ** -0.5, generator=generator)
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+@torch.no_grad()
+def init_random_(model: nn.Module, generator: torch.Generator, seed: int | None = None) -> None:
+    """Fill every parameter in place on its own device (`fill_random_`), drawing from `generator` in turn or, with
+    `seed`, each from its own stream (the seed and its name), so that one can be drawn again alone
+    (`RandomSource.tensor_reader`)."""
     for name, param in model.named_parameters():
-        if name.endswith("bias"):
-            param.normal_(0.0, 0.02, generator=generator)
-        elif param.numel() == param.shape[0]:  # a per-channel scale, whatever its trailing singleton dims
-            param.normal_(1.0, 0.02, generator=generator)
-        else:
-            param.normal_(0.0, (param.numel() // param.shape[0]) ** -0.5, generator=generator)
+        if seed is not None:
+            generator.manual_seed(parameter_seed(seed, name))
+        fill_random_(name, param, generator)
     if any(True for _ in model.buffers()):
         raise RuntimeError("model has buffers, which to_empty() leaves uninitialised")
 
 
 def build_random(
-    make: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype, generator: torch.Generator
+    make: Callable[[], nn.Module],
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    seed: int | None = None,
 ) -> nn.Module:
-    """Construct on the meta device, cast, then allocate once on `device` and fill with random values (no CPU copy)."""
+    """Construct on the meta device, cast, then allocate once on `device` and fill with random values (no CPU copy;
+    `seed`: see `init_random_`)."""
     with torch.device("meta"):
         model = make()
     model = model.to(dtype).to_empty(device=device)
-    init_random_(model, generator)
+    init_random_(model, generator, seed)
     return model.eval().requires_grad_(False)
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomSource:
-    """Random DiT weights, the same on every device (one seed), for `wan.parallel.workers.WorkerGroup`: picklable, so
-    each worker process builds its own copy on its GPU, placed by the group's memory plan."""
+    """Random DiT weights, the same on every device (one seed), for `wan.parallel.workers.WorkerGroup` and the
+    in-process DiT: picklable, so each worker process builds its own copy on its GPU, placed by the group's memory
+    plan. Each tensor has its own random stream, so `tensor_reader` draws it again as the checkpoint reader reads it
+    back: LoRA merges are undone, and merged into fp8 weights, as with the published files."""
 
     config: DiTConfig
     dtype: torch.dtype
     seed: int = 1234
 
     def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
-        generator = torch.Generator(device).manual_seed(self.seed)
-        model = build_random(lambda: MultiTalkDiT(self.config), device, self.dtype, generator)
+        model = build_random(lambda: MultiTalkDiT(self.config), device, self.dtype, torch.Generator(device), self.seed)
         place_dit(model, plan, device)
         return model
 
-    def tensor_reader(self, device: torch.device) -> None:
-        return None  # no files: LoRA merges are undone from host copies
+    def tensor_reader(self, device: torch.device) -> Callable[[str], torch.Tensor]:
+        with torch.device("meta"):
+            shapes = {name: p.shape for name, p in MultiTalkDiT(self.config).named_parameters()}
+        generator = torch.Generator(device)
+
+        def read(name: str) -> torch.Tensor:
+            tensor = torch.empty(shapes[name], dtype=self.dtype, device=device)
+            generator.manual_seed(parameter_seed(self.seed, name))
+            fill_random_(name, tensor, generator)
+            return tensor
+
+        return read
 
     def audio_layer_sets(self) -> dict:
         return {}

@@ -1,7 +1,7 @@
 """A request exactly as Cog runs it, on the GPU: `Runner.setup()`, then `run()` unchanged, at full size.
 
     python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10]
-    python -m bench.bench_request --out $OUT/request.json --gpus 2 [--vae-bands on,off]
+    python -m bench.bench_request --out $OUT/request.json --gpus 2 [--fp8 on] [--vae-bands on,off]
     python -m bench.bench_request --out $OUT/example.json --example      # the reference's own example's inputs
     python -m bench.bench_request --tiny --out /tmp/request.json        # the script itself on a CPU, seconds
 
@@ -12,8 +12,8 @@ VAE, wav2vec2-base; a rank-32 LoRA on every block linear stands in for lightx2v'
 `--seconds` of synthetic speech) on the reference example's 16:9 picture (the 448x896 bucket). Per request: the
 stage table the runner logs (audio decode, wav2vec2, T5, CLIP, VAE encode, DiT passes, VAE decode, colour
 correction, mp4), the total, the runner's own time estimate, peak GPU memory, seconds of compute per second of video.
-`--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again
-(one GPU). With `--gpus 2`, `--vae-bands on,off` serves the requests with the VAE in bands over the GPUs (as
+`--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again;
+with `--gpus 2` the workers start on the fp8 memory plan instead. With `--gpus 2`, `--vae-bands on,off` serves the requests with the VAE in bands over the GPUs (as
 `setup()` places it), then again with the VAE on the first GPU alone (as before this change).
 `--dub` serves InfiniteTalk dubbing requests instead: `model=infinitetalk` and a `--seconds` long source video (H.264
 at 450x800, its own soundtrack the one speaker's speech), no image or audio input; the DiT gets three random
@@ -35,7 +35,7 @@ import numpy as np
 import soundfile
 import torch
 
-from bench import RandomSource, build_random, environment
+from bench import RandomSource, environment
 from wan.configs import FPS, MULTITALK_14B
 from wan.encoders.image import clip_vision_config
 from wan.encoders.text import umt5_config
@@ -46,9 +46,8 @@ from wan.loading.audio_layers import AudioLayers, AudioLayerSet
 from wan.loading.checkpoints import is_multitalk_key
 from wan.loading.dit_weights import DiTWeights
 from wan.loading.lora import LoraSet
-from wan.model.attention import fastest_self_attention
 from wan.model.dit import MultiTalkDiT
-from wan.memory import place_vae, plan_for_device as runner_plan
+from wan.memory import FP8, place_vae, plan_for_device as runner_plan
 from wan.model.fp8 import quantize_blocks
 from wan.parallel.vae_bands import BandedVAE
 from wan.parallel.workers import WorkerGroup, WorkerOptions, visible_devices
@@ -85,10 +84,14 @@ def meta(shapes: dict) -> dict[str, torch.Tensor]:
     return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
-def full_size(runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool, gpus: int) -> float:
-    """Give the runner's pipeline published-size components with random weights; seconds taken. With `gpus` > 1 the
-    DiT lives in one worker process per GPU as `setup()` starts them, each building the random DiT on its GPU, and
-    the VAE runs in bands over the GPUs."""
+def full_size(
+    runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool, gpus: int, fp8: bool = False
+) -> float:
+    """Give the runner's pipeline published-size components with random weights; seconds taken. The DiT's weights
+    come from a `RandomSource`, which draws any tensor again on demand as the checkpoint reader reads it back (LoRA
+    merges undone and merged into fp8 weights as in production). With `gpus` > 1 the DiT lives in one worker process
+    per GPU as `setup()` starts them, each building the random DiT on its GPU (`fp8`: by the fp8 memory plan, as
+    `MULTITALK_MEMORY_PLAN=fp8` places it), and the VAE runs in bands over the GPUs."""
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
@@ -106,19 +109,20 @@ def full_size(runner, device: torch.device, generator: torch.Generator, work: Pa
         place_vae(pipeline.vae, runner_plan(device))
     if gpus > 1:
         pipeline.close()
-        options = WorkerOptions(compile=device.type == "cuda", memory_plan=runner_plan(device))
+        options = WorkerOptions(compile=device.type == "cuda", memory_plan=FP8 if fp8 else runner_plan(device))
         devices = ["cpu"] * gpus if device.type == "cpu" else visible_devices()[:gpus]
         pipeline.workers = WorkerGroup(RandomSource(config, dtype), devices, options)
         pipeline.workers.start()
         pipeline.vae = BandedVAE.over(pipeline.vae, devices)  # as `load_pipeline` on GPUs (on the CPU: the script)
         pipeline.dit, pipeline.pass_seconds = DiTShape(config, dtype), None
     else:
-        dit = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
-        dit.set_self_attention(fastest_self_attention(device))
+        source = RandomSource(config, dtype)
+        dit = source.build(device)  # placed for the resident plan: the fastest self-attention kernel
         if device.type == "cuda":
             dit.compile_blocks()
         pipeline.dit = dit
-        pipeline.weights = DiTWeights(LoraSet(dit))  # LoRAs undone from copies; audio-layer sets not benchmarked
+        # LoRAs undone by drawing the tensors again, as production re-reads them; audio-layer sets not benchmarked.
+        pipeline.weights = DiTWeights(LoraSet(dit, reload=source.tensor_reader(device)))
     if not tiny:
         runner.size_buckets = {}  # the published bucket tables (the tiny set's thumbnails otherwise)
     lora = {}
@@ -227,9 +231,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.example and args.dub:
         parser.error("--example is a MultiTalk request; --dub an InfiniteTalk one")
-    if args.gpus > 1 and (args.dub or args.fp8 != "off"):
-        # Workers on the fp8 plan merge a LoRA into bf16 originals re-read from the checkpoint: random weights have none.
-        parser.error("--gpus > 1 runs bf16 MultiTalk requests only")
+    if args.gpus > 1 and (args.dub or args.fp8 == "off,on"):
+        parser.error("--gpus > 1 runs MultiTalk requests, --fp8 off or on (the workers start on one memory plan)")
     if args.vae_bands != "on" and args.gpus == 1:
         parser.error("--vae-bands: the VAE runs in bands with --gpus > 1 only")
 
@@ -247,7 +250,8 @@ def main() -> None:
         runner.setup(weights=str(write_tiny_checkpoints(work / "tiny")))
         results["tiny_setup_s"] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(0)
-        results["build_s"] = full_size(runner, device, generator, work, args.tiny, args.gpus)
+        fp8_workers = args.gpus > 1 and args.fp8 == "on"
+        results["build_s"] = full_size(runner, device, generator, work, args.tiny, args.gpus, fp8_workers)
         vaes = {"on": runner.pipeline.vae, "off": getattr(runner.pipeline.vae, "replicas", [None])[0]}
         started = time.perf_counter()
         runner.warm_up(None if not args.tiny else {"0.50": [32, 64]})
@@ -269,7 +273,7 @@ def main() -> None:
         if args.sampling_steps:
             inputs["sampling_steps"] = args.sampling_steps
         for fp8 in args.fp8.split(","):
-            if fp8 == "on":
+            if fp8 == "on" and not fp8_workers:
                 started = time.perf_counter()
                 if "fast" in args.presets.split(","):  # merged in bf16 first, as a request does before quantising
                     runner.pipeline.set_weights("multitalk", [(runner.fast_lora, 1.0)])

@@ -63,6 +63,9 @@ class CogServer:
         return requests.get(f"{self.url}/health-check", timeout=10).json()
 
     def predict(self, inputs: dict, **body) -> requests.Response:
+        # coglet 0.23.1 may answer a synchronous prediction a moment before it frees its one slot, and a request in
+        # that moment gets 409 "At capacity" (seen once in 10 back-to-back predictions): wait for READY first.
+        _wait_ready(self)
         return requests.post(f"{self.url}/predictions", json={"input": inputs, **body}, timeout=600)
 
     def worker(self) -> psutil.Process:

@@ -253,7 +253,8 @@ def main() -> None:
         generator = torch.Generator(device).manual_seed(0)
         fp8_workers = args.gpus > 1 and args.fp8 == "on"
         results["build_s"] = full_size(runner, device, generator, work, args.tiny, args.gpus, fp8_workers)
-        vaes = {"on": runner.pipeline.vae, "off": getattr(runner.pipeline.vae, "replicas", [None])[0]}
+        vae = runner.pipeline.vae
+        vaes = {"on": vae, "off": vae.replicas[0]} if args.gpus > 1 else {}  # in bands, or on the first GPU alone
         started = time.perf_counter()
         runner.warm_up(None if not args.tiny else {"0.50": [32, 64]})
         results["warm_up_s"] = time.perf_counter() - started  # compile (first generation) + the measured one

@@ -277,13 +277,13 @@ def test_golden_pipeline(name, tmp_path, monkeypatch):
 def test_golden_pipeline_with_the_vae_in_bands(name, tmp_path, monkeypatch):
     """Every clip's encode (the motion frames of the clip before) and decode in two bands of rows."""
     banded_calls = []
-    run_bands = BandedVAE._run_bands
+    run_bands = BandedVAE._run
 
     def counted(vae, step, parts):
         banded_calls.append(len(parts))
         return run_bands(vae, step, parts)
 
-    monkeypatch.setattr(BandedVAE, "_run_bands", counted)
+    monkeypatch.setattr(BandedVAE, "_run", counted)
     trace = check_case(load_case(name), tmp_path, monkeypatch, vae_bands=2)
     assert banded_calls == [2] * (len(trace.encoded) + len(trace.decoded))
 

@@ -239,7 +239,7 @@ class BandedVAE:
         self._bands = [Band(index, len(self.replicas)) for index in range(len(self.replicas))]
         self._banded = [VideoVAE(banded_model(vae.model, band)) for vae, band in zip(self.replicas, self._bands)]
         self._casts: dict[torch.dtype, BandedVAE] = {}
-        self._calls = threading.Lock()  # the bands hold one call's exchange at a time
+        self._calls = threading.Lock()  # one call at a time: the bands hold its exchange
 
     @classmethod
     def over(cls, vae: VideoVAE, devices: Sequence[str | torch.device]) -> "BandedVAE":
@@ -280,15 +280,7 @@ class BandedVAE:
 
     def _run(self, step: Callable[[VideoVAE, torch.Tensor], torch.Tensor], parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """`step` on every band at once, one thread each; the bands' results put together on the first device."""
-        with self._calls:
-            return self._run_bands(step, parts)
-
-    def _run_bands(
-        self, step: Callable[[VideoVAE, torch.Tensor], torch.Tensor], parts: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
         exchange = Exchange(len(parts))
-        for band in self._bands:
-            band.exchange = exchange
         inference = torch.is_inference_mode_enabled()  # grad modes are per thread
 
         def run_band(index: int) -> torch.Tensor:
@@ -301,7 +293,9 @@ class BandedVAE:
                 exchange.abort()
                 raise
 
-        with ThreadPoolExecutor(len(parts), thread_name_prefix="vae-band") as pool:
+        with self._calls, ThreadPoolExecutor(len(parts), thread_name_prefix="vae-band") as pool:
+            for band in self._bands:  # the bands hold this call's exchange until the pool is done
+                band.exchange = exchange
             futures = [pool.submit(run_band, index) for index in range(len(parts))]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:  # the band that failed first, not the ones its abort woke

@@ -8,8 +8,8 @@ every degree it may be asked for.
 The driver keeps everything else (encoders, the sampling loop; the VAE, whose frames it splits in bands over the
 GPUs: `wan.parallel.vae_bands`) and, for each step, sends the latent to every worker and gets back the velocity of
 each guidance branch from the first GPU of the group that ran it; the groups run their branches at the same time
-(`wan.parallel.guidance`). Tensors cross the process boundary on the CPU, through
-shared memory (a few MB per step); the heavy traffic stays between the GPUs.
+(`wan.parallel.guidance`). Tensors cross the process boundary on the CPU, through shared memory (a few MB per step);
+the heavy traffic stays between the GPUs.
 
 The driver is no member of the NCCL group, so a worker that dies cannot take it down: the driver sees the death
 (process sentinel or an error reply), stops the other workers (which may wait in a collective for the dead one),

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from wan.configs import MULTITALK_14B, DiTConfig
-from wan.memory import RESIDENT, MemoryPlan, place_dit
+from wan.runtime.placement import place_dit
+from wan.runtime.plans import RESIDENT, MemoryPlan
 from wan.model.attention import attention, flash_attention_4, flash_attention_4_available
 from wan.model.dit import MultiTalkDiT
 
@@ -91,7 +92,7 @@ def build_random(
 
 @dataclasses.dataclass(frozen=True)
 class RandomSource:
-    """Random DiT weights, the same on every device (one seed), for `wan.parallel.workers.WorkerGroup` and the
+    """Random DiT weights, the same on every device (one seed), for `wan.runtime.workers.WorkerGroup` and the
     in-process DiT: picklable, so each worker process builds its own copy on its GPU, placed by the group's memory
     plan. Each tensor has its own random stream, so `tensor_reader` draws it again as the checkpoint reader reads it
     back: LoRA merges are undone, and merged into fp8 weights, as with the published files."""

@@ -1,11 +1,11 @@
 """A request exactly as Cog runs it, on the GPU: `Runner.setup()`, then `run()` unchanged, at full size.
 
-    python -m bench.bench_request --out $OUT/request.json [--presets fast] [--fp8 off,on] [--seconds 10]
-    python -m bench.bench_request --out $OUT/request.json --gpus 2 [--fp8 on] [--vae-bands on,off]
-    python -m bench.bench_request --out $OUT/example.json --example      # the reference's own example's inputs
-    python -m bench.bench_request --tiny --out /tmp/request.json        # the script itself on a CPU, seconds
+    python -m bench.bench_request --out results/request.json [--presets fast] [--fp8 off,on] [--seconds 10]
+    python -m bench.bench_request --out results/request.json --gpus 2 [--fp8 on] [--vae-bands on,off]
+    python -m bench.bench_request --out results/example.json --example   # the reference's own example's inputs
+    python -m bench.bench_request --tiny --out /tmp/request.json         # the script itself on a CPU, seconds
 
-The runner is set up on the tiny set (`python -m wan.tiny`), then its components become the published sizes with
+The runner is set up on the tiny set (`python -m wan.testing.tiny`), then its components become the published sizes with
 random weights built on the GPU (the same classes the loaders build: the 14B DiT, umT5-XXL, CLIP ViT-H/14, the Wan
 VAE, wav2vec2-base; a rank-32 LoRA on every block linear stands in for lightx2v's), compiled and warmed up as
 `setup()` does it; `run()` then serves each request as in production: two speakers (`para`, two tracks of
@@ -41,18 +41,19 @@ from wan.configs import FPS, MULTITALK_14B
 from wan.encoders.image import clip_vision_config
 from wan.encoders.text import umt5_config
 from wan.encoders.vae import VideoVAE, vae_config
-from wan.factory import DiTShape
-from wan.generation.video import write_mp4
+from service.settings import GPUS_ENV
+from src.video.mp4 import write_mp4
 from wan.loading.audio_layers import AudioLayers, AudioLayerSet
 from wan.loading.checkpoints import is_multitalk_key
 from wan.loading.dit_weights import DiTWeights
 from wan.loading.lora import LoraSet
 from wan.model.dit import MultiTalkDiT
-from wan.memory import FP8, place_vae, plan_for_device as runner_plan
 from wan.model.fp8 import quantize_blocks
-from wan.parallel.vae_bands import BandedVAE
-from wan.parallel.workers import WorkerGroup, WorkerOptions, visible_devices
-from wan.serving import GPUS_ENV
+from wan.runtime.local import LocalDiT
+from wan.runtime.placement import place_vae, plan_for_device
+from wan.runtime.plans import FP8
+from wan.runtime.vae_bands import BandedVAE
+from wan.runtime.workers import WorkerGroup, WorkerOptions, visible_devices
 from wan.testing.tiny import TINY_DIT, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes, write_tiny_checkpoints
 
 UMT5_XXL = T5Dims(vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24)
@@ -86,7 +87,7 @@ def meta(shapes: dict) -> dict[str, torch.Tensor]:
 
 
 def full_size(
-    runner, device: torch.device, generator: torch.Generator, work: Path, tiny: bool, gpus: int, fp8: bool = False
+    service, device: torch.device, generator: torch.Generator, work: Path, tiny: bool, gpus: int, fp8: bool = False
 ) -> float:
     """Give the runner's pipeline published-size components with random weights; seconds taken. The DiT's weights
     come from a `RandomSource`, which draws any tensor again on demand as the checkpoint reader reads it back (LoRA
@@ -97,7 +98,7 @@ def full_size(
     from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
     started = time.perf_counter()
-    pipeline = runner.pipeline
+    pipeline = service.pipeline
     config = TINY_DIT if tiny else MULTITALK_14B
     dtype = torch.float32 if tiny else torch.bfloat16
     if not tiny:
@@ -105,27 +106,25 @@ def full_size(
             pipeline.text_encoder.model = UMT5EncoderModel(umt5_config(meta(t5_shapes(UMT5_XXL)))).to(dtype).eval()
             pipeline.image_encoder.model = CLIPVisionModel(clip_vision_config(meta(clip_shapes(VIT_H14)))).half().eval()
             pipeline.vae = VideoVAE(AutoencoderKLWan(**vae_config(meta(vae_shapes(WAN_VAE)))))
-            runner.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).to(device).eval()  # chinese-wav2vec2-base: the base config
+            service.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).to(device).eval()  # chinese-wav2vec2-base: the base config
         pipeline.text_encoder.text_len = config.text_len
-        place_vae(pipeline.vae, runner_plan(device))
+        place_vae(pipeline.vae, plan_for_device(device))
     if gpus > 1:
         pipeline.close()
-        options = WorkerOptions(compile=device.type == "cuda", memory_plan=FP8 if fp8 else runner_plan(device))
+        options = WorkerOptions(compile=device.type == "cuda", memory_plan=FP8 if fp8 else plan_for_device(device))
         devices = ["cpu"] * gpus if device.type == "cpu" else visible_devices()[:gpus]
-        pipeline.workers = WorkerGroup(RandomSource(config, dtype), devices, options)
-        pipeline.workers.start()
+        pipeline.dit = WorkerGroup(RandomSource(config, dtype), devices, options)
+        pipeline.dit.start()
         pipeline.vae = BandedVAE.over(pipeline.vae, devices)  # as `load_pipeline` on GPUs (on the CPU: the script)
-        pipeline.dit, pipeline.pass_seconds = DiTShape(config, dtype), None
     else:
         source = RandomSource(config, dtype)
         dit = source.build(device)  # placed for the resident plan: the fastest self-attention kernel
         if device.type == "cuda":
             dit.compile_blocks()
-        pipeline.dit = dit
         # LoRAs undone by drawing the tensors again, as production re-reads them; audio-layer sets not benchmarked.
-        pipeline.weights = DiTWeights(LoraSet(dit, reload=source.tensor_reader(device)))
+        pipeline.dit = LocalDiT(dit, DiTWeights(LoraSet(dit, reload=source.tensor_reader(device))))
     if not tiny:
-        runner.size_buckets = {}  # the published bucket tables (the tiny set's thumbnails otherwise)
+        service.size_buckets = {}  # the published bucket tables (the tiny set's thumbnails otherwise)
     lora = {}
     with torch.device("meta"):
         linears = MultiTalkDiT(config).named_modules()
@@ -138,17 +137,17 @@ def full_size(
                                                                 device=device).to(dtype)
     from safetensors.torch import save_file
 
-    runner.fast_lora = work / "fast_lora.safetensors"
-    save_file({k: v.cpu().contiguous() for k, v in lora.items()}, runner.fast_lora)
+    service.fast_lora = work / "fast_lora.safetensors"
+    save_file({k: v.cpu().contiguous() for k, v in lora.items()}, service.fast_lora)
     return time.perf_counter() - started
 
 
-def random_audio_sets(runner, work: Path, generator: torch.Generator) -> None:
+def random_audio_sets(service, work: Path, generator: torch.Generator) -> None:
     """MultiTalk's audio layers (the random ones the DiT holds) and two InfiniteTalk sets (those plus noise) as
     files, switched by `AudioLayers` as the loader's sets are."""
     from safetensors.torch import save_file
 
-    dit = runner.pipeline.dit
+    dit = service.pipeline.dit.module
     audio = {key: value.detach().cpu().contiguous() for key, value in dit.state_dict().items() if is_multitalk_key(key)}
     sets = {}
     for name in ("multitalk", "infinitetalk-single", "infinitetalk-multi"):
@@ -157,7 +156,8 @@ def random_audio_sets(runner, work: Path, generator: torch.Generator) -> None:
                    if noisy else v for k, v in audio.items()}
         save_file(tensors, work / f"{name}.safetensors")
         sets[name] = AudioLayerSet(name, work / f"{name}.safetensors", float32_norm=noisy)
-    runner.pipeline.weights = DiTWeights(runner.pipeline.weights.loras, AudioLayers(dit, sets))
+    weights = service.pipeline.dit.weights
+    service.pipeline.dit.weights = DiTWeights(weights.loras, AudioLayers(dit, sets))
 
 
 def reference_example() -> dict:
@@ -203,7 +203,7 @@ def request(runner, log: Log, inputs: dict, label: str, device: torch.device) ->
         label=label, total_s=total, frames=frames, video_s=frames / FPS, size=f"{wrote.group(2)}x{wrote.group(3)}",
         stages=stages, estimate_s=estimate, model_s=sum(v for k, v in stages.items() if k not in ("decode", "mp4")),
         peak_GiB=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        audio_layers=runner.pipeline.weights.active_audio_layers,
+        audio_layers=runner.service.pipeline.dit.active_audio_layers,
     )
     record["compute_s_per_video_s"] = total / record["video_s"]
     record["estimate_error"] = None if estimate is None else estimate / record["model_s"] - 1
@@ -252,15 +252,17 @@ def main() -> None:
         results["tiny_setup_s"] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(0)
         fp8_workers = args.gpus > 1 and args.fp8 == "on"
-        results["build_s"] = full_size(runner, device, generator, work, args.tiny, args.gpus, fp8_workers)
-        vae = runner.pipeline.vae
-        vaes = {"on": vae, "off": vae.replicas[0]} if args.gpus > 1 else {}  # in bands, or on the first GPU alone
+        service = runner.service
+        results["build_s"] = full_size(service, device, generator, work, args.tiny, args.gpus, fp8_workers)
+        pipeline = service.pipeline
+        vaes = {"on": pipeline.vae, "off": pipeline.vae.replicas[0]} if args.gpus > 1 else {}  # in bands, or one GPU
         started = time.perf_counter()
-        runner.warm_up(None if not args.tiny else {"0.50": [32, 64]})
+        service.warm_up(None if not args.tiny else {"0.50": [32, 64]})
         results["warm_up_s"] = time.perf_counter() - started  # compile (first generation) + the measured one
-        results["costs"] = vars(runner.costs)
+        results["costs"] = vars(service.costs)
         save(results, args.out)
-        print(f"built {results['build_s']:.0f} s, warm-up {results['warm_up_s']:.0f} s: {runner.costs}", flush=True)
+        print(f"built {results['build_s']:.0f} s, warm-up {results['warm_up_s']:.0f} s: {service.costs.describe()}",
+              flush=True)
 
         for k, pitch in enumerate((130, 220)):
             soundfile.write(work / f"speaker{k + 1}.wav", speech(args.seconds, pitch), 16000)
@@ -269,7 +271,7 @@ def main() -> None:
         if args.example:
             inputs = reference_example()
         if args.dub:
-            random_audio_sets(runner, work, generator)
+            random_audio_sets(service, work, generator)
             source = source_video(work / "source.mp4", work / "speaker1.wav", args.seconds)
             inputs = dict(video=str(source), model="infinitetalk", seed=1)
         if args.sampling_steps:
@@ -278,16 +280,16 @@ def main() -> None:
             if fp8 == "on" and not fp8_workers:
                 started = time.perf_counter()
                 if "fast" in args.presets.split(","):  # merged in bf16 first, as a request does before quantising
-                    runner.pipeline.set_weights("multitalk", [(runner.fast_lora, 1.0)])
-                quantize_blocks(runner.pipeline.dit)
+                    pipeline.set_weights("multitalk", [(service.fast_lora, 1.0)])
+                quantize_blocks(pipeline.dit.module)
                 torch._dynamo.reset()
                 if device.type == "cuda":
-                    runner.pipeline.dit.compile_blocks()
-                runner.warm_up(None if not args.tiny else {"0.50": [32, 64]})
+                    pipeline.dit.module.compile_blocks()
+                service.warm_up(None if not args.tiny else {"0.50": [32, 64]})
                 results["fp8_warm_up_s"] = time.perf_counter() - started
             for bands in args.vae_bands.split(",") if args.gpus > 1 else ["-"]:
                 if args.gpus > 1:
-                    runner.pipeline.vae = vaes[bands]
+                    pipeline.vae = vaes[bands]
                 for preset in args.presets.split(","):
                     flags = dict(fast=preset == "fast", turbo=preset == "turbo")
                     for repeat in range(args.repeats):

@@ -31,7 +31,7 @@ import torch
 import torch._dynamo
 
 from wan import configs, memory
-from wan.model import offload
+from wan.runtime import streaming as offload
 from wan.model import dit as dit_module
 
 from . import GIB, build_random, environment, full_config, relative_error, tiny_config

@@ -3,7 +3,7 @@
     python -m bench.parallel_check --out $OUT/parallel.json            # every visible GPU (at least 2)
     python -m bench.parallel_check --cpu 2 --tiny-only --out /tmp/p.json  # CPU smoke test: 2 gloo workers
 
-One worker process per GPU, as the predictor runs them (`wan.parallel.workers.WorkerGroup`); the DiT has random
+One worker process per GPU, as the predictor runs them (`wan.runtime.workers.WorkerGroup`); the DiT has random
 weights built on the meta device and filled on each GPU from the same seed, so every GPU holds the same model. A
 split GxD runs G passes of a step at once on G guidance groups of D GPUs each (sequence parallel inside a group); a
 schedule runs a step as rounds of splits ("2x1 then 1x2"); 1x1 is the plain single-GPU path (in worker 0) that every
@@ -37,8 +37,8 @@ import torch
 
 from wan import configs
 from wan.generation.denoise import ClipInputs, guidance_branches
-from wan.parallel.guidance import Schedule, Split, candidate_schedules, choose_schedule, describe, valid_splits
-from wan.parallel.workers import WorkerGroup, WorkerOptions
+from wan.runtime.schedule import Schedule, Split, candidate_schedules, choose_schedule, describe, valid_splits
+from wan.runtime.workers import WorkerGroup, WorkerOptions
 
 from . import RandomSource, environment, full_config, relative_error, tiny_config
 from .bench_dit import FULL_CLIP, TINY_CLIP, ClipShape, dit_inputs
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(torch.device(devices[0]))
     env.update(
         devices=devices,
-        sequence_path="wan.parallel.sequence: Ulysses all-to-all (torch.distributed functional collectives)",
+        sequence_path="wan.model.sequence_parallel: Ulysses all-to-all (torch.distributed functional collectives)",
         xfuser_installed=importlib.util.find_spec("xfuser") is not None,
         xfuser_used=False,
     )

@@ -2,7 +2,7 @@
 (compiled blocks, FA4 self-attention where it passes its self-check, or fp8), then two short clips, one and two
 speakers. Meant for the tiny set, which any machine can write:
 
-    python -m wan.tiny /tmp/tiny && python -m bench.pipeline_check --weights /tmp/tiny [--fp8]
+    python -m wan.testing.tiny /tmp/tiny && python -m bench.pipeline_check --weights /tmp/tiny [--fp8]
 
 Prints the self-attention kernel in use and, per clip, its shape, seconds and whether every value is finite; exits
 1 if a clip is not finite.
@@ -23,7 +23,7 @@ from wan import GenerationRequest, SamplingOptions, load_pipeline
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", type=Path, required=True, help="folder written by `python -m wan.tiny`")
+    parser.add_argument("--weights", type=Path, required=True, help="folder written by `python -m wan.testing.tiny`")
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu checks the script itself (no compile)")
     args = parser.parse_args()

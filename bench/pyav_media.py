@@ -5,7 +5,7 @@
 1. Decoding: every format the audio tests cover (written by the ffmpeg binary, as the tests used to) is decoded by
    `ffmpeg -f f32le` (the old path) and by `src.audio.decode.decode_native` (PyAV): shapes, bit equality, largest
    difference; then the 16 kHz mono result of each. Decode times on a 10 s file.
-2. Writing: the old single ffmpeg command (rgb24 pipe -> libx264 crf 18 + AAC) against `wan.generation.video.write_mp4` on a
+2. Writing: the old single ffmpeg command (rgb24 pipe -> libx264 crf 18 + AAC) against `src.video.mp4.write_mp4` on a
    2-speaker-sized job; ffprobe reads both outputs (frame count, fps, duration, codecs, colour tags), the decoded
    pixels are compared with the input, and the RGB -> YUV planes of both paths are compared directly.
 Prints PASS/FAIL lines and one JSON line. Needs the ffmpeg and ffprobe binaries (they are the comparison).
@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 
 from src.audio.decode import decode_native, load_audio
-from wan.generation.video import YUV, frames_to_uint8, write_mp4
+from src.video.mp4 import YUV, frames_to_uint8, write_mp4
 
 VIDEO_SOURCE = ["-f", "lavfi", "-i", "color=c=blue:s=32x32:r=10:d={seconds}"]
 FORMATS = {  # the formats of tests/test_audio.py: file name -> (ffmpeg arguments before / after the source wav)

@@ -24,8 +24,8 @@ import torch
 
 from bench import environment
 from bench.vae_check import WAN_VAE, build_vae
-from wan.parallel import vae_bands
-from wan.parallel.vae_bands import BandedVAE, band_rows
+from wan.runtime import vae_bands
+from wan.runtime.vae_bands import BandedVAE, band_rows
 
 
 def timed(fn, devices: list[str], warmup: int, repeats: int) -> float:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from bench import environment, init_random_, time_calls
 from wan.configs import MULTITALK_14B
 from wan.encoders.vae import VideoVAE, vae_config
-from wan.parallel.vae_bands import BandedVAE
+from wan.runtime.vae_bands import BandedVAE
 from wan.testing.tiny import VaeDims, vae_shapes
 
 WAN_VAE = VaeDims(dim=96)

@@ -28,19 +28,25 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """The tiny checkpoint set in the published layout (`python -m wan.tiny`), written once per session."""
+    """The tiny checkpoint set in the published layout (`python -m wan.testing.tiny`), written once per session."""
     return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-weights"))
 
 
 @pytest.fixture(scope="session")
-def runner(tiny_weights):
-    """One runner (predict.py) set up on the tiny set, shared by the in-process prediction tests (each leaves it
-    ready)."""
+def _session_runner(tiny_weights):
     from predict import Runner
 
     runner = Runner()
     runner.setup(weights=str(tiny_weights))
     return runner
+
+
+@pytest.fixture
+def runner(_session_runner):
+    """One runner (predict.py) set up on the tiny set, shared by the in-process prediction tests; after each test its
+    DiT holds MultiTalk's audio layers and no LoRA again, whatever the test did."""
+    yield _session_runner
+    _session_runner.service.pipeline.set_weights("multitalk", [])
 
 
 def run_inputs(**inputs) -> dict:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._pytree import tree_map
 
-from wan.parallel.workers import free_port
+from wan.runtime.workers import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, out_dir: Path, args: tuple) -> None:

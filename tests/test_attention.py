@@ -1,10 +1,12 @@
 """Attention kernels: the SDPA entry point against softmax attention written out, and the choice of the blocks'
-self-attention kernel (FA4 only on a CUDA device that takes it; the GPU numerics are checked by bench/gpu_check.py)."""
+self-attention kernel (FA4 only on a CUDA device that takes it; the GPU numerics are checked by tests/gpu/)."""
 
 import torch
 
-from wan.model.attention import attention, fastest_self_attention, flash_attention_4_available
+from wan.model.attention import attention, flash_attention_4_available
 from wan.model.dit import MultiTalkDiT
+from wan.runtime.kernels import self_attention_kernel
+from wan.runtime.plans import RESIDENT
 from wan.testing.tiny import TINY_DIT  # dim 64, 4 heads of 16
 
 
@@ -19,7 +21,7 @@ def test_attention_is_scaled_softmax_attention_per_head():
 
 def test_no_flash_attention_4_off_cuda():
     assert not flash_attention_4_available(torch.device("cpu"))
-    assert fastest_self_attention(torch.device("cpu")) is attention
+    assert self_attention_kernel(RESIDENT, torch.device("cpu")) is attention
 
 
 def test_set_self_attention_reaches_every_block_and_only_the_self_attention():

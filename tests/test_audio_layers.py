@@ -21,23 +21,23 @@ def pipeline(tiny_weights):
 
 
 def _state(pipeline) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in pipeline.dit.state_dict().items()}
+    return {k: v.clone() for k, v in pipeline.dit.module.state_dict().items()}
 
 
 def test_switching_reads_the_files_and_switching_back_is_exact(pipeline, tiny_weights):
     original = _state(pipeline)
-    assert pipeline.weights.active_audio_layers == "multitalk" and not pipeline.dit.audio_proj.float32_norm
+    assert pipeline.dit.weights.active_audio_layers == "multitalk" and not pipeline.dit.module.audio_proj.float32_norm
     for name, relative in INFINITETALK_FILES.items():
         pipeline.set_weights(name)
         published = load_file(tiny_weights / INFINITETALK_DIR_NAME / relative)
-        state = pipeline.dit.state_dict()
+        state = pipeline.dit.module.state_dict()
         assert set(published) == {k for k in state if is_multitalk_key(k)}
         assert all(torch.equal(state[k], published[k]) for k in published)
         assert all(torch.equal(state[k], original[k]) for k in state if not is_multitalk_key(k))  # base untouched
-        assert pipeline.dit.audio_proj.float32_norm
+        assert pipeline.dit.module.audio_proj.float32_norm
     pipeline.set_weights("multitalk")
-    assert all(torch.equal(v, original[k]) for k, v in pipeline.dit.state_dict().items())
-    assert not pipeline.dit.audio_proj.float32_norm
+    assert all(torch.equal(v, original[k]) for k, v in pipeline.dit.module.state_dict().items())
+    assert not pipeline.dit.module.audio_proj.float32_norm
     with pytest.raises(ValueError, match="model: the other audio weights are not installed"):
         pipeline.set_weights("other")
 
@@ -49,14 +49,14 @@ def test_loras_come_off_before_a_switch_and_go_back_on(pipeline, tiny_weights):
     with_lora = _state(pipeline)
     pipeline.set_weights("infinitetalk-multi", fast)
     pipeline.set_weights("multitalk", fast)
-    assert all(torch.equal(v, with_lora[k]) for k, v in pipeline.dit.state_dict().items())
+    assert all(torch.equal(v, with_lora[k]) for k, v in pipeline.dit.module.state_dict().items())
     pipeline.set_weights("multitalk", [])
-    assert all(torch.equal(v, original[k]) for k, v in pipeline.dit.state_dict().items())
+    assert all(torch.equal(v, original[k]) for k, v in pipeline.dit.module.state_dict().items())
 
 
 def test_fp8_layers_take_the_new_weights_quantised(pipeline, tiny_weights):
-    quantize_blocks(pipeline.dit, min_features=32)  # the tiny DiT's 64-wide layers count as large here
-    layer = pipeline.dit.blocks[0].audio_cross_attn.q_linear
+    quantize_blocks(pipeline.dit.module, min_features=32)  # the tiny DiT's 64-wide layers count as large here
+    layer = pipeline.dit.module.blocks[0].audio_cross_attn.q_linear
     assert isinstance(layer, Fp8Linear)
     pipeline.set_weights("infinitetalk-single")
     weight = load_file(tiny_weights / INFINITETALK_DIR_NAME / INFINITETALK_FILES["infinitetalk-single"])[
@@ -66,9 +66,9 @@ def test_fp8_layers_take_the_new_weights_quantised(pipeline, tiny_weights):
 
 
 def test_infinitetalk_norm_runs_in_float32_on_bf16_weights(pipeline):
-    projector = pipeline.dit.audio_proj.to(torch.bfloat16)
+    projector = pipeline.dit.module.audio_proj.to(torch.bfloat16)
     generator = torch.Generator().manual_seed(0)
-    config = pipeline.dit.config
+    config = pipeline.dit.module.config
     first = torch.randn(1, 1, 5, config.audio_layers, config.audio_channels, generator=generator).bfloat16()
     latter = torch.randn(1, 2, 8, config.audio_layers, config.audio_channels, generator=generator).bfloat16()
     projector.float32_norm = True

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from bench import RandomSource, tiny_config
 from wan.loading.lora import LoraSet
-from wan.memory import FP8
+from wan.runtime.plans import FP8
 from wan.model.fp8 import Fp8Linear
 
 CPU = torch.device("cpu")

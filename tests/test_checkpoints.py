@@ -60,7 +60,6 @@ def test_published_file_names(tmp_path: Path):
     assert wan.clip.name == "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
     assert wan.vae.name == "Wan2.1_VAE.pth"
     assert wan.t5_tokenizer == tmp_path / "google" / "umt5-xxl"
-    assert wan.clip_tokenizer == tmp_path / "xlm-roberta-large"
 
 
 def test_audio_keys_are_the_multitalk_additions():
@@ -220,8 +219,7 @@ def test_check_files_lists_everything_missing(tmp_path: Path):
     for name in (
         "config.json", "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
         "Wan2.1_VAE.pth", "umt5-xxl/spiece.model", "umt5-xxl/tokenizer.json", "umt5-xxl/tokenizer_config.json",
-        "umt5-xxl/special_tokens_map.json", "xlm-roberta-large/sentencepiece.bpe.model",
-        "xlm-roberta-large/tokenizer.json", "diffusion_pytorch_model.safetensors.index.json",
+        "umt5-xxl/special_tokens_map.json", "diffusion_pytorch_model.safetensors.index.json",
         "chinese-wav2vec2-base/preprocessor_config.json", "chinese-wav2vec2-base/model.safetensors",
     ):
         assert name in message, name

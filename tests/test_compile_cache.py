@@ -1,4 +1,4 @@
-"""The compile cache between container starts (`wan.compile_cache`): a fresh process that loads the file finds
+"""The compile cache between container starts (`wan.runtime.compile_cache`): a fresh process that loads the file finds
 inductor's work done (a cache hit, where a fresh process without it compiles: a miss) and, for the DiT's blocks,
 dynamo's traced graphs (nothing traced), but never the graphs of another self-attention kernel; bad files and disks
 cost the compile, never the predictor."""
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan.compile_cache import COMPILE_CACHE_ENV, compile_cache_file, load_compile_cache, save_compile_cache
+from service.settings import COMPILE_CACHE_ENV, Settings
+from wan.runtime.compile_cache import compile_cache_file, load_compile_cache, save_compile_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ PROBE = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
     from torch._dynamo.utils import counters
-    from wan.compile_cache import load_compile_cache, save_compile_cache
+    from wan.runtime.compile_cache import load_compile_cache, save_compile_cache
     mode, path = sys.argv[1], Path(sys.argv[2])
     loaded = load_compile_cache(path) if mode == "load" else False
     torch.compile(lambda x: torch.sin(x) * 2 + x.cos())(torch.randn(8))
@@ -42,19 +43,19 @@ DIT_PROBE = textwrap.dedent("""
     from pathlib import Path
     from torch._dynamo.utils import counters
     from bench.bench_dit import TINY_CLIP, dit_inputs
-    from wan.compile_cache import recording_compiles, save_compiled, traced_cache_file
-    from wan.factory import load_pipeline
-    from wan.memory import FP8, RESIDENT
+    from wan.runtime.compile_cache import recording_compiles, traced_cache_file
+    from wan.runtime.factory import load_pipeline
+    from wan.runtime.plans import FP8, RESIDENT
 
     plan, base, weights = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     with torch.inference_mode(), recording_compiles(base):
         pipeline = load_pipeline(weights / "Wan2.1-I2V-14B-480P", weights / "MeiGen-MultiTalk", device="cpu",
                                  dtype=torch.float32, compile=True, memory_plan=FP8 if plan == "fp8" else RESIDENT,
                                  compile_cache=base)
-        dit = pipeline.dit
+        dit = pipeline.dit.module
         inputs = dit_inputs(dit.config, TINY_CLIP, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
         compiled = dit(**inputs)
-        save_compiled(base, pipeline)
+        pipeline.dit.save_compile_cache()
         with torch.compiler.set_stance("force_eager"):
             eager = dit(**inputs)
     print(json.dumps(dict(file=str(traced_cache_file(base, dit)),
@@ -116,10 +117,10 @@ def test_an_unwritable_folder_is_logged_not_raised(tmp_path, caplog, monkeypatch
 
 
 def test_the_file_names_torch_and_the_card_and_the_setting_turns_it_off(monkeypatch, tmp_path):
-    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path))
-    assert compile_cache_file(torch.device("cpu")) is None  # nothing is compiled on a CPU
+    folder = Settings.from_env({COMPILE_CACHE_ENV: str(tmp_path)}).compile_cache
+    assert compile_cache_file(folder, torch.device("cpu")) is None  # nothing is compiled on a CPU
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
-    path = compile_cache_file(torch.device("cuda"))
+    path = compile_cache_file(folder, torch.device("cuda"))
     assert path.parent == tmp_path and path.name == f"inductor-torch{torch.__version__.replace('+', '-')}-NVIDIA-H200.bin"
-    monkeypatch.setenv(COMPILE_CACHE_ENV, "")
-    assert compile_cache_file(torch.device("cuda")) is None
+    off = Settings.from_env({COMPILE_CACHE_ENV: ""}).compile_cache
+    assert compile_cache_file(off, torch.device("cuda")) is None

@@ -6,11 +6,12 @@ import torch
 
 from wan import GuidanceOptions
 from wan.generation import sampling
-from wan.generation.denoise import ClipInputs, GuidedVelocity, guidance_branches
+from wan.generation.backend import ClipInputs, guidance_branches
+from wan.generation.denoise import GuidedVelocity
 
 
 def guided(text_scale: float, audio_scale: float, use_apg: bool = False) -> GuidedVelocity:
-    return GuidedVelocity(None, None, text_scale, audio_scale, GuidanceOptions(use_apg=use_apg), "multitalk-480")
+    return GuidedVelocity(None, text_scale, audio_scale, GuidanceOptions(use_apg=use_apg))
 
 
 def test_guidance_branches_follow_the_text_scale():

@@ -4,7 +4,7 @@
 Every setting comes from the case's `case.json`; every tensor the case stores is compared, per clip. The pipeline runs
 unchanged: its components are wrapped to record what they are given and return, `torch.randn` is wrapped to record
 the noise draws, and APG's direction function to record its updates. The streaming cases run a second time with the
-VAE in two bands of rows (`wan.parallel.vae_bands`, as a two-GPU runner places it; CPU replicas here).
+VAE in two bands of rows (`wan.runtime.vae_bands`, as a two-GPU runner places it; CPU replicas here).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from wan.encoders.text import clean_prompt
 from wan.encoders.vae import VideoVAE
 from wan.generation import sampling
 from wan.model.dit import MultiTalkDiT
-from wan.parallel.vae_bands import BandedVAE
+from wan.runtime.local import LocalDiT
+from wan.runtime.vae_bands import BandedVAE
 
 pytestmark = pytest.mark.golden
 
@@ -56,6 +57,9 @@ class RecordingDiT(torch.nn.Module):
         self.trace.dit.append(dict(x=x.clone(), t=t.clone(), context=context, y=y, audio=audio, masks=masks, out=out,
                                    cache=cache))
         return out
+
+    def time_embeddings(self, t):
+        return self.dit.time_embeddings(t)
 
 
 class RecordingVAE:
@@ -154,7 +158,7 @@ def run_case(case: GoldenCase, tmp_path, monkeypatch, vae_bands: int = 1) -> tup
         return update
 
     monkeypatch.setattr(sampling, "apg_direction", recording_apg)
-    pipeline = Pipeline(RecordingDiT(parts.dit, trace), encode_text, encode_image, RecordingVAE(vae, trace))
+    pipeline = Pipeline(LocalDiT(RecordingDiT(parts.dit, trace)), encode_text, encode_image, RecordingVAE(vae, trace))
     request, options = case_request(case)
     return pipeline.generate(request, options, progress=False), trace
 

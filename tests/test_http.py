@@ -1,7 +1,7 @@
 """The real Cog HTTP server (coglet) around predict.py on tiny weights, driven the way a Replicate client drives it.
 
 One server for the module: `python -m cog.server.http` with the committed `.cog/openapi_schema.json`, tiny random
-weights from `python -m wan.tiny` via COG_WEIGHTS, and a private TMPDIR so leftover files can be counted. Inputs
+weights from `python -m wan.testing.tiny` via COG_WEIGHTS, and a private TMPDIR so leftover files can be counted. Inputs
 travel as data URIs (no file extension) and as loopback http URLs; a local server also collects webhooks.
 """
 
@@ -27,8 +27,8 @@ import soundfile
 
 from mp4_boxes import mp4_tracks
 from synthetic_media import write_media
-from wan.generation.video import probe_video
-from wan.parallel.workers import free_port
+from src.video.mp4 import probe_video
+from wan.runtime.workers import free_port
 
 pytestmark = [pytest.mark.http, pytest.mark.timeout(900)]
 

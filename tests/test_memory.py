@@ -15,18 +15,10 @@ from wan.loading.checkpoints import load_dit
 from wan.loading.lora import LoRAError, merge_loras
 from wan.model.dit import MultiTalkDiT
 from wan.model.fp8 import Fp8Linear, quantize_blocks
-from wan.memory import (
-    FP8,
-    GIB,
-    MEMORY_PLAN_ENV,
-    RESIDENT,
-    STREAMED,
-    VAE_TILE_PX,
-    EncodeOnDevice,
-    choose_memory_plan,
-    plan_for_device,
-)
-from wan.model.offload import BlockStreamer, ParkedWeights, module_tensors, stream_blocks
+from service.settings import MEMORY_PLAN_ENV, Settings
+from wan.runtime.placement import EncodeOnDevice, plan_for_device
+from wan.runtime.plans import FP8, GIB, RESIDENT, STREAMED, VAE_TILE_PX, choose_memory_plan
+from wan.runtime.streaming import BlockStreamer, ParkedWeights, module_tensors, stream_blocks
 
 # Worked by hand from the component sizes (GiB): weights that stay + the largest phase + 2.0 margin.
 # resident: 35.17 DiT + 10.58 T5 + 1.18 CLIP + 0.47 VAE + 0.24 its bf16 copy + 0.35 wav2vec = 47.99, + 9.8 decode
@@ -72,7 +64,7 @@ def test_plan_fields_follow_the_issue():
 
 def test_too_little_memory_is_a_clear_error():
     with pytest.raises(ValueError, match=r"16\.29 GiB.*MULTITALK_MEMORY_PLAN=streamed"):
-        choose_memory_plan(int((STREAMED_NEEDS - 0.01) * GIB))
+        choose_memory_plan(int((STREAMED_NEEDS - 0.01) * GIB), setting=MEMORY_PLAN_ENV)
 
 
 @pytest.mark.parametrize("override, expected", [("resident", "resident"), ("fp8", "fp8"), (" Streamed ", "streamed")])
@@ -88,17 +80,17 @@ def test_empty_override_means_choose():
 def test_bad_override_names_the_variable_and_the_choices():
     with pytest.raises(ValueError, match=r"MULTITALK_MEMORY_PLAN='fast' is not a memory plan; use one of resident, "
                                          r"fp8, streamed"):
-        choose_memory_plan(int(80 * GIB), "fast")
+        choose_memory_plan(int(80 * GIB), "fast", MEMORY_PLAN_ENV)
 
 
-def test_cpu_device_runs_resident_unless_overridden(monkeypatch):
-    monkeypatch.delenv(MEMORY_PLAN_ENV, raising=False)
-    assert plan_for_device("cpu").name == "resident"
-    monkeypatch.setenv(MEMORY_PLAN_ENV, "streamed")
-    assert plan_for_device("cpu").name == "streamed"
-    monkeypatch.setenv(MEMORY_PLAN_ENV, "tiny")
+def test_cpu_device_runs_resident_unless_overridden():
+    def plan(environ: dict[str, str]):
+        return plan_for_device("cpu", Settings.from_env(environ).memory_plan, MEMORY_PLAN_ENV)
+
+    assert plan({}).name == "resident"
+    assert plan({MEMORY_PLAN_ENV: "streamed"}).name == "streamed"
     with pytest.raises(ValueError, match="MULTITALK_MEMORY_PLAN='tiny'"):
-        plan_for_device("cpu")
+        plan({MEMORY_PLAN_ENV: "tiny"})
 
 
 # --- block streaming: the real streamer, host-to-host on the CPU ----------------------------------------------------
@@ -282,7 +274,8 @@ def test_text_encoder_parked_between_calls_gives_the_resident_video(tiny_weights
 def test_streamed_plan_gives_the_fp8_resident_video(tiny_weights):
     fp8 = tiny_pipeline(tiny_weights, FP8)
     streamed = tiny_pipeline(tiny_weights, dataclasses.replace(STREAMED, vae_tiled=False))
-    assert isinstance(streamed.dit.run_blocks, BlockStreamer) and not isinstance(fp8.dit.run_blocks, BlockStreamer)
+    assert isinstance(streamed.dit.module.run_blocks, BlockStreamer)
+    assert not isinstance(fp8.dit.module.run_blocks, BlockStreamer)
     assert torch.equal(tiny_video(streamed), tiny_video(fp8))
 
 

@@ -1,9 +1,9 @@
-"""The pure parts of `wan.parallel.guidance`: which splits of N GPUs exist, which schedule of rounds is chosen from
+"""The pure parts of `wan.runtime.schedule`: which splits of N GPUs exist, which schedule of rounds is chosen from
 measured pass times, which branches each round runs. Expected values are worked out by hand in the comments."""
 
 from __future__ import annotations
 
-from wan.parallel.guidance import (
+from wan.runtime.schedule import (
     Split, candidate_schedules, choose_schedule, predicted_step_seconds, schedule_rounds, valid_splits
 )
 

@@ -1,4 +1,4 @@
-"""Sequence parallelism on 2 CPU ranks (gloo): the split/exchange/gather arithmetic of `wan.parallel.sequence`, and
+"""Sequence parallelism on 2 CPU ranks (gloo): the split/exchange/gather arithmetic of `wan.model.sequence_parallel`, and
 the tiny DiT split over the ranks against the unsplit forward and the golden output.
 
 Each group of checks spawns the ranks once; the ranks compute only the split results, the truth is computed here in
@@ -16,7 +16,7 @@ from golden import cases_with_prefix, load_case
 from parallel_ranks import run_ranks
 
 from wan.model.attention import attention
-from wan.parallel.sequence import SequenceParallel
+from wan.model.sequence_parallel import SequenceParallel
 
 WORLD = 2
 LENGTHS = (10, 11, 13)  # 2 ranks: no padding, then one padding row

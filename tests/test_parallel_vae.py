@@ -1,4 +1,4 @@
-"""The VAE in bands of rows (`wan.parallel.vae_bands`), on CPU replicas: the golden `vae` case's encode, decode and
+"""The VAE in bands of rows (`wan.runtime.vae_bands`), on CPU replicas: the golden `vae` case's encode, decode and
 round trip from 2, 3 and 4 bands (uneven ones included) against the reference's outputs, and against bands that run
 without their neighbours' rows (which must not match: the exchange is what makes it exact)."""
 
@@ -12,8 +12,8 @@ from golden import cases_with_prefix, load_case
 from test_golden_encoders import write_pth
 
 from wan.encoders.vae import VideoVAE
-from wan.parallel import vae_bands
-from wan.parallel.vae_bands import BandedVAE, band_rows, banded_model
+from wan.runtime import vae_bands
+from wan.runtime.vae_bands import BandedVAE, band_rows, banded_model
 
 CASES = cases_with_prefix("vae") or ["vae"]
 

@@ -1,4 +1,4 @@
-"""The worker processes of `wan.parallel.workers` on 2 CPU processes (gloo) with the golden tiny DiT: the guidance
+"""The worker processes of `wan.runtime.workers` on 2 CPU processes (gloo) with the golden tiny DiT: the guidance
 passes of a step, sequence-parallel (1x2) and guidance-parallel (2x1), against the same passes run in this process
 by the plain path; TeaCache over several steps; a worker that dies or fails, and the restart after it; the whole
 pipeline with its DiT in the workers against the plain pipeline; the compiled workers' kernels kept between starts."""
@@ -20,13 +20,16 @@ from PIL import Image
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
 from wan.configs import DiTConfig
 from wan.generation import sampling
-from wan.generation.denoise import ClipInputs, GuidedVelocity, branch_velocity
+from wan.generation.backend import ClipInputs, TeaCacheSettings, branch_velocity
+from wan.generation.denoise import GuidedVelocity
 from wan.loading.checkpoints import FAST_LORA_DIR_NAME, FAST_LORA_NAME, MULTITALK_DIR_NAME, WAN_DIR_NAME
 from wan.loading.lora import merge_loras
 from wan.model.dit import MultiTalkDiT
-from wan.memory import FP8, RESIDENT, MemoryPlan, load_dit_for_plan, place_dit
-from wan.parallel.guidance import Split
-from wan.parallel.workers import CheckpointSource, WorkerError, WorkerGroup, WorkerOptions
+from wan.runtime.local import LocalDiT
+from wan.runtime.placement import load_dit_for_plan, place_dit
+from wan.runtime.plans import FP8, RESIDENT, MemoryPlan
+from wan.runtime.schedule import Split
+from wan.runtime.workers import CheckpointSource, WorkerError, WorkerGroup, WorkerOptions
 
 pytestmark = pytest.mark.skipif(
     not {"dit_1p", "dit_2p"} <= set(cases_with_prefix("dit_")), reason="golden dit_1p/dit_2p cases not found"
@@ -43,6 +46,12 @@ def golden_model() -> MultiTalkDiT:
 @dataclass(frozen=True)
 class GoldenSource:
     """The workers' DiT source: the golden weights (picklable, as the workers need)."""
+
+    dtype = torch.float32
+
+    @property
+    def config(self) -> DiTConfig:
+        return golden_model().config
 
     def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
         model = golden_model().to(device)
@@ -90,7 +99,7 @@ def plain(cond, latent, t, branches, teacache=None):
 
 def combine(velocities: dict, text_scale: float, audio_scale: float) -> torch.Tensor:
     """The guided velocity the driver makes of the passes (plain CFG)."""
-    return GuidedVelocity(None, None, text_scale, audio_scale, GuidanceOptions(), "multitalk-480").combine(velocities)
+    return GuidedVelocity(None, text_scale, audio_scale, GuidanceOptions()).combine(velocities)
 
 
 def assert_same_velocities(actual: dict, expected: dict) -> None:
@@ -129,10 +138,10 @@ def test_teacache_over_several_steps_matches_plain_loop(group, schedule):
     cond, latent, _ = conditioning("dit_2p")
     steps = sampling.timesteps(8, shift=5.0)
     # The tiny DiT's time embedding moves far more per step than the 14B's: a threshold that skips some passes.
-    settings = (1e6, "multitalk-480")
+    settings = TeaCacheSettings(1e6, "multitalk-480")
     group.use_schedule(schedule)
-    group.begin_clip(cond, settings)
-    teacache = sampling.TeaCache(*settings)
+    group.begin_clip(cond, teacache=settings)
+    teacache = sampling.TeaCache(settings.thresh, settings.size_bucket)
     ours = theirs = latent
     for i in range(len(steps) - 1):
         t = steps[i : i + 1]
@@ -153,7 +162,7 @@ def test_teacache_steps_come_from_the_workers_dit(group):
         with torch.inference_mode():
             expected = sampling.teacache_computed_steps((model.time_embeddings(t)[1] for t in timesteps), thresh,
                                                         "multitalk-480")
-        assert group.teacache_steps(timesteps, thresh, "multitalk-480") == expected
+        assert group.teacache_steps(timesteps, TeaCacheSettings(thresh, "multitalk-480")) == expected
     assert expected == 5  # only the warm-up steps: the prediction is not constant
 
 
@@ -207,8 +216,8 @@ def pipeline_parts(tmp_path_factory):
 )
 def test_pipeline_with_workers_equals_plain_pipeline(group, pipeline_parts, speakers, frames, options):
     text_encoder, image_encoder, vae = pipeline_parts
-    plain_pipeline = Pipeline(golden_model(), text_encoder, image_encoder, vae)
-    parallel = Pipeline(golden_model(), text_encoder, image_encoder, vae, workers=group)
+    plain_pipeline = Pipeline(LocalDiT(golden_model()), text_encoder, image_encoder, vae)
+    parallel = Pipeline(group, text_encoder, image_encoder, vae)
     generator = torch.Generator().manual_seed(frames)
     audio = tuple(torch.randn(frames, 12, 768, generator=generator) for _ in range(speakers))
     request = GenerationRequest("talk", Image.new("RGB", (96, 64), (120, 80, 60)), audio)
@@ -217,7 +226,7 @@ def test_pipeline_with_workers_equals_plain_pipeline(group, pipeline_parts, spea
     with one_thread():  # as the CPU workers: else matmul rounding differs, and the second clip amplifies it
         expected = plain_pipeline.generate(request, options, progress=False)
     video = parallel.generate(request, options, progress=False)
-    assert set(parallel.pass_seconds) == {1, 2}  # measured on the first clip; a split chosen from them
+    assert set(group.pass_seconds) == {1, 2}  # measured on the first clip; a split chosen from them
     torch.testing.assert_close(video, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from golden import golden_parts, load_case
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
-from wan.generation.clips import ClipPlan, pad_audio, plan_clips
+from wan.generation.plan import ClipPlan, pad_audio, plan_clips
+from wan.runtime.local import LocalDiT
 
 BUCKET = {"0.67": [32, 48]}
 
@@ -51,7 +52,7 @@ class RecordingVAE:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     parts = golden_parts(load_case("pipeline_e2e"), tmp_path_factory.mktemp("parts"))
-    return Pipeline(CountingDiT(parts.dit), parts.encode_text, lambda frames: parts.clip_features,
+    return Pipeline(LocalDiT(CountingDiT(parts.dit)), parts.encode_text, lambda frames: parts.clip_features,
                     RecordingVAE(parts.vae))
 
 
@@ -59,7 +60,7 @@ def _generate(pipeline, frames, speakers=1, boxes=None, **options):
     generator = torch.Generator().manual_seed(frames)
     audio = tuple(torch.randn(frames, 12, 768, generator=generator) for _ in range(speakers))
     image = Image.new("RGB", (96, 64), (120, 80, 60))
-    pipeline.dit.calls.clear()
+    pipeline.dit.module.calls.clear()
     pipeline.vae.encoded.clear()
     pipeline.vae.decoded.clear()
     settings = dict(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, shift=7.0, seed=3)
@@ -105,7 +106,7 @@ def test_video_is_as_long_as_the_audio(pipeline, frames):
 
 def test_streaming_reencodes_and_renoises_the_motion_frames(pipeline):
     video = _generate(pipeline, 14, seed=3)  # clips of 9 frames advancing by 4: 9 + 4 + 4 >= 14
-    calls, encoded, decoded = pipeline.dit.calls, pipeline.vae.encoded, pipeline.vae.decoded
+    calls, encoded, decoded = pipeline.dit.module.calls, pipeline.vae.encoded, pipeline.vae.decoded
     assert len(calls) == 3 * 2 * 3 and len(encoded) == len(decoded) == 3
     assert video.shape[1] == 14
     # The reference's draws from one generator: clip noise, then per later clip its noise and one motion noise
@@ -139,12 +140,12 @@ def test_each_clip_is_handed_out_as_soon_as_it_is_decoded(pipeline):
 
     def on_frames(frames: torch.Tensor) -> None:
         pieces.append(frames.clone())
-        passes_then.append(len(pipeline.dit.calls))
+        passes_then.append(len(pipeline.dit.module.calls))
 
     generator = torch.Generator().manual_seed(14)
     request = GenerationRequest("talk", Image.new("RGB", (96, 64)), (torch.randn(14, 12, 768, generator=generator),))
     options = SamplingOptions(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, seed=3)
-    pipeline.dit.calls.clear()
+    pipeline.dit.module.calls.clear()
     shape = pipeline.stream(request, options, on_frames, progress=False)
     assert [p.shape[1] for p in pieces] == [9, 4, 1]  # clips of 9 advancing by 4; 14 frames in all
     assert passes_then == [6, 12, 18]  # 2 steps x 3 passes a clip
@@ -184,16 +185,16 @@ def test_same_seed_same_video_other_seed_differs(pipeline):
 
 def test_three_pass_and_two_pass_guidance(pipeline):
     _generate(pipeline, 9, speakers=2)
-    calls = pipeline.dit.calls
+    calls = pipeline.dit.module.calls
     assert [(c["speakers"], c["sound"]) for c in calls[:3]] == [(2, True), (2, True), (1, False)]
     _generate(pipeline, 9, speakers=2, text_scale=1.0)
-    calls = pipeline.dit.calls
+    calls = pipeline.dit.module.calls
     assert len(calls) == 2 * 2 and [(c["speakers"], c["sound"]) for c in calls[:2]] == [(2, True), (1, False)]
 
 
 def test_teacache_branch_per_pass_and_fresh_per_clip(pipeline):
     _generate(pipeline, 14, text_scale=1.0, guidance=GuidanceOptions(use_teacache=True, teacache_thresh=0.3))
-    caches = [c["cache"] for c in pipeline.dit.calls]
+    caches = [c["cache"] for c in pipeline.dit.module.calls]
     assert all(cache is not None for cache in caches)
     first_clip, second_clip = caches[:4], caches[4:8]
     assert first_clip[0] is first_clip[2] and first_clip[1] is first_clip[3] and first_clip[0] is not first_clip[1]
@@ -207,14 +208,14 @@ def test_teacache_steps_are_known_before_the_clip_runs(pipeline, thresh):
     the 5 warm-up steps, 0 none."""
     settings = dict(steps=12, shift=5.0, guidance=GuidanceOptions(use_teacache=True, teacache_thresh=thresh))
     options = SamplingOptions(size_bucket=BUCKET, frame_num=9, motion_frame=5, seed=3, **settings)
-    predicted = pipeline.teacache_steps(options)
+    predicted = pipeline.computed_steps(options)
     _generate(pipeline, 14, **settings)  # three clips (starting at frames 0, 4, 8), three passes a step
-    caches = {id(call["cache"]): call["cache"] for call in pipeline.dit.calls}
+    caches = {id(call["cache"]): call["cache"] for call in pipeline.dit.module.calls}
     assert len(caches) == 9
     assert [sum(not d.skipped for d in cache.decisions) for cache in caches.values()] == [predicted] * 9
     assert predicted == {0.0: 12, 1e12: 5}.get(thresh, predicted) and (thresh != 1e6 or 5 < predicted < 12)
     no_teacache = dataclasses.replace(options, guidance=GuidanceOptions())
-    assert pipeline.teacache_steps(no_teacache) == 12
+    assert pipeline.computed_steps(no_teacache) == 12
 
 
 def test_input_errors_are_clear(pipeline):
@@ -232,14 +233,14 @@ def test_input_errors_are_clear(pipeline):
 
 
 def test_warm_up_runs_every_graph_then_measures(pipeline):
-    pipeline.dit.calls.clear()
+    pipeline.dit.module.calls.clear()
     costs = pipeline.warm_up(BUCKET, frame_num=5)
     # The common shape with two speakers, two passes: cond (the request's speakers) and drop_audio (one silent
     # track). Two and one speakers at the small shape (9 frames: 3 latent frames of 2x3 patches), three passes:
     # cond, drop_text, uncond (silent). The common shape again, measured.
     small = 3 * (32 // 16) * (48 // 16)
     common = 2 * (32 // 16) * (48 // 16)
-    assert [(c["speakers"], c["x"][0].numel() // 4) for c in pipeline.dit.calls] == [
+    assert [(c["speakers"], c["x"][0].numel() // 4) for c in pipeline.dit.module.calls] == [
         (2, common), (1, common), (2, small), (2, small), (1, small), (1, small), (1, small), (1, small),
         (2, common), (1, common),
     ]

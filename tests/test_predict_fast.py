@@ -15,20 +15,20 @@ def _predict(runner, **inputs):
 
 def _count_passes(runner):
     calls = []
-    handle = runner.pipeline.dit.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1),
+    handle = runner.service.pipeline.dit.module.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1),
                                                               with_kwargs=True)
     return calls, handle
 
 
 def test_fast_mode_merges_the_lora_runs_two_passes_per_step_and_restores_exactly(runner):
-    base = {k: v.clone() for k, v in runner.pipeline.dit.state_dict().items()}
+    base = {k: v.clone() for k, v in runner.service.pipeline.dit.module.state_dict().items()}
     calls, handle = _count_passes(runner)
     try:
         _predict(runner, fast=True)
         assert len(calls) == 4 * 2  # the fast preset: 4 steps, text guidance 1 -> cond + drop_audio
-        merged = runner.pipeline.dit.state_dict()
+        merged = runner.service.pipeline.dit.module.state_dict()
         assert not torch.equal(merged["blocks.0.self_attn.q.weight"], base["blocks.0.self_attn.q.weight"])
-        diff_b = load_file(runner.fast_lora)["diffusion_model.blocks.0.self_attn.q.diff_b"]
+        diff_b = load_file(runner.service.fast_lora)["diffusion_model.blocks.0.self_attn.q.diff_b"]
         by_hand = (base["blocks.0.self_attn.q.bias"].float() + diff_b.float()).to(merged["blocks.0.self_attn.q.bias"].dtype)
         assert torch.equal(merged["blocks.0.self_attn.q.bias"], by_hand)
         calls.clear()
@@ -36,11 +36,11 @@ def test_fast_mode_merges_the_lora_runs_two_passes_per_step_and_restores_exactly
         assert len(calls) == 2 * 3  # quality preset: 3 passes per step
     finally:
         handle.remove()
-    assert all(torch.equal(base[k], v) for k, v in runner.pipeline.dit.state_dict().items())
+    assert all(torch.equal(base[k], v) for k, v in runner.service.pipeline.dit.module.state_dict().items())
 
 
 def test_user_lora_from_url_and_a_mismatching_one(runner, loopback):
-    dit = runner.pipeline.dit
+    dit = runner.service.pipeline.dit.module
     weight = dit.state_dict()["blocks.1.ffn.0.weight"]
     generator = torch.Generator().manual_seed(0)
     up, down = torch.randn(weight.shape[0], 2, generator=generator), torch.randn(2, weight.shape[1], generator=generator)

@@ -17,14 +17,11 @@ def test_source_video_is_read_as_far_as_the_clips_use_it(runner, tmp_path, monke
     t = np.arange(16000) / 16000
     soundfile.write(speech, (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(np.pi * 4 * t) ** 2).astype(np.float32), 16000)
     requests = []
-    stream = runner.pipeline.stream
-    monkeypatch.setattr(runner.pipeline, "stream", lambda request, *a, **k: requests.append(request)
-                        or stream(request, *a, **k))
+    pipeline = runner.service.pipeline
+    stream = pipeline.stream
+    monkeypatch.setattr(pipeline, "stream", lambda request, *a, **k: requests.append(request) or stream(request, *a, **k))
 
-    try:
-        runner.run(**run_inputs(video=str(video), audio=str(speech), model=model, seed=1))
-    finally:
-        runner.pipeline.set_weights("multitalk", [])  # the shared runner as the other tests expect it
+    runner.run(**run_inputs(video=str(video), audio=str(speech), model=model, seed=1))
 
     (request,) = requests
     assert [frame_number(frame) for frame in request.video.numpy()] == list(range(used))

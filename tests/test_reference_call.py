@@ -45,7 +45,7 @@ def test_reference_call_pattern(tiny_weights, tmp_path, monkeypatch):
         quant_dir=None,
     )
     block_runs, apg_terms = [], []
-    wan_i2v.pipeline.dit.blocks[0].register_forward_pre_hook(lambda module, args: block_runs.append(1))
+    wan_i2v.pipeline.dit.module.blocks[0].register_forward_pre_hook(lambda module, args: block_runs.append(1))
     apg_direction = sampling.apg_direction
     monkeypatch.setattr(sampling, "apg_direction", lambda *a, **k: apg_terms.append(1) or apg_direction(*a, **k))
     video = wan_i2v.generate(

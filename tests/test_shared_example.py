@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from conftest import run_inputs
-from wan.generation.video import probe_video
+from src.video.mp4 import probe_video
 
 EXAMPLE = Path(__file__).resolve().parent / "data" / "examples"
 

@@ -20,7 +20,7 @@ import torch
 
 from mp4_boxes import avc_format, colour, mp4_tracks
 from synthetic_media import write_media
-from wan.generation.video import Mp4Writer, frames_to_uint8, probe_video, write_mp4
+from src.video.mp4 import Mp4Writer, frames_to_uint8, probe_video, write_mp4
 
 FRAMES, HEIGHT, WIDTH, FPS = 9, 48, 64, 25
 

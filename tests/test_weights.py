@@ -1,4 +1,4 @@
-"""wan.loading.weights: local dirs and tars win, present weights never touch the network, Hub downloads are verified."""
+"""service.weights: local dirs and tars win, present weights never touch the network, Hub downloads are verified."""
 
 import fnmatch
 import hashlib
@@ -14,7 +14,8 @@ import huggingface_hub
 import pytest
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
-from wan.loading.weights import HUB_REPOS, WeightPaths, fetch_lora, resolve_weights
+from service.settings import WEIGHTS_ENV, Settings
+from service.weights import HUB_REPOS, WeightPaths, fetch_lora, resolve_weights
 
 FOLDERS = list(HUB_REPOS)
 
@@ -47,11 +48,10 @@ def test_weights_in_root_need_no_network(tiny_weights, tmp_path, no_network):
     _assert_paths(resolve_weights(None, root), root)
 
 
-def test_weights_argument_and_cog_weights_env_win_over_root(tiny_weights, tmp_path, no_network, monkeypatch):
+def test_weights_argument_and_cog_weights_env_win_over_root(tiny_weights, tmp_path, no_network):
     empty_root = tmp_path / "weights"
     _assert_paths(resolve_weights(str(tiny_weights), empty_root), tiny_weights)
-    monkeypatch.setenv("COG_WEIGHTS", str(tiny_weights))
-    _assert_paths(resolve_weights(None, empty_root), tiny_weights)
+    _assert_paths(resolve_weights(Settings.from_env({WEIGHTS_ENV: str(tiny_weights)}).weights, empty_root), tiny_weights)
     assert not empty_root.exists()
 
 

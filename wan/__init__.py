@@ -1,9 +1,14 @@
-"""MultiTalk on Wan2.1-I2V-14B: the DiT, its encoders, and the generation pipeline.
+"""MultiTalk and InfiniteTalk on Wan2.1-I2V-14B: the model library.
 
-Layers, each importing only those before it: `configs` -> `model` (the DiT) and `encoders` (umT5, CLIP, VAE) ->
-`loading` (published files, LoRAs, downloads) -> `generation` (the clip loop) -> `factory` (`load_pipeline`) and
-`reference` (the reference's `MultiTalkPipeline` interface). Names below import on first use, so `import wan.model.dit`
-needs torch alone.
+Layers, each importing only those before it (tests/test_layers.py walks the imports):
+
+    configs -> model (the DiT) -> encoders (umT5, CLIP, VAE) -> loading (the published files, audio layers,
+    LoRAs) -> generation (a request planned and generated clip by clip) -> runtime (where and how it runs: memory
+    plans, placement, kernels, the compile cache, one worker process per GPU, `load_pipeline`) -> reference (the
+    reference's `MultiTalkPipeline` call pattern); `testing` (the tiny checkpoint set, golden cases) on top.
+
+The library knows nothing of Cog, of the environment or of media files: the service (`predict.py`, `service/`,
+`src/`) does. Names below import on first use, so `import wan.model.dit` needs torch alone.
 """
 
 import importlib
@@ -14,8 +19,9 @@ _EXPORTS = {
     "GenerationRequest": "generation.request",
     "SamplingOptions": "generation.request",
     "GuidanceOptions": "generation.request",
+    "GenerationPlan": "generation.plan",
     "Pipeline": "generation.pipeline",
-    "load_pipeline": "factory",
+    "load_pipeline": "runtime.factory",
     "MultiTalkPipeline": "reference",
 }
 __all__ = list(_EXPORTS)

@@ -1,4 +1,4 @@
-"""Model configuration as data: the DiT config, aspect-ratio buckets, presets and constants.
+"""Model configuration as data: the DiT config, aspect-ratio buckets and constants.
 
 Field names follow the published `config.json` of Wan2.1-I2V-14B-480P and the constructor of the reference
 `WanModel`, so a config file or a golden `case.json` maps onto `DiTConfig` without renaming.
@@ -75,7 +75,7 @@ MULTITALK_14B = DiTConfig()
 
 NUM_TRAIN_TIMESTEPS = 1000
 VAE_STRIDE = (4, 8, 8)
-FPS = 25
+FPS = 25  # the video's frame rate: the audio embedding has one frame per video frame
 
 DEFAULT_NEGATIVE_PROMPT = (
     "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -130,34 +130,6 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 CLIP_IMAGE_SIZE = 224
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """Sampling recipe: steps, flow shift, guidance scales, TeaCache threshold (None = off) and the VAE's dtype."""
-
-    sampling_steps: int
-    shift: float
-    text_guide_scale: float
-    audio_guide_scale: float
-    teacache_thresh: float | None
-    # The reference decodes in float32. bfloat16 (with channels-last) takes 2.4 s a clip instead of 4.5 on an H200,
-    # 1.5 % (relative L2) from float32, as far as the bf16 DiT is from its float32 self (bench/NOTES.md, session 5).
-    vae_dtype: str = "float32"
-
-
-PRESETS: dict[str, Preset] = {
-    # The reference CLI recipe for 480p: 40 steps, 3 passes each, no caching.
-    "quality": Preset(sampling_steps=40, shift=7.0, text_guide_scale=5.0, audio_guide_scale=4.0, teacache_thresh=None),
-    # cog-MultiTalk's turbo guidance and shift; TeaCache at the top of the README's useful range (0.2-0.5) instead of
-    # cog-MultiTalk's 0.8, which skips so many steps that lips lose sync.
-    "turbo": Preset(sampling_steps=40, shift=5.0, text_guide_scale=3.0, audio_guide_scale=3.0, teacache_thresh=0.5,
-                    vae_dtype="bfloat16"),
-    # Step-distilled LoRA (lightx2v, 4 steps): text guidance off (2 passes per step), light audio guidance.
-    "fast": Preset(sampling_steps=4, shift=5.0, text_guide_scale=1.0, audio_guide_scale=2.0, teacache_thresh=None,
-                   vae_dtype="bfloat16"),
-}
-
-# Shift of the quality preset per resolution (the reference CLIs of both models use 11 for 720p).
-QUALITY_SHIFT = {"480p": 7.0, "720p": 11.0}
 # InfiniteTalk's CLI default: clips overlap by 9 frames (MultiTalk's: 25).
 INFINITETALK_MOTION_FRAME = 9
 

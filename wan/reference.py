@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from .configs import DEFAULT_NEGATIVE_PROMPT, NUM_TRAIN_TIMESTEPS
-from .factory import load_pipeline
+from .runtime.factory import load_pipeline
 from .generation.pipeline import Pipeline
 from .generation.request import GenerationRequest, GuidanceOptions, SamplingOptions
-from .memory import FP8, RESIDENT
+from .runtime.plans import FP8, RESIDENT
 
 
 class MultiTalkPipeline:
@@ -97,7 +97,7 @@ class MultiTalkPipeline:
         `[frames, layers, channels]` embeddings or paths of saved ones), optional `bbox` (`{"person1": [x1, y1, x2,
         y2], ...}` in source-image pixels, x = column). The video is as long as person 1's audio unless
         `max_frames_num` asks for fewer frames. A mapping for `size_buckget` is a custom table `{"h/w": [h, w]}`.
-        `offload_model` has no effect: where each model lives is the memory plan chosen at load (`wan.memory`), which
+        `offload_model` has no effect: where each model lives is the memory plan chosen at load (`wan.runtime.plans`), which
         keeps everything resident on a card that holds it and parks or streams weights on smaller ones.
         """
         options = SamplingOptions(

@@ -17,9 +17,10 @@ from safetensors import safe_open
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm
 
+from wan.configs import FPS
+
 from .decode import AudioInputError
 
-VIDEO_FPS = 25
 
 
 def load_wav2vec(
@@ -61,7 +62,7 @@ def _stored_keys(model_dir: Path) -> list[str]:
     return list(torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True))
 
 
-def video_frame_count(num_samples: int, sample_rate: int, fps: int = VIDEO_FPS) -> int:
+def video_frame_count(num_samples: int, sample_rate: int, fps: int = FPS) -> int:
     """Number of video frames the audio covers, truncated as the reference does: int(seconds * fps)."""
     return int(num_samples / sample_rate * fps)
 
@@ -107,7 +108,7 @@ def get_embedding(
     n_frames = video_frame_count(len(speech_array), sr)
     if n_frames < 1:
         raise AudioInputError(
-            f"audio: {len(speech_array) / sr:.3f} s is shorter than one video frame (1/{VIDEO_FPS} s); use longer audio"
+            f"audio: {len(speech_array) / sr:.3f} s is shorter than one video frame (1/{FPS} s); use longer audio"
         )
     input_values = np.squeeze(wav2vec_feature_extractor(speech_array, sampling_rate=sr).input_values)
     input_values = torch.from_numpy(input_values).float().to(device=device, dtype=audio_encoder.dtype).unsqueeze(0)

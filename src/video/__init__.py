@@ -1,5 +1,7 @@
-"""Source video in: decode any video by content to RGB frames on the 25 fps output timeline, and its soundtrack."""
+"""Video in and out: a source video decoded by content onto the 25 fps output timeline with its soundtrack
+(`source`), and the generated video written as an H.264 + AAC mp4 while it is made (`mp4`)."""
 
-from .source import FPS, MAX_FRAMES, SourceVideo, VideoInputError, read_video, video_audio
+from .mp4 import Mp4Writer, probe_video, write_mp4
+from .source import SourceVideo, VideoInputError, read_video, video_audio
 
-__all__ = ["FPS", "MAX_FRAMES", "SourceVideo", "VideoInputError", "read_video", "video_audio"]
+__all__ = ["Mp4Writer", "SourceVideo", "VideoInputError", "probe_video", "read_video", "video_audio", "write_mp4"]

@@ -22,6 +22,7 @@ ffmpeg binary (`convert_video_to_h264`, libx264 at its default crf 23) because d
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,10 +31,10 @@ from typing import Iterator, Literal
 import av
 import numpy as np
 
-from src.audio.decode import DEFAULT_MAX_SECONDS, TARGET_SAMPLE_RATE, cut_short, load_audio, open_media, packet_end
+from wan.configs import FPS
 
-FPS = 25  # the generated video's frame rate
-MAX_FRAMES = 1000  # 40 s at 25 fps: the project's cap on generated videos
+from ..audio.decode import DEFAULT_MAX_SECONDS, TARGET_SAMPLE_RATE, cut_short, load_audio, open_media, packet_end
+
 MAX_DECODED_BYTES = 8 << 30  # 1000 frames of 1080p (6.2 GB) fit; 40 s of 4K (24.9 GB) does not
 VIDEO_HINT = "upload a video file (e.g. mp4, mov, mkv, webm, avi)"
 FrameTiming = Literal["reference", "timestamps"]
@@ -52,17 +53,17 @@ class SourceVideo:
 
 def read_video(
     path: str | os.PathLike,
-    max_frames: int = MAX_FRAMES,
+    max_frames: int | None = None,
     timing: FrameTiming = "reference",
     name: str = "video",
     max_bytes: int = MAX_DECODED_BYTES,
 ) -> SourceVideo:
-    """The first video stream of `path` as at most `max_frames` frames on the 25 fps output timeline (see the
-    module docstring for the two timing rules). Decoding stops once `max_frames` frames are chosen, so a long source
+    """The first video stream of `path` as at most `max_frames` frames (None: all) on the 25 fps output timeline
+    (see the module docstring for the two timing rules). Decoding stops once `max_frames` frames are chosen, so a long source
     costs only what is used. Corrupt, cut-short or non-video files raise `VideoInputError` naming `name`."""
     if timing not in ("reference", "timestamps"):
         raise ValueError(f"timing {timing!r} is not supported; use 'reference' or 'timestamps'")
-    if max_frames < 1:
+    if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     path = os.fspath(path)
     with open_media(path, name, VIDEO_HINT, VideoInputError) as container:
@@ -72,7 +73,8 @@ def read_video(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: decoding order and output are unchanged
         source = _decoded_frames(container, stream, name, path)
-        chosen = _by_index(source, max_frames) if timing == "reference" else _by_time(source, max_frames)
+        limit = max_frames or math.inf
+        chosen = _by_index(source, limit) if timing == "reference" else _by_time(source, limit)
         frames = _stack(chosen, name, path, max_bytes)
         has_audio, fps = bool(container.streams.audio), stream.average_rate
     return SourceVideo(frames=frames, has_audio=has_audio, source_fps=Fraction(fps) if fps else None)
@@ -127,7 +129,7 @@ def _upright(frame: av.VideoFrame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns % 4 and not rest else image
 
 
-def _by_index(source: Iterator[tuple[Fraction, Fraction, np.ndarray]], max_frames: int) -> Iterator[np.ndarray]:
+def _by_index(source: Iterator[tuple[Fraction, Fraction, np.ndarray]], max_frames: float) -> Iterator[np.ndarray]:
     """The reference: output frame k is source frame k."""
     for index, (_, _, image) in enumerate(source):
         yield image
@@ -135,7 +137,7 @@ def _by_index(source: Iterator[tuple[Fraction, Fraction, np.ndarray]], max_frame
             return
 
 
-def _by_time(source: Iterator[tuple[Fraction, Fraction, np.ndarray]], max_frames: int) -> Iterator[np.ndarray]:
+def _by_time(source: Iterator[tuple[Fraction, Fraction, np.ndarray]], max_frames: float) -> Iterator[np.ndarray]:
     """Output frame k is the source frame on screen at k / FPS: the last one starting at or before it."""
     chosen, previous, previous_end = 0, None, Fraction(0)
     for start, end, image in source:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..configs import CLIP_MEAN, CLIP_STD
-from ..loading.state_dict import assign_checked, check_keys, derive_config, read_state_dict
+from .state_dict import assign_checked, check_keys, derive_config, read_state_dict
 
 CLIP_HEAD_DIM = 80  # ViT-H/14: 16 heads of 80
 CLIP_EPS = 1e-5

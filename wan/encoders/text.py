@@ -10,7 +10,7 @@ import ftfy
 import torch
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from ..loading.state_dict import assign_checked, check_keys, derive_config, read_state_dict
+from .state_dict import assign_checked, check_keys, derive_config, read_state_dict
 
 # Both fixed in umT5 rather than stored in the checkpoint.
 T5_MAX_DISTANCE = 128

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from ..configs import VAE_LATENT_MEAN, VAE_LATENT_STD
-from ..loading.state_dict import assign_checked, derive_config, read_state_dict
+from .state_dict import assign_checked, derive_config, read_state_dict
 
 
 def vae_config(state_dict: dict[str, torch.Tensor]) -> dict:

@@ -12,50 +12,27 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from ..configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
-from ..loading.dit_weights import DiTWeights
-from ..loading.lora import LoraSet
 from . import sampling
+from .backend import ClipInputs, DiTBackend, TeaCacheSettings
 from .clip_condition import infinitetalk_condition, multitalk_condition
-from .clips import clip_audio, plan_clips
-from .conditioning import choose_bucket, image_to_tensor, latent_masks, match_colors, speaker_masks
-from .denoise import BranchRunner, ClipInputs, GuidedVelocity, denoise
+from .conditioning import image_to_tensor, latent_masks, match_colors, speaker_masks
+from .denoise import GuidedVelocity, denoise
 from .estimate import Costs, tokens_of
+from .plan import GenerationPlan, clip_audio, plan_generation
 from .request import GenerationRequest, SamplingOptions
-from .timing import StageClock
+from .timing import (
+    CLIP_STAGES, COLOR_CORRECTION, DIT, IMAGE_ENCODER, TEXT_ENCODER, VAE_DECODE, VAE_ENCODE, StageClock,
+)
 
 log = logging.getLogger(__name__)
 
 WARM_UP_SMALL_FRAMES = 9  # the warm-up's small clips: 3 latent frames
-
-
-class DiTWorkers(BranchRunner, Protocol):
-    """The DiT in other processes, one per GPU (`wan.parallel.workers.WorkerGroup`)."""
-
-    active_audio_layers: str | None
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str, float]]) -> None: ...
-
-    def time_passes(self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor) -> dict[int, float]: ...
-
-    def use_fastest_schedule(self, passes: int, pass_seconds: dict[int, float]) -> None: ...
-
-    def begin_clip(self, inputs: ClipInputs, teacache: tuple[float, str] | None) -> None: ...
-
-    def teacache_steps(self, timesteps: torch.Tensor, thresh: float, size_bucket: str) -> int: ...
-
-    def end_clip(self) -> float: ...
-
-    def save_compile_cache(self) -> list[dict[str, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -81,15 +58,13 @@ class Pipeline:
 
     def __init__(
         self,
-        dit: torch.nn.Module,
+        dit: DiTBackend,
         text_encoder: Callable[[list[str]], list[torch.Tensor]],
         image_encoder: Callable[[torch.Tensor], torch.Tensor],
-        vae: Any,
+        vae,
         *,
         device: str | torch.device = "cpu",
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        weights: DiTWeights | None = None,
-        workers: DiTWorkers | None = None,
     ):
         self.dit = dit
         self.text_encoder = text_encoder
@@ -97,21 +72,15 @@ class Pipeline:
         self.vae = vae
         self.device = torch.device(device)
         self.negative_prompt = negative_prompt
-        # Without a checkpoint reader, undoing a LoRA needs copies of the weights it touched (kept on the host).
-        self.weights = weights if weights is not None else DiTWeights(LoraSet(dit))
-        # With workers the DiT runs in one process per GPU (`wan.parallel`); `dit` then only tells its config/dtype.
-        self.workers = workers
-        self.pass_seconds: dict[int, float] | None = None  # per sequence degree, measured on the first clip
 
-    def set_weights(self, audio_layers: str | None = None, loras: Sequence[tuple[str, float]] = ()) -> None:
+    def set_weights(self, audio_layers: str | None = None, loras: Sequence[tuple[str | Path, float]] = ()) -> None:
         """The DiT's audio-layer set (`multitalk`, `infinitetalk-single`, `infinitetalk-multi`; None: unchanged) and
         merged LoRAs ((file, scale) pairs) for the next requests; only what changes is touched, exactly."""
-        (self.workers or self.weights).set_weights(audio_layers, loras)
+        self.dit.set_weights(audio_layers, loras)
 
     def close(self) -> None:
-        """Stop the DiT worker processes, if any (also done when the pipeline is garbage-collected)."""
-        if self.workers is not None:
-            self.workers.close()
+        """Stop the DiT's worker processes, if it has any."""
+        self.dit.close()
 
     def warm_up(
         self,
@@ -145,32 +114,28 @@ class Pipeline:
         self.stream(request, options, _discard, progress=False, clock=clock)
         seconds = clock.seconds
         costs = Costs(
-            pass_seconds=seconds["dit"] / sampling.passes_per_step(options.text_scale),
+            pass_seconds=seconds[DIT] / sampling.passes_per_step(options.text_scale),
             tokens=tokens_of(frame_num, height, width),
-            clip_seconds=sum(seconds[s] for s in ("vae_encode", "image_encoder", "vae_decode", "color_correction")),
+            clip_seconds=sum(seconds[stage] for stage in CLIP_STAGES),
             pixels=height * width,
             frames=frame_num,
-            text_seconds=seconds["text_encoder"],
+            text_seconds=seconds[TEXT_ENCODER],
         )
-        log.info("warm-up: %s", costs)
+        log.info("warm-up: %s", costs.describe())
         return costs
 
-    @torch.inference_mode()
-    def teacache_steps(self, options: SamplingOptions) -> int:
+    def plan(self, speech_frames: int, source_hw: tuple[int, int], options: SamplingOptions) -> GenerationPlan:
+        """The request's plan before any model work, for `speech_frames` frames of person 1's audio and a source
+        (image or video frame) of `source_hw` pixels: clips, size, the audio and source frames read, the passes."""
+        return plan_generation(speech_frames, source_hw, options, self.computed_steps(options))
+
+    def computed_steps(self, options: SamplingOptions) -> int:
         """The steps of each clip whose DiT passes run: all of them, less those TeaCache will skip (it decides from the
         time embedding alone, so this is exact before any clip runs, for the weights the DiT holds now)."""
         if not options.guidance.use_teacache:
             return options.steps
         steps = sampling.timesteps(options.steps, options.shift)[:-1].view(-1, 1)
-        thresh, bucket = options.guidance.teacache_thresh, self._teacache_bucket(options)
-        if self.workers is not None:
-            return self.workers.teacache_steps(steps, thresh, bucket)
-        return sampling.teacache_computed_steps((self.dit.time_embeddings(t)[1] for t in steps), thresh, bucket)
-
-    @staticmethod
-    def _teacache_bucket(options: SamplingOptions) -> str:
-        # TeaCache's rescale polynomial is fitted per published bucket table; a custom table takes the 480p one.
-        return options.size_bucket if isinstance(options.size_bucket, str) else "multitalk-480"
+        return self.dit.teacache_steps(steps, _teacache_settings(options))
 
     @torch.inference_mode()
     def generate(
@@ -178,6 +143,7 @@ class Pipeline:
         request: GenerationRequest,
         options: SamplingOptions,
         *,
+        plan: GenerationPlan | None = None,
         on_step: StepCallback | None = None,
         clock: StageClock | None = None,
         progress: bool = True,
@@ -185,7 +151,7 @@ class Pipeline:
         """Video `[3, frames, H, W]` in [-1, 1] at 25 fps on the CPU, as long as person 1's audio (at most
         `max_frames`): `stream`'s clips put together."""
         clips: list[torch.Tensor] = []
-        self.stream(request, options, clips.append, on_step=on_step, clock=clock, progress=progress)
+        self.stream(request, options, clips.append, plan=plan, on_step=on_step, clock=clock, progress=progress)
         return torch.cat(clips, dim=1).float().cpu()
 
     @torch.inference_mode()
@@ -195,13 +161,15 @@ class Pipeline:
         options: SamplingOptions,
         on_frames: FramesCallback,
         *,
+        plan: GenerationPlan | None = None,
         on_step: StepCallback | None = None,
         clock: StageClock | None = None,
         progress: bool = True,
     ) -> torch.Size:
         """The video clip by clip: `on_frames` gets each clip's new frames `[3, n, H, W]` (on the device) as soon as
         they are decoded, e.g. an `Mp4Writer` that encodes them while the next clip is generated; nothing else keeps
-        them. Returns the whole video's shape `[3, frames, H, W]`."""
+        them. `plan`: the request's `Pipeline.plan` (default: made here). Returns the whole video's shape
+        `[3, frames, H, W]`."""
         started = time.monotonic()
         clock = clock or StageClock()
         seed = options.seed if options.seed is not None and options.seed >= 0 else random.SystemRandom().randint(0, 99_999_999)
@@ -213,92 +181,79 @@ class Pipeline:
         if any(tuple(a.shape[1:]) != wanted for a in request.audio):
             shapes = [tuple(a.shape) for a in request.audio]
             raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
-        active = (self.workers or self.weights).active_audio_layers
+        active = self.dit.active_audio_layers
         if active is not None and not active.startswith(options.model):
             raise ValueError(f"model: the DiT holds the {active} audio layers, not {options.model}'s; call set_weights "
                              "first")
         speakers = [a.float() for a in request.audio]
         image = request.source_frame(0)
-        height, width = choose_bucket(image.height, image.width, options.size_bucket)
+        if plan is None:
+            plan = self.plan(speakers[0].shape[0], (image.height, image.width), options)
+        height, width = plan.height, plan.width
         lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
         boxes = None if request.boxes is None else [list(box) for box in request.boxes]
         masks = speaker_masks(image.height, image.width, len(speakers), boxes, options.face_scale)
         masks = latent_masks(masks, height, width, lat_h, lat_w, boxes).to(self.device)
-        plan = plan_clips(speakers[0].shape[0], options.frame_num, options.motion_frame, options.max_frames)
+        clips = plan.clips
 
         cond_image = image_to_tensor(image, height, width).to(self.device)
-        with clock.stage("text_encoder"):
+        with clock.stage(TEXT_ENCODER):
             context, context_null = self._encode_text(request.prompt, request.negative_prompt)
         timesteps = sampling.timesteps(options.steps, options.shift).to(self.device)
         generator = torch.Generator(self.device).manual_seed(seed)
-        teacache_bucket = self._teacache_bucket(options)
+        teacache = _teacache_settings(options) if options.guidance.use_teacache else None
 
         vae = self.vae if options.vae_dtype is None else self.vae.cast(options.vae_dtype)
         emitted = 0  # frames handed to on_frames
         previous: torch.Tensor | None = None  # the last clip's video, colour-corrected
-        for index, start in enumerate(plan.starts):
+        for index, start in enumerate(clips.starts):
             motion_frames = None if previous is None else previous[None, :, -options.motion_frame :]
-            with clock.stage("vae_encode"):
+            with clock.stage(VAE_ENCODE):
                 if options.model == "infinitetalk":
                     source = cond_image if index == 0 else image_to_tensor(request.source_frame(start), height, width)
-                    condition = infinitetalk_condition(vae, source.to(self.device), motion_frames, plan.frames)
+                    condition = infinitetalk_condition(vae, source.to(self.device), motion_frames, clips.frames)
                 else:
                     cond_frames = cond_image if motion_frames is None else motion_frames
-                    condition = multitalk_condition(vae, cond_frames, plan.frames, index == 0, self.dit.dtype)
-            with clock.stage("image_encoder"):
+                    condition = multitalk_condition(vae, cond_frames, clips.frames, index == 0, self.dit.dtype)
+            with clock.stage(IMAGE_ENCODER):
                 clip_fea = self.image_encoder(condition.clip_frame)
-            audio = clip_audio(speakers, plan, index).to(self.device)
+            audio = clip_audio(speakers, clips, index).to(self.device)
             inputs = ClipInputs(context, context_null, clip_fea, condition.y, audio, masks)
-            velocity = GuidedVelocity(
-                self.dit, inputs, options.text_scale, options.audio_scale, options.guidance, teacache_bucket,
-                runner=self.workers,
-            )
+            velocity = GuidedVelocity(self.dit, options.text_scale, options.audio_scale, options.guidance)
             latent = torch.randn(16, condition.y.shape[2], lat_h, lat_w, generator=generator, device=self.device)
-            if self.workers is not None:
-                self._begin_worker_clip(inputs, latent, timesteps[:1], len(velocity.branches), options, teacache_bucket)
+            self.dit.begin_clip(inputs, len(velocity.branches), teacache)
 
             def report(step: int, clip: int = index + 1) -> None:
-                info = StepInfo(step, options.steps, clip, plan.clips, time.monotonic() - started)
+                info = StepInfo(step, options.steps, clip, clips.clips, time.monotonic() - started)
                 if progress:
                     log.info("step %d/%d clip %d/%d elapsed %.1fs", info.step, info.steps, info.clip, info.clips,
                              info.elapsed)
                 if on_step is not None:
                     on_step(info)
 
-            with clock.stage("dit"):
+            with clock.stage(DIT):
                 latent = denoise(velocity, latent, timesteps, condition.motion, generator, report)
-            skipped = velocity.teacache.skipped_fraction() if velocity.teacache is not None else None
-            if self.workers is not None:
-                skipped = self.workers.end_clip()
-            if options.guidance.use_teacache:
+            skipped = self.dit.end_clip()
+            if skipped is not None:
                 log.info("TeaCache skipped %.0f%% of clip %d's DiT passes", 100 * skipped, index + 1)
-            with clock.stage("vae_decode"):
+            with clock.stage(VAE_DECODE):
                 video = vae.decode(latent)
             if options.color_correction > 0:
-                with clock.stage("color_correction"):
+                with clock.stage(COLOR_CORRECTION):
                     video = match_colors(video, cond_image[0, :, 0], options.color_correction)
-            frames = (video if index == 0 else video[:, options.motion_frame :])[:, : plan.total - emitted]
+            frames = (video if index == 0 else video[:, options.motion_frame :])[:, : clips.total - emitted]
             emitted += frames.shape[1]
             on_frames(frames)
             previous = video
         return torch.Size((video.shape[0], emitted, *video.shape[2:]))
 
-    def _begin_worker_clip(
-        self, inputs: ClipInputs, latent: torch.Tensor, t: torch.Tensor, passes: int, options: SamplingOptions,
-        teacache_bucket: str,
-    ) -> None:
-        """The workers get the clip and the fastest schedule for `passes` passes a step; the first clip measures a
-        pass at every sequence degree the GPUs allow."""
-        workers = self.workers
-        if self.pass_seconds is None:
-            workers.start()
-            self.pass_seconds = workers.time_passes(inputs, latent, t)
-            log.info("DiT pass seconds by sequence degree: %s", self.pass_seconds)
-        workers.use_fastest_schedule(passes, self.pass_seconds)
-        guidance = options.guidance
-        workers.begin_clip(inputs, (guidance.teacache_thresh, teacache_bucket) if guidance.use_teacache else None)
-
     def _encode_text(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        # Where the encoder runs is the memory plan's business (`wan.memory.place_text_encoder`).
+        # Where the encoder runs is the memory plan's business (`wan.runtime.placement.place_text_encoder`).
         context, context_null = self.text_encoder([prompt, negative_prompt or self.negative_prompt])
         return context.to(self.device), context_null.to(self.device)
+
+
+def _teacache_settings(options: SamplingOptions) -> TeaCacheSettings:
+    # TeaCache's rescale polynomial is fitted per published bucket table; a custom table takes the 480p one.
+    bucket = options.size_bucket if isinstance(options.size_bucket, str) else "multitalk-480"
+    return TeaCacheSettings(options.guidance.teacache_thresh, bucket)

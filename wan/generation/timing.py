@@ -1,4 +1,4 @@
-"""Wall time per stage of a request, for the log, the billing-free metrics and the benchmark."""
+"""Wall time per stage of a request, for the log, the time estimate's costs and the benchmark."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+# The generation's stages, as `Pipeline.stream` names them and `Pipeline.warm_up` reads them.
+TEXT_ENCODER = "text_encoder"
+VAE_ENCODE = "vae_encode"
+IMAGE_ENCODER = "image_encoder"
+DIT = "dit"
+VAE_DECODE = "vae_decode"
+COLOR_CORRECTION = "color_correction"
+CLIP_STAGES = (VAE_ENCODE, IMAGE_ENCODER, VAE_DECODE, COLOR_CORRECTION)  # a clip's work besides the DiT
 
 
 class StageClock:

@@ -36,7 +36,6 @@ FAST_LORA_NAME = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensor
 SIZE_BUCKETS_NAME = "size_buckets.json"
 
 T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-CLIP_TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WAV2VEC_FILES = ("config.json", "preprocessor_config.json")
 WAV2VEC_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 
@@ -66,10 +65,6 @@ class WanFiles:
     @property
     def clip(self) -> Path:
         return self.root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
-
-    @property
-    def clip_tokenizer(self) -> Path:
-        return self.root / "xlm-roberta-large"
 
     @property
     def vae(self) -> Path:
@@ -223,14 +218,13 @@ def check_files(
 ) -> None:
     """Raise one FileNotFoundError that lists every missing published file, or return if all are there.
 
-    Checks the Wan dir (config, encoders, VAE, tokenizers, the DiT shards its index or MultiTalk's names), the
+    Checks the Wan dir (config, encoders, VAE, the text tokenizer, the DiT shards its index or MultiTalk's names), the
     MultiTalk weights, and the wav2vec2 and InfiniteTalk dirs when given.
     """
     checkpoint_dir = Path(checkpoint_dir)
     wan = WanFiles(checkpoint_dir)
     required = [wan.config, wan.t5, wan.clip, wan.vae]
     required += [wan.t5_tokenizer / name for name in T5_TOKENIZER_FILES]
-    required += [wan.clip_tokenizer / name for name in CLIP_TOKENIZER_FILES]
     if wav2vec_dir is not None:
         wav2vec_dir = Path(wav2vec_dir)
         required += [wav2vec_dir / name for name in WAV2VEC_FILES]

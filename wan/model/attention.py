@@ -1,35 +1,27 @@
-"""The attention kernels of the project: SDPA by default (FlashAttention 3 when installed), and FlashAttention 4's
-Hopper/Blackwell kernel for the DiT's full self-attention when `flash_attn.cute` is installed."""
+"""The attention kernels of the project: SDPA (cuDNN first on CUDA), and FlashAttention 4's Hopper/Blackwell kernel
+for the DiT's full self-attention when `flash_attn.cute` is installed. Which one a DiT uses is chosen in
+`wan.runtime.kernels`."""
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:
-    import flash_attn_interface
-except ImportError:
-    flash_attn_interface = None
-
 log = logging.getLogger(__name__)
 
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
 # On an H100 cuDNN's fused attention runs our 32k-token self-attention in 37 ms against 60 ms for SDPA's default
-# flash backend (../shared/perf), so it goes first; the others remain as fallbacks for shapes cuDNN refuses.
+# flash backend (bench/RESULTS.md), so it goes first; the others remain as fallbacks for shapes cuDNN refuses.
 _CUDA_BACKENDS = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
-# Without `set_priority` (torch < 2.6) the list only restricts the choice, and SDPA's own order applies.
-_PRIORITY = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -37,13 +29,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     q `[B, Lq, heads, head_dim]`, k/v `[B, Lk, heads, head_dim]` of one dtype; returns `[B, Lq, heads, head_dim]`.
     """
-    if flash_attn_interface is not None and q.is_cuda and q.dtype in _FLASH_DTYPES:
-        out = flash_attn_interface.flash_attn_func(q, k, v)
-        # Older FA3 releases return (out, softmax_lse).
-        return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.is_cuda:
-        with sdpa_kernel(_CUDA_BACKENDS, **_PRIORITY):
+        with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
             out = F.scaled_dot_product_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -87,15 +75,11 @@ def _flash_attention_4_works(device_index: int) -> bool:
     return True
 
 
-def fastest_self_attention(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The kernel for the DiT's full self-attention on `device`: FA4 where available, else `attention`."""
-    return flash_attention_4 if flash_attention_4_available(device) else attention
-
 
 def flash_attention_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`attention` through FlashAttention 4 (bf16/fp16 on CUDA; see `flash_attention_4_available`).
 
-    On an H100 it runs the DiT's 32928-token self-attention 16 % faster than cuDNN (bench/NOTES.md).
+    On an H100 it runs the DiT's 32928-token self-attention 16 % faster than cuDNN (bench/RESULTS.md).
     """
     if q.dtype not in _FLASH_DTYPES:
         return attention(q, k, v)

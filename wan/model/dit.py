@@ -30,7 +30,7 @@ from ..configs import DiTConfig
 from .rope import apply_rope, grid_rope
 
 if TYPE_CHECKING:
-    from ..parallel.sequence import SequenceParallel, TokenShard
+    from .sequence_parallel import SequenceParallel, TokenShard
 
 CLIP_TOKENS = 257
 
@@ -264,7 +264,7 @@ class MultiTalkDiT(nn.Module):
         self.time_embedding = FP32Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = FP32Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
-        # How the block stack runs; `set_block_runner` swaps in streaming from host memory (wan.model.offload).
+        # How the block stack runs; `set_block_runner` swaps in streaming from host memory (wan.runtime.streaming).
         self.run_blocks: BlockRunner = run_blocks
         self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
         self.img_emb = ImageProjection(config.clip_dim, dim)
@@ -296,7 +296,7 @@ class MultiTalkDiT(nn.Module):
         x `[16, T, h, w]`; t `[1]` in 0..1000; context `[L_txt, text_dim]` (unpadded T5 output); clip_fea
         `[1, 257, clip_dim]`; y `[1, 20, T, h, w]`; audio `[H_a, 4(T-1)+1, window, layers, channels]` for 1 or 2
         speakers; ref_target_masks `[3, h, w]` (person1, person2, background) at latent resolution.
-        `parallel`: the ranks of a process group share the tokens (`wan.parallel.sequence`); every rank passes
+        `parallel`: the ranks of a process group share the tokens (`wan.model.sequence_parallel`); every rank passes
         the same inputs and gets the whole output.
         """
         config = self.config
@@ -384,7 +384,7 @@ class MultiTalkDiT(nn.Module):
     def block_code(self) -> str:
         """What the blocks' compiled code depends on besides tensors' shapes and dtypes: the classes of a block's
         modules (fp8 linears or not) and its self-attention kernel. Names a cache of traced graphs, whose guards on
-        which functions a block calls are dropped when they are saved (`wan.compile_cache`)."""
+        which functions a block calls are dropped when they are saved (`wan.runtime.compile_cache`)."""
         block = self.blocks[0]
         kinds = sorted({f"{type(module).__module__}.{type(module).__qualname__}" for module in block.modules()})
         attend = block.self_attn.attend

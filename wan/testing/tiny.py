@@ -1,6 +1,6 @@
 """A complete tiny checkpoint set in the published layout, with random weights, for tests and the CPU demo.
 
-    python -m wan.tiny DIR [--seed N]
+    python -m wan.testing.tiny DIR [--seed N]
 
 writes `DIR/Wan2.1-I2V-14B-480P/`, `DIR/MeiGen-MultiTalk/` and `DIR/chinese-wav2vec2-base/` with the published file
 and key names, every width and depth shrunk (a few MB in all). The same seed gives the same tensors. The DiT is split
@@ -8,7 +8,7 @@ the way the downloads are: base keys in two fp32 shards under Wan's own index, a
 under MultiTalk's index (the README merge is then a copy of that index and file into the Wan dir).
 
 The shape tables below are written from the reference's module constructors; with the published sizes they reproduce
-`docs/keys/*.tsv` exactly (see tests/test_tiny.py).
+`tests/data/keys/*.tsv` exactly (see tests/test_tiny.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
-from transformers import T5Tokenizer, Wav2Vec2Config, Wav2Vec2ForPreTraining, XLMRobertaTokenizer
+from transformers import T5Tokenizer, Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 from ..loading.checkpoints import (
     DIT_INDEX_NAME,
@@ -364,7 +364,6 @@ def write_tiny_checkpoints(root: Path, seed: int = 0) -> Path:
     torch.save(random_weights(clip_shapes(TINY_CLIP), _generator(seed, 2)), wan.clip)
     torch.save(random_weights(vae_shapes(TINY_VAE), _generator(seed, 3)), wan.vae)
     write_t5_tokenizer(wan.t5_tokenizer)
-    write_xlmr_tokenizer(wan.clip_tokenizer)
     write_wav2vec(root / WAV2VEC_DIR_NAME, _generator(seed, 4))
     write_fast_lora(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME, TINY_DIT, _generator(seed, 5))
     for index, relative in enumerate(INFINITETALK_FILES.values()):
@@ -455,16 +454,6 @@ def write_t5_tokenizer(folder: Path) -> None:
     processor = spm.SentencePieceProcessor(model_proto=model)
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
     _save_tokenizer(folder, "spiece.model", model, T5Tokenizer(vocab=vocab, extra_ids=0))
-
-
-def write_xlmr_tokenizer(folder: Path) -> None:
-    """XLM-R-style sentencepiece model (unk 0, bos 1, eos 2) with fairseq's id offset, as XLM-R's converter does."""
-    model = _train_sentencepiece(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
-    processor = spm.SentencePieceProcessor(model_proto=model)
-    specials = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(3, processor.get_piece_size())]
-    tokenizer = XLMRobertaTokenizer(vocab=specials + pieces + [("<mask>", 0.0)])
-    _save_tokenizer(folder, "sentencepiece.bpe.model", model, tokenizer)
 
 
 def _train_sentencepiece(**special_ids: int) -> bytes:

@@ -2,17 +2,16 @@
 
 torch.compile's own caches live in /tmp (gone with the container). After the warm-up has compiled every graph a
 request takes, the kernels, autotuning results and AOT graphs it produced are written to one file in a folder that
-outlives the container (`MULTITALK_COMPILE_CACHE`, default `~/.cache/multitalk/compile`: mount it, or put it on the
-weights volume; empty disables). The next `setup()` loads the file before compiling. The file is keyed by torch
-version and GPU; a stale entry inside it is a miss, never an error.
+outlives the container (the service names the folder). The next start loads the file before compiling. The file is
+keyed by torch version and GPU; a stale entry inside it is a miss, never an error.
 
 In one process the file also keeps dynamo's traced graphs (torch's caching precompile), so a start that finds it
 neither traces nor compiles (dynamo's tracing was ~35 s of a cached setup). Saved graphs drop their guards on which
 functions a block calls (the self-attention kernel, fp8 linears' forward), so that file is named by what decides
 them too (`MultiTalkDiT.block_code`): a start with another kernel finds no file rather than the wrong graphs.
-The flag that records them (`torch._dynamo.config.caching_precompile`, experimental) is on only while `setup()`
-loads, compiles and warms up (`recording_compiles`). With torch 2.13 a start then traces nothing (CPU test); torch
-2.11's dynamo finds the graphs and traces them again (H200, bench/NOTES.md session 6): no gain there, no harm.
+The flag that records them (`torch._dynamo.config.caching_precompile`, experimental) is on only while a start
+loads, compiles and warms up (`recording_compiles`). Some torch versions trace the saved graphs again (see
+bench/RESULTS.md): no gain there, no harm.
 
 DiT worker processes (several GPUs) each keep a file of their own next to it (`worker_cache_file`), kernels only
 (traced graphs of blocks that take a process group were not tried): a worker compiles the graphs of its own shards
@@ -34,13 +33,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-COMPILE_CACHE_ENV = "MULTITALK_COMPILE_CACHE"
 
-
-def compile_cache_file(device: torch.device) -> Path | None:
-    """The cache file for this torch and this GPU; None when disabled or not on a GPU."""
-    folder = os.environ.get(COMPILE_CACHE_ENV, str(Path.home() / ".cache" / "multitalk" / "compile")).strip()
-    if not folder or device.type != "cuda":
+def compile_cache_file(folder: Path | None, device: torch.device) -> Path | None:
+    """The cache file in `folder` for this torch and this GPU; None without a folder or a GPU."""
+    if folder is None or device.type != "cuda":
         return None
     card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
     return Path(folder) / f"inductor-torch{torch.__version__.replace('+', '-')}-{card}.bin"
@@ -67,19 +63,33 @@ def traced_cache_file(path: Path | None, dit: torch.nn.Module) -> Path | None:
 
 @contextlib.contextmanager
 def recording_compiles(path: Path | None) -> Iterator[None]:
-    """Around a setup that loads a compile cache, compiles, warms up and saves: dynamo keeps the graphs it traces for
+    """Around a start that loads a compile cache, compiles, warms up and saves: dynamo keeps the graphs it traces for
     the file (and takes the file's) only when its file was loaded before `torch.compile` was called and everything up
-    to the save ran inside. Off again after, so that a request's recompile is an ordinary one."""
-    with torch._dynamo.config.patch(caching_precompile=path is not None):
-        yield
+    to the save ran inside. Off again after, so that a request's recompile is an ordinary one. Dynamo's warning for
+    each guard the saved graphs drop (over a hundred a start) is held back meanwhile: the file's name stands in for
+    those guards (`traced_cache_file`)."""
+    quiet = _DroppedGuards()
+    dynamo_log = logging.getLogger("torch._dynamo.guards")
+    dynamo_log.addFilter(quiet)
+    try:
+        with torch._dynamo.config.patch(caching_precompile=path is not None):
+            yield
+    finally:
+        dynamo_log.removeFilter(quiet)
+        if quiet.dropped:
+            log.info("compile cache: %d guards dropped from the saved graphs (the file name keys them)", quiet.dropped)
 
 
-def save_compiled(path: Path | None, pipeline) -> None:
-    """After the warm-up: the single-process file for the pipeline's DiT, or each DiT worker's own."""
-    if pipeline.workers is not None:
-        pipeline.workers.save_compile_cache()
-    else:
-        save_compile_cache(traced_cache_file(path, pipeline.dit))
+class _DroppedGuards(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "caching_precompile" in record.getMessage():
+            self.dropped += 1
+            return False
+        return True
 
 
 def load_compile_cache(path: Path | None) -> bool:

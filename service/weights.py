@@ -1,8 +1,9 @@
-"""Where the three checkpoint folders come from: cog's `weights`, a local `weights/` dir, or the Hugging Face Hub.
+"""Where the checkpoint folders come from: cog's `weights`, a local `weights/` dir, or the Hugging Face Hub; and the
+users' LoRAs, fetched from their URLs into a cache that evicts.
 
-Order: the `weights` argument (cog passes `COG_WEIGHTS` there; read here too when the argument is empty) naming a
-local dir or an http(s) tar; else `root` if it already holds every file; else the published repos, downloaded into
-`root`. With the files present nothing touches the network. Downloads go to `<dir>.partial` (kept on failure, so a
+Order: the `weights` argument (cog passes `COG_WEIGHTS` there; the runner passes the variable too when the argument
+is empty) naming a local dir or an http(s) tar; else `root` if it already holds every file; else the published repos,
+downloaded into `root`. With the files present nothing touches the network. Downloads go to `<dir>.partial` (kept on failure, so a
 rerun resumes) and are renamed into place only after every file's size and sha256 match the Hub's metadata.
 """
 
@@ -19,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .checkpoints import (
+from wan.loading.checkpoints import (
     DIT_INDEX_NAME,
     FAST_LORA_DIR_NAME,
     FAST_LORA_NAME,
@@ -70,7 +71,7 @@ class WeightPaths:
 def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path("weights")) -> WeightPaths:
     """The checkpoint dirs, fetched first if needed; raises one RuntimeError naming every missing file."""
     root = Path(root)
-    source = str(weights) if weights else os.environ.get("COG_WEIGHTS") or None
+    source = str(weights) if weights else None
     if source:
         base = fetch_tar(source, root) if source.startswith(("http://", "https://")) else Path(source)
         paths = WeightPaths.under(base)
@@ -100,7 +101,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path(
 
 
 def missing_files(paths: WeightPaths) -> str:
-    """Empty if every file the loaders read is there, else a readable list (from `wan.checkpoints.check_files`)."""
+    """Empty if every file the loaders read is there, else a readable list (`wan.loading.checkpoints.check_files`)."""
     try:
         check_files(paths.wan, paths.multitalk, paths.wav2vec, paths.infinitetalk)
     except FileNotFoundError as error:
@@ -113,9 +114,8 @@ def hub_patterns(name: str) -> list[str]:
     if name == WAN_DIR_NAME:
         wan = WanFiles(Path())
         shards = DIT_INDEX_NAME.split(".")[0] + "-*.safetensors"
-        tokenizers = [f"{wan.t5_tokenizer.as_posix()}/*", f"{wan.clip_tokenizer.as_posix()}/*"]
         files = [wan.config, wan.dit_index, wan.t5, wan.clip, wan.vae]
-        return [p.as_posix() for p in files] + [shards, *tokenizers]
+        return [p.as_posix() for p in files] + [shards, f"{wan.t5_tokenizer.as_posix()}/*"]
     if name == MULTITALK_DIR_NAME:
         return [MULTITALK_WEIGHTS_NAME, DIT_INDEX_NAME]
     if name == WAV2VEC_DIR_NAME:

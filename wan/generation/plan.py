@@ -1,4 +1,5 @@
-"""How a video is cut into clips, and the audio each clip reads.
+"""A request planned before any model work: how the video is cut into clips, the audio each clip reads, its size and
+its DiT passes.
 
 Clip mode and streaming are one schedule: the first clip is conditioned on the image, every later one on the last
 `motion_frame` frames of the one before, until the video is as long as it must be (the reference's rules).
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .conditioning import audio_window
+from ..configs import FPS
+from . import sampling
+from .conditioning import audio_window, choose_bucket
+from .request import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,56 @@ class ClipPlan:
     @property
     def clips(self) -> int:
         return len(self.starts)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """One request as it will run (`Pipeline.plan`): what reads its inputs, the estimate and the clip loop share."""
+
+    clips: ClipPlan
+    height: int  # the size bucket's pixels
+    width: int
+    speech_frames: int  # person 1's audio, in frames at 25 fps
+    embedded_frames: int  # the frames of it the clips read (the rest needs no wav2vec2)
+    source_frames: int  # frames of a source video the clips read
+    steps: int
+    computed_steps: int  # steps of a clip whose DiT passes run: TeaCache's skips taken off
+    passes_per_step: int
+
+    @property
+    def frames(self) -> int:
+        """Frames of the video, at 25 fps."""
+        return self.clips.total
+
+    @property
+    def passes_per_clip(self) -> int:
+        return self.computed_steps * self.passes_per_step
+
+    def audio_samples(self, sample_rate: int) -> int:
+        """Samples of audio that give the frames the clips read (`int(seconds * 25)`, as the embedding counts them)."""
+        return math.ceil(self.embedded_frames * sample_rate / FPS)
+
+
+def plan_generation(
+    speech_frames: int, source_hw: tuple[int, int], options: SamplingOptions, computed_steps: int
+) -> GenerationPlan:
+    """The plan for `speech_frames` frames of person 1's audio and a source (image or video frame) of `source_hw`
+    pixels; `computed_steps`: the steps of a clip whose passes run (`Pipeline.computed_steps`)."""
+    clips = plan_clips(speech_frames, options.frame_num, options.motion_frame, options.max_frames)
+    height, width = choose_bucket(*source_hw, options.size_bucket)
+    return GenerationPlan(
+        clips=clips,
+        height=height,
+        width=width,
+        speech_frames=speech_frames,
+        embedded_frames=min(speech_frames, frames_read(clips)),
+        # MultiTalk takes a video's first frame for the image; InfiniteTalk anchors every clip on the frame at its
+        # start, all of them before the video's end.
+        source_frames=1 if options.model == "multitalk" else clips.total,
+        steps=options.steps,
+        computed_steps=computed_steps,
+        passes_per_step=sampling.passes_per_step(options.text_scale),
+    )
 
 
 def plan_clips(audio_frames: int, frame_num: int, motion_frame: int, max_frames: int | None = None) -> ClipPlan:

@@ -2,13 +2,14 @@
 
 Cog runs one process; with N > 1 visible GPUs it starts N workers (`WorkerGroup`), one per GPU, joined in one NCCL
 process group (gloo on CPU, for tests). Each worker builds the DiT on its own GPU from the same files (`DiTSource`,
-streamed: no CPU copy of the weights), placed by the same memory plan as a single-process DiT (`wan.memory`: bf16 or
-fp8, resident or streamed, and the attention kernel that goes with it), and prepares a sequence-parallel group for
-every degree it may be asked for.
+streamed: no CPU copy of the weights), placed by the same memory plan as a single-process DiT
+(`wan.runtime.placement`: bf16 or fp8, resident or streamed, and the attention kernel that goes with it), and prepares
+a sequence-parallel group for every degree it may be asked for.
 The driver keeps everything else (encoders, the sampling loop; the VAE, whose frames it splits in bands over the
-GPUs: `wan.parallel.vae_bands`) and, for each step, sends the latent to every worker and gets back the velocity of
+GPUs: `wan.runtime.vae_bands`) and, for each step, sends the latent to every worker and gets back the velocity of
 each guidance branch from the first GPU of the group that ran it; the groups run their branches at the same time
-(`wan.parallel.guidance`). Tensors cross the process boundary on the CPU, through shared memory (a few MB per step);
+(`wan.runtime.schedule`). The group measures a pass at every sequence degree on the first clip it is given (the
+warm-up's) and runs each clip's passes by the fastest schedule for that many. Tensors cross the process boundary on the CPU, through shared memory (a few MB per step);
 the heavy traffic stays between the GPUs.
 
 The driver is no member of the NCCL group, so a worker that dies cannot take it down: the driver sees the death
@@ -36,16 +37,19 @@ import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..compile_cache import inductor_cache_counts, load_compile_cache, save_compile_cache, worker_cache_file
+from ..configs import NUM_TRAIN_TIMESTEPS, DiTConfig
 from ..generation import sampling
-from ..generation.denoise import ClipInputs, branch_velocity
+from ..generation.backend import ClipInputs, TeaCacheSettings, branch_velocity
 from ..loading.audio_layers import AudioLayers, AudioLayerSet, audio_layer_sets
+from ..loading.checkpoints import dit_tensor_reader
 from ..loading.dit_weights import DiTWeights
 from ..loading.lora import LoraSet
-from ..memory import RESIDENT, MemoryPlan
 from ..model.dit import MultiTalkDiT
-from .guidance import Schedule, Split, choose_schedule, describe, schedule_rounds, valid_splits
-from .sequence import SequenceParallel
+from ..model.sequence_parallel import SequenceParallel
+from .compile_cache import inductor_cache_counts, load_compile_cache, save_compile_cache, worker_cache_file
+from .placement import load_dit_for_plan
+from .plans import RESIDENT, MemoryPlan
+from .schedule import Schedule, Split, choose_schedule, describe, schedule_rounds, valid_splits
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +65,14 @@ class WorkerError(RuntimeError):
 class DiTSource(Protocol):
     """How a worker gets its DiT (picklable: it travels to the worker process)."""
 
+    @property
+    def config(self) -> DiTConfig: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
     def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
-        """The DiT on `device`, its weights and kernels placed for `plan` (`wan.memory`)."""
+        """The DiT on `device`, its weights and kernels placed for `plan` (`wan.runtime.placement`)."""
         ...
 
     def tensor_reader(self, device: torch.device) -> Callable[[str], torch.Tensor] | None:
@@ -83,14 +93,14 @@ class CheckpointSource:
     infinitetalk_dir: Path | None = None
     dtype: torch.dtype = torch.bfloat16
 
-    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
-        from ..memory import load_dit_for_plan
+    @property
+    def config(self) -> DiTConfig:
+        return DiTConfig.from_json(Path(self.checkpoint_dir) / "config.json")
 
+    def build(self, device: torch.device, plan: MemoryPlan = RESIDENT) -> MultiTalkDiT:
         return load_dit_for_plan(self.checkpoint_dir, self.multitalk_dir, plan, dtype=self.dtype, device=device)
 
     def tensor_reader(self, device: torch.device) -> Callable[[str], torch.Tensor]:
-        from ..loading.checkpoints import dit_tensor_reader
-
         return dit_tensor_reader(self.checkpoint_dir, self.multitalk_dir, dtype=self.dtype, device=device)
 
     def audio_layer_sets(self) -> dict[str, AudioLayerSet]:
@@ -101,15 +111,9 @@ class CheckpointSource:
 class WorkerOptions:
     compile: bool = False  # regional compilation of the blocks
     memory_plan: MemoryPlan = RESIDENT  # each worker's DiT is placed as the in-process one would be
-    # The single-process compile cache file (`wan.compile_cache`): each worker loads its own file next to it before
+    # The single-process compile cache file (`wan.runtime.compile_cache`): each worker loads its own file next to it before
     # compiling, and saves it on `WorkerGroup.save_compile_cache()`.
     compile_cache: Path | None = None
-
-
-@dataclass(frozen=True)
-class TeaCacheSettings:
-    thresh: float
-    size_bucket: str
 
 
 # Commands, driver -> every worker. Each is answered by every worker.
@@ -166,18 +170,21 @@ def free_port() -> int:
 
 
 class WorkerGroup:
-    """N worker processes, one DiT each; the driver's handle. Start with `start()` (or let `begin_clip` do it),
-    stop with `close()` (also run when the group is garbage-collected or the interpreter exits)."""
+    """N worker processes, one DiT each: the driver's handle, a `wan.generation.backend.DiTBackend`. Start with
+    `start()` (or let `begin_clip` do it), stop with `close()` (also run when the group is garbage-collected or the
+    interpreter exits)."""
 
     def __init__(self, source: DiTSource, devices: Sequence[str], options: WorkerOptions = WorkerOptions()):
         if len(devices) < 2:
             raise ValueError(f"a worker group needs at least 2 devices, got {list(devices)}; use the DiT in-process")
         self.source = source
+        self.config, self.dtype = source.config, source.dtype
         self.devices = list(devices)
         self.options = options
         self.heads: int | None = None  # the DiT's, reported by the workers
         self.worker_info: list[dict] = []  # what each worker reported when it was ready
         self.schedule: Schedule | None = None  # how a step's passes run; default: every pass over all GPUs
+        self.pass_seconds: dict[int, float] | None = None  # per sequence degree, measured on the first clip
         self.active_audio_layers: str | None = "multitalk"  # what the workers' DiTs hold (re-applied after a restart)
         self.loras: tuple[tuple[str, float], ...] = ()
         self._processes: list[Any] = []
@@ -243,8 +250,8 @@ class WorkerGroup:
         self.schedule = tuple(schedule)
 
     def save_compile_cache(self) -> list[dict[str, int]]:
-        """Each worker writes what it compiled to its compile cache file (after the warm-up); per worker, the graphs
-        that came from the cache and those compiled."""
+        """Each worker writes what it compiled to its own file next to `WorkerOptions.compile_cache` (after the
+        warm-up); per worker, the graphs that came from the cache and those compiled."""
         counts = self._request(_SaveCompileCache())
         log.info("DiT workers' compiled graphs (from the cache / compiled): %s",
                  ", ".join(f"{c['fxgraph_cache_hit']}/{c['fxgraph_cache_miss']}" for c in counts))
@@ -266,11 +273,24 @@ class WorkerGroup:
             log.info("%d passes a step: %s (guidance groups x GPUs each, per round)", passes, describe(schedule))
         self.use_schedule(schedule)
 
-    def begin_clip(self, cond: ClipInputs, teacache: tuple[float, str] | None = None) -> None:
-        """Hand every worker a clip's conditioning (and a fresh TeaCache: threshold, size bucket); starts the group
-        if it is not running."""
+    def begin_clip(self, cond: ClipInputs, passes: int | None = None, teacache: TeaCacheSettings | None = None) -> None:
+        """Hand every worker a clip's conditioning (and a fresh TeaCache); starts the group if it is not running.
+        With `passes`, the fastest schedule for that many passes a step, from pass times measured on this clip's
+        shapes the first time (`calibrate`)."""
         self.start()
-        self._request(_BeginClip(cond.to("cpu"), None if teacache is None else TeaCacheSettings(*teacache)))
+        if passes is not None:
+            if self.pass_seconds is None:
+                self.calibrate(cond)
+            self.use_fastest_schedule(passes, self.pass_seconds)
+        self._request(_BeginClip(cond.to("cpu"), teacache))
+
+    def calibrate(self, cond: ClipInputs) -> dict[int, float]:
+        """Measure a pass at every sequence degree on `cond`'s shapes (the schedules are chosen from these)."""
+        latent = torch.zeros(self.config.out_dim, *cond.y.shape[2:])
+        self.pass_seconds = self.time_passes(cond, latent, torch.full((1,), float(NUM_TRAIN_TIMESTEPS)))
+        log.info("DiT pass seconds by sequence degree: %s",
+                 ", ".join(f"{degree}: {seconds:.2f}" for degree, seconds in self.pass_seconds.items()))
+        return self.pass_seconds
 
     def velocities(self, latent: torch.Tensor, t: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The velocity of each branch at (latent, t), the branches spread over the split's groups; on latent's
@@ -282,15 +302,18 @@ class WorkerGroup:
             raise WorkerError(f"no worker returned the branches {sorted(missing)} (schedule {describe(self.schedule)})")
         return {branch: found[branch].to(latent.device) for branch in branches}
 
-    def teacache_steps(self, timesteps: torch.Tensor, thresh: float, size_bucket: str) -> int:
+    def teacache_steps(self, timesteps: torch.Tensor, settings: TeaCacheSettings) -> int:
         """`wan.generation.sampling.teacache_computed_steps` over the workers' DiT (the first worker answers);
         starts the group if it is not running."""
         self.start()
-        return self._request(_TeaCacheSteps(timesteps.cpu(), TeaCacheSettings(thresh, size_bucket)))[0]
+        return self._request(_TeaCacheSteps(timesteps.cpu(), settings))[0]
 
-    def end_clip(self) -> float:
-        """Drop the clip's tensors in the workers; returns the share of DiT passes TeaCache skipped."""
+    def end_clip(self) -> float | None:
+        """Drop the clip's tensors in the workers; returns the share of DiT passes TeaCache skipped (None without
+        TeaCache)."""
         counts = [c for c in self._request(_EndClip()) if c is not None]
+        if not counts:
+            return None
         skipped, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return skipped / max(total, 1)
 

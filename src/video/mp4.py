@@ -15,9 +15,9 @@ import av
 import numpy as np
 import torch
 
-from src.audio.decode import decode_native
+from wan.configs import FPS
 
-from ..configs import FPS
+from ..audio.decode import decode_native
 
 AAC_FRAME_SIZE = 1024  # samples per AAC-LC frame: the encoder takes exactly this many per call
 AAC_BIT_RATE = 192_000

@@ -1,0 +1,279 @@
+"""The service: a user's request checked, planned, timed against the limit and generated into an mp4.
+
+`TalkingVideoService.start` is the container's start (weights, memory plan, GPUs, compile, warm-up); `run` reads as
+validate -> decode the media -> plan -> check the time -> prepare (trim, wav2vec2, weights) -> stream to the mp4.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+from PIL import Image
+
+from src.audio import (
+    TARGET_SAMPLE_RATE, audio_prepare_multi, audio_prepare_single, get_embedding, load_wav2vec, video_frame_count,
+)
+from src.video import Mp4Writer, SourceVideo, read_video
+from wan import GenerationPlan, GenerationRequest, load_pipeline
+from wan.configs import FPS
+from wan.generation.timing import StageClock
+from wan.loading.audio_layers import infinitetalk_set
+from wan.loading.lora import LoRAError
+from wan.runtime.compile_cache import compile_cache_file, recording_compiles
+from wan.runtime.placement import plan_for_device
+
+from .presets import FAST_LORA, PRESETS, Recipe, sampling_options
+from .settings import MEMORY_PLAN_ENV, Settings
+from .time_limit import check_time
+from .weights import fetch_lora, resolve_fast_lora, resolve_weights
+
+log = logging.getLogger(__name__)
+
+MAX_FRAMES = 1000  # 40 s at 25 fps, the reference's streaming cap
+RESOLUTIONS = ("480p", "720p")
+MODELS = ("multitalk", "infinitetalk")
+# The service's stages, beside the generation's own (`wan.generation.timing`).
+DECODE, WAV2VEC2, WEIGHTS, MP4 = "decode", "wav2vec2", "weights", "mp4"
+
+
+@dataclass(frozen=True)
+class TalkingVideoRequest:
+    """The runner's inputs, as the user gave them (`predict.py` documents each)."""
+
+    image: Path | None = None
+    audio: Path | None = None
+    video: Path | None = None
+    second_audio: Path | None = None
+    model: str = "multitalk"
+    prompt: str = ""
+    negative_prompt: str = ""
+    audio_type: str = "add"
+    person1_bbox: str | None = None
+    person2_bbox: str | None = None
+    num_frames: int | None = None
+    resolution: str = "480p"
+    sampling_steps: int | None = None
+    turbo: bool = True
+    fast: bool = False
+    lora_url: str | None = None
+    lora_scale: float = 1.0
+    text_guidance_scale: float | None = None
+    audio_guidance_scale: float | None = None
+    color_correction_strength: float = 1.0
+    use_apg: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Media:
+    """A request's decoded media: the picture (or a video's frames), the speakers' tracks and their mix."""
+
+    picture: Image.Image | None
+    source: SourceVideo | None  # frames read so far: the first, until the plan says how many the clips use
+    tracks: list[np.ndarray]  # 16 kHz mono, person 1 first
+    mix: np.ndarray  # the soundtrack
+
+    @property
+    def speech_frames(self) -> int:
+        return video_frame_count(len(self.tracks[0]), TARGET_SAMPLE_RATE)
+
+    @property
+    def source_hw(self) -> tuple[int, int]:
+        """The size of what the first clip is conditioned on: a video's first frame, else the picture."""
+        if self.source is not None:
+            return tuple(self.source.frames.shape[1:3])
+        return self.picture.height, self.picture.width
+
+
+@dataclass(frozen=True)
+class TalkingVideo:
+    path: Path
+    frames: int
+    width: int
+    height: int
+
+
+class TalkingVideoService:
+    """The loaded models, the costs measured at start, and the folders a request writes to (removed with it)."""
+
+    def __init__(self, weights: str | None = None, settings: Settings | None = None):
+        settings = settings or Settings.from_env()
+        paths = resolve_weights(weights or settings.weights)
+        self.size_buckets = paths.size_buckets()  # the tiny set serves thumbnails
+        on_gpu = torch.cuda.is_available()
+        device = torch.device("cuda" if on_gpu else "cpu")
+        # Every model on the GPU for the runner's life where it fits (80 GB cards), fp8 and parked or streamed weights
+        # on smaller ones: chosen from the free memory (or MULTITALK_MEMORY_PLAN) and logged once, here.
+        memory_plan = plan_for_device(device, settings.memory_plan, MEMORY_PLAN_ENV)
+        # With more than one GPU the DiT runs in a worker process per GPU.
+        gpus = settings.gpus_to_use(torch.cuda.device_count()) if on_gpu else 1
+        # Compiled blocks run ~30 % faster; the compile belongs here, not in a request, and an earlier container's
+        # kernels and traced graphs on this GPU type are loaded first and this start's saved after the warm-up.
+        compile_cache = compile_cache_file(settings.compile_cache, device)
+        with recording_compiles(compile_cache):
+            self.pipeline = load_pipeline(paths.wan, paths.multitalk, paths.infinitetalk, device=device,
+                                          compile=on_gpu, memory_plan=memory_plan, gpus=gpus,
+                                          compile_cache=compile_cache)
+            self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
+            self._warm_up_audio()
+            self.warm_up()
+            self.pipeline.dit.save_compile_cache()
+        self.max_seconds = settings.max_request_seconds
+        # Both go away with the service (cog never deletes outputs; each request removes the previous one).
+        self._outputs = tempfile.TemporaryDirectory(prefix="multitalk-outputs-")
+        self._lora_cache = tempfile.TemporaryDirectory(prefix="multitalk-loras-")
+        self.outputs, self.lora_cache = Path(self._outputs.name), Path(self._lora_cache.name)
+        try:
+            self.fast_lora, self.fast_lora_error = resolve_fast_lora(paths), None
+        except Exception as error:  # the base model still works; only `fast` needs this file
+            self.fast_lora, self.fast_lora_error = None, f"{type(error).__name__}: {error}"
+            log.warning("fast mode unavailable: %s", self.fast_lora_error)
+
+    def warm_up(self, size_bucket=None) -> None:
+        """Compile every shape a request can take and measure the costs the time estimate uses (the start's last
+        step; again whenever the DiT changes). Clip costs are measured with the VAE of the default preset (turbo,
+        fast's too): quality's float32 VAE adds a few seconds to a clip of minutes."""
+        self.costs = self.pipeline.warm_up(size_bucket or self._buckets("480p", "multitalk"),
+                                           vae_dtype=PRESETS["multitalk"]["turbo"].vae_dtype)
+
+    def _warm_up_audio(self) -> None:
+        """The audio front end once on a second of sound: its first call loads and compiles what the decoding,
+        loudness and resampling libraries use lazily (seconds that would otherwise go to the first request)."""
+        rate = TARGET_SAMPLE_RATE
+        tone = (0.1 * np.sin(2 * np.pi * 220 * np.arange(rate) / rate)).astype(np.float32)
+        with tempfile.TemporaryDirectory(prefix="multitalk-warm-") as work:
+            path = Path(work) / "tone.wav"
+            soundfile.write(path, tone, 44100)  # another rate than the model's: the resampler runs too
+            track, _, _ = audio_prepare_multi(path, path, "para", rate)
+        get_embedding(track, self.feature_extractor, self.wav2vec, rate, self.wav2vec.device)
+
+    def _buckets(self, resolution: str, model: str):
+        name = f"{model}-{resolution.removesuffix('p')}"
+        return self.size_buckets.get(name, name)
+
+    def run(self, request: TalkingVideoRequest) -> TalkingVideo:
+        started = time.monotonic()
+        clock = StageClock(self.pipeline.device)
+        recipe, boxes = self._validate(request)
+        seed = secrets.randbelow(100_000_000) if request.seed is None else request.seed
+        options = sampling_options(recipe, request.num_frames or MAX_FRAMES, seed)
+        for old in self.outputs.iterdir():
+            old.unlink()
+        with clock.stage(DECODE):
+            media = decode_media(request)
+            plan = self.pipeline.plan(media.speech_frames, media.source_hw, options)
+            if request.video is not None and plan.source_frames > len(media.source.frames):
+                source = read_video(request.video, max_frames=plan.source_frames, timing="timestamps")
+                media = Media(media.picture, source, media.tracks, media.mix)
+        check_time(self.costs, plan, media.source_hw, recipe, options, self.max_seconds, self.pipeline.computed_steps)
+        with tempfile.TemporaryDirectory(prefix="multitalk-") as work:
+            soundtrack = Path(work) / "soundtrack.wav"
+            generation = self._prepare(request, recipe, media, plan, boxes, soundtrack, clock)
+            path = self.outputs / f"{request.model}-{seed}-{int(time.time())}.mp4"
+            # Each clip is encoded while the next one is generated; what is left after the last is the mp4 stage.
+            with Mp4Writer(path, plan.frames, soundtrack, fps=FPS) as writer:
+                shape = self.pipeline.stream(generation, options, writer.write, plan=plan, clock=clock)
+                with clock.stage(MP4):
+                    writer.close()
+        frames, height, width = shape[1:]
+        log.info("wrote %d frames %dx%d in %.1fs (%s)", frames, width, height, time.monotonic() - started,
+                 clock.summary())
+        return TalkingVideo(path, frames, width, height)
+
+    def _validate(self, request: TalkingVideoRequest) -> tuple[Recipe, tuple]:
+        """The sampling recipe and the speakers' boxes, or a ValueError naming the input, before any work."""
+        if request.image is None and request.video is None:
+            raise ValueError("image: give an image to animate, or a video to dub (video)")
+        if request.audio is None and request.video is None:
+            raise ValueError("audio: give the speech of person 1 (or a video with sound as `video`)")
+        boxes = (parse_bbox(request.person1_bbox, "person1_bbox"), parse_bbox(request.person2_bbox, "person2_bbox"))
+        if request.second_audio is None and boxes[1] is not None:
+            raise ValueError("person2_bbox: given without second_audio; add the second speaker's audio or drop the box")
+        if any(boxes) and request.second_audio is not None and not all(boxes):
+            raise ValueError("person1_bbox, person2_bbox: give both boxes or neither")
+        if request.fast and self.fast_lora is None:
+            raise ValueError(f"fast: the lightx2v LoRA could not be set up ({self.fast_lora_error}); use turbo instead")
+        recipe = Recipe(
+            preset="fast" if request.fast else "turbo" if request.turbo else "quality",
+            model=request.model,
+            resolution=request.resolution,
+            size_bucket=self._buckets(request.resolution, request.model),
+            steps=request.sampling_steps,
+            text_scale=request.text_guidance_scale,
+            audio_scale=request.audio_guidance_scale,
+            color_correction=request.color_correction_strength,
+            use_apg=request.use_apg,
+        )
+        return recipe, boxes
+
+    def _prepare(
+        self, request: TalkingVideoRequest, recipe: Recipe, media: Media, plan: GenerationPlan, boxes: tuple,
+        soundtrack: Path, clock: StageClock,
+    ) -> GenerationRequest:
+        """The soundtrack and the embeddings of the audio the clips read (not the whole file), then the weights the
+        recipe needs: swapping them is the first expensive step, so it comes after every input is known good."""
+        samples = plan.audio_samples(TARGET_SAMPLE_RATE)
+        soundfile.write(soundtrack, media.mix[:samples], TARGET_SAMPLE_RATE)
+        with clock.stage(WAV2VEC2):
+            embeddings = tuple(
+                get_embedding(track[:samples], self.feature_extractor, self.wav2vec, TARGET_SAMPLE_RATE,
+                              self.wav2vec.device)
+                for track in media.tracks
+            )
+        loras = [(self.fast_lora, 1.0)] if recipe.settings.lora == FAST_LORA else []
+        if request.lora_url:
+            loras.append((fetch_lora(request.lora_url, self.lora_cache), request.lora_scale))
+        audio_layers = infinitetalk_set(len(embeddings)) if request.model == "infinitetalk" else "multitalk"
+        with clock.stage(WEIGHTS):
+            try:
+                self.pipeline.set_weights(audio_layers, loras)  # touches only what changes
+            except LoRAError as error:
+                raise ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}") from error
+        return GenerationRequest(
+            prompt=request.prompt,
+            image=media.picture,
+            audio=embeddings,
+            boxes=tuple(box for box in boxes if box) or None,
+            negative_prompt=request.negative_prompt,
+            video=None if media.source is None else torch.from_numpy(media.source.frames),
+        )
+
+
+def decode_media(request: TalkingVideoRequest) -> Media:
+    """The picture, a video's first frame and the speech tracks (a video without separate audio speaks for itself)."""
+    picture = load_image(request.image) if request.image is not None else None
+    source = read_video(request.video, max_frames=1, timing="timestamps") if request.video is not None else None
+    speech = request.audio if request.audio is not None else request.video
+    if request.second_audio is None:
+        track = audio_prepare_single(speech, TARGET_SAMPLE_RATE, name="audio" if request.audio is not None else "video")
+        return Media(picture, source, [track], track)
+    *tracks, mix = audio_prepare_multi(speech, request.second_audio, request.audio_type, TARGET_SAMPLE_RATE)
+    return Media(picture, source, tracks, mix)
+
+
+def parse_bbox(text: str | None, name: str) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        box = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"{name}: expected 'x1,y1,x2,y2' in image pixels with x2 > x1 and y2 > y1, got {text!r}")
+    return tuple(box)
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes the whole file: a truncated one fails here
+    except Exception as error:  # PIL raises many types for corrupt files
+        raise ValueError(f"image: cannot read the file as an image ({error}); upload a PNG, JPEG or WebP") from error

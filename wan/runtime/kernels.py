@@ -1,0 +1,27 @@
+"""Which kernel runs the DiT's full self-attention, chosen once per DiT from the card and the memory plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..model.attention import attention, flash_attention_4, flash_attention_4_available
+from .plans import MemoryPlan
+
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def self_attention_kernel(plan: MemoryPlan, device: str | torch.device) -> AttentionKernel:
+    """fp8 DiTs: cuDNN's fp8 attention on Hopper and newer (on a CPU its emulation); otherwise FlashAttention 4
+    where it is installed and the card runs it, else SDPA (`wan.model.attention.attention`)."""
+    device = torch.device(device)
+    if plan.dit_weights == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)):
+        from ..model.fp8 import fp8_attention  # imports Triton
+
+        return fp8_attention
+    return flash_attention_4 if flash_attention_4_available(device) else attention
+
+
+def kernel_name(kernel: AttentionKernel) -> str:
+    return getattr(kernel, "__name__", type(kernel).__name__)

@@ -1,5 +1,6 @@
-# Two entry points on a fresh machine: `make demo` (install, tiny weights, one video) and `make test`.
-# `make serve` runs the real Cog HTTP server locally. Needs Python 3.11; nothing else (no root, no ffmpeg).
+# Two entry points on a fresh machine: `make demo` (install, tiny weights, one video) and `make test` (what CI runs).
+# `make quick` is the edit loop's lane (no slow tests); `make serve` runs the real Cog HTTP server locally.
+# Needs Python 3.11; nothing else (no root, no system ffmpeg).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,14 +10,20 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TINY := $(CURDIR)/.cache/tiny-weights
 PORT ?= 5000
 
-.PHONY: demo test serve install lock schema clean
+.PHONY: demo test quick serve install lock schema clean
 
 demo: install $(TINY)
 	$(PY) -m tools.demo --weights $(TINY)
 
+# The whole suite (GPU tests skip on a machine without one, with the reason); -rs lists why each test skipped.
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -rs; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+# Everything but the tests marked slow (CPU compiles, the HTTP server, worker processes) or gpu.
+quick: install
+	$(PY) -m pytest -rs -m "not slow and not gpu"
 
 # The Cog HTTP server around predict.py on the tiny set (or $COG_WEIGHTS), on 127.0.0.1:$(PORT). coglet starts its
 # worker with the `python` it finds on PATH, so the venv goes first.
@@ -25,7 +32,7 @@ serve: install $(TINY)
 		PORT=$(PORT) LOG_FORMAT=console $(PY) -m cog.server.http --host 127.0.0.1
 
 $(TINY): | install
-	$(PY) -m wan.tiny $(TINY)
+	$(PY) -m wan.testing.tiny $(TINY)
 
 install: $(STAMP)
 

@@ -1,7 +1,7 @@
 """Audio input: decoding by content, 16 kHz resampling, loudness, two-speaker mixing, wav2vec2 loading and forward.
 
-Every fixture file is written with PyAV's encoders / soundfile into pytest's tmp_path; where the ffmpeg binary is
-installed, the decoded samples are also checked against what it decodes.
+Every fixture file is written with PyAV's encoders / soundfile into pytest's tmp_path; the decoded samples are
+also checked against what the ffmpeg program decodes (`support.ffmpeg_tools`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from src.audio import (
 )
 from src.audio.decode import decode_native
 from src.audio.wav2vec import encoder_hidden_states
-from synthetic_media import write_media
+from support.ffmpeg_tools import ffmpeg_tool
+from support.synthetic_media import write_media
 
 SOURCE_RATE = 44100
 SECONDS = 1.2
@@ -85,6 +86,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # librosa's first load compiles its numba kernels
 def test_wav_equals_librosa_load(media: Path) -> None:
     decoded = load_audio(media / "source.wav")
     expected, _ = librosa.load(media / "source.wav", sr=16000)
@@ -148,15 +150,12 @@ def test_streamed_wav_with_unknown_length_is_valid(media: Path, tmp_path: Path) 
     np.testing.assert_array_equal(load_audio(tmp_path / "streamed.wav"), load_audio(media / "source.wav"))
 
 
-@pytest.mark.skipif(
-    shutil.which("ffmpeg") is None, reason="the ffmpeg binary (the independent decoder) is not installed"
-)
 @pytest.mark.parametrize("file_name", ["source.wav", *FORMATS])
 def test_same_samples_as_the_ffmpeg_binary(media: Path, file_name: str) -> None:
     """The same libav decoders as the ffmpeg binary, maybe another version: equal to within float32 rounding
     (measured: lossless formats bit-equal, lossy ones at most 1.2e-7 apart, ffmpeg 5.1 against PyAV's libav 8.0)."""
     samples, rate = decode_native(media / file_name)
-    command = ["ffmpeg", "-v", "error", "-i", str(media / file_name), "-map", "0:a:0", "-ac", str(len(samples))]
+    command = [ffmpeg_tool("ffmpeg"), "-v", "error", "-i", str(media / file_name), "-map", "0:a:0", "-ac", str(len(samples))]
     command += ["-ar", str(rate), "-f", "f32le", "-"]
     raw = subprocess.run(command, capture_output=True, check=True).stdout
     expected = np.frombuffer(raw, "<f4").reshape(-1, len(samples)).T

@@ -72,6 +72,7 @@ def probe(mode: str, cache_file, inductor_dir, script: str = PROBE, *args) -> di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="CPU inductor needs a C++ compiler")
 def test_a_new_process_with_the_file_skips_the_compile(tmp_path):
     cache = tmp_path / "keep" / "inductor.bin"
@@ -84,6 +85,7 @@ def test_a_new_process_with_the_file_skips_the_compile(tmp_path):
     assert without["fxgraph_cache_miss"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="CPU inductor needs a C++ compiler")
 def test_a_new_process_traces_nothing_but_never_takes_another_plans_graphs(tmp_path, tiny_weights):
     base = tmp_path / "keep" / "inductor.bin"

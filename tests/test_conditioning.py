@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from golden import cases_with_prefix, load_case
+from support.golden import cases_with_prefix, load_case
 from wan.generation.conditioning import (
     audio_window,
     audio_window_index,

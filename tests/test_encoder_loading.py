@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from golden import load_case
+from support.golden import load_case
 from wan.encoders.image import ImageEncoder, load_clip_vision
 from wan.encoders.text import TextEncoder, clean_prompt, load_umt5
 from wan.encoders.vae import VideoVAE, load_wan_vae

@@ -48,6 +48,7 @@ import flash_attn.cute, cudnn  # the GPU kernels' Python sides import on any mac
 """
 
 
+@pytest.mark.slow
 def test_imports_raise_no_binary_incompatibility():
     # A fresh interpreter, so that nothing imported by pytest hides an import-order problem.
     result = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True)
@@ -70,6 +71,7 @@ def test_pip_check_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_xfuser_is_installed_but_needs_an_accelerator():
     # xfuser 0.7.0 refuses to import without a GPU; the project imports it only on the multi-GPU path.
     result = subprocess.run([sys.executable, "-c", "import xfuser"], capture_output=True, text=True)

@@ -10,7 +10,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from golden import cases_with_prefix, load_case
+from support.golden import cases_with_prefix, load_case
 from safetensors.torch import load_file
 
 from wan.model.audio_layers import AudioProjModel, latter_audio_slots, speaker_token_masks, split_audio_windows

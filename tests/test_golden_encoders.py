@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from golden import GoldenCase, cases_with_prefix, load_case
+from support.golden import GoldenCase, cases_with_prefix, load_case
 from wan.configs import VAE_LATENT_MEAN, VAE_LATENT_STD
 from wan.encoders.image import ImageEncoder
 from wan.encoders.text import TextEncoder

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from golden import GoldenCase, cases_with_prefix, golden_parts, load_case
+from support.golden import GoldenCase, cases_with_prefix, golden_parts, load_case
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
 from wan.configs import DEFAULT_NEGATIVE_PROMPT
 from wan.encoders.text import clean_prompt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from golden import load_case
+from support.golden import load_case
 from wan.generation.sampling import add_noise, euler_step, timesteps
 
 pytestmark = pytest.mark.golden

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from src.audio.wav2vec import encoder_hidden_states, get_embedding, interpolate_frames, load_wav2vec, video_frame_count
-from golden import cases_with_prefix, load_case
+from support.golden import cases_with_prefix, load_case
 
 pytestmark = pytest.mark.golden
 

@@ -25,12 +25,12 @@ import pytest
 import requests
 import soundfile
 
-from mp4_boxes import mp4_tracks
-from synthetic_media import write_media
+from support.mp4_boxes import mp4_tracks
+from support.synthetic_media import write_media
 from src.video.mp4 import probe_video
 from wan.runtime.workers import free_port
 
-pytestmark = [pytest.mark.http, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.http, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 FPS = 25

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from golden import load_case
+from support.golden import load_case
 from wan.configs import DiTConfig
 from wan.model.dit import MultiTalkDiT
 from wan.loading.lora import LoRAError, load_lora_file, merge_loras, normalize_lora_keys

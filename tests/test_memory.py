@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from golden import load_case
+from support.golden import load_case
 from PIL import Image
 
 from wan import GenerationRequest, Pipeline, SamplingOptions, load_pipeline

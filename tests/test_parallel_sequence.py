@@ -12,12 +12,13 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-from golden import cases_with_prefix, load_case
-from parallel_ranks import run_ranks
+from support.golden import cases_with_prefix, load_case
+from support.parallel_ranks import run_ranks
 
 from wan.model.attention import attention
 from wan.model.sequence_parallel import SequenceParallel
 
+pytestmark = pytest.mark.slow  # gloo process groups: each start is seconds
 WORLD = 2
 LENGTHS = (10, 11, 13)  # 2 ranks: no padding, then one padding row
 LEADING = 7  # more than one rank's chunk for 11 and 13 tokens

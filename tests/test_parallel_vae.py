@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import cases_with_prefix, load_case
+from support.golden import cases_with_prefix, load_case
 from test_golden_encoders import write_pth
 
 from wan.encoders.vae import VideoVAE

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from golden import cases_with_prefix, golden_parts, load_case
+from support.golden import cases_with_prefix, golden_parts, load_case
 from PIL import Image
 
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
@@ -31,9 +31,12 @@ from wan.runtime.plans import FP8, RESIDENT, MemoryPlan
 from wan.runtime.schedule import Split
 from wan.runtime.workers import CheckpointSource, WorkerError, WorkerGroup, WorkerOptions
 
-pytestmark = pytest.mark.skipif(
-    not {"dit_1p", "dit_2p"} <= set(cases_with_prefix("dit_")), reason="golden dit_1p/dit_2p cases not found"
-)
+pytestmark = [
+    pytest.mark.slow,  # worker processes: each group start is seconds
+    pytest.mark.skipif(
+        not {"dit_1p", "dit_2p"} <= set(cases_with_prefix("dit_")), reason="golden dit_1p/dit_2p cases not found"
+    ),
+]
 TWO_PASS, THREE_PASS = ("cond", "drop_audio"), ("cond", "drop_text", "uncond")
 
 
@@ -308,6 +311,7 @@ def test_workers_place_their_dit_by_the_memory_plan(tiny_weights):
     assert all(torch.equal(velocities[branch], expected[branch]) for branch in TWO_PASS)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="CPU inductor needs a C++ compiler")
 def test_compiled_workers_keep_their_kernels_between_starts(tmp_path, monkeypatch):
     """Each worker saves what it compiled to its own file next to the single-process one; the next group (another

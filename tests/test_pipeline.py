@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from golden import golden_parts, load_case
+from support.golden import golden_parts, load_case
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
 from wan.generation.plan import ClipPlan, pad_audio, plan_clips
 from wan.runtime.local import LocalDiT

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from conftest import run_inputs
+from support.cog_inputs import run_inputs
 
 EXAMPLES = {"image": "examples/two_people.png", "audio": "examples/person1.wav"}
 

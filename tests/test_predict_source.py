@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from conftest import run_inputs
-from synthetic_media import frame_number, numbered_frames, write_media
+from support.cog_inputs import run_inputs
+from support.synthetic_media import frame_number, numbered_frames, write_media
 
 
 @pytest.mark.parametrize("model, used", [("multitalk", 1), ("infinitetalk", 25)])

@@ -7,8 +7,8 @@ import re
 import runpy
 import wave
 
-from conftest import REPO_ROOT
-from mp4_boxes import mp4_tracks
+from support import REPO_ROOT
+from support.mp4_boxes import mp4_tracks
 
 
 def test_readme_python_example_runs(tiny_weights, tmp_path, monkeypatch) -> None:

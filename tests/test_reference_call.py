@@ -5,6 +5,7 @@ import argparse
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -15,6 +16,7 @@ from wan.generation.conditioning import image_to_tensor, rgb_to_lab
 from wan.configs import WAN_CONFIGS
 
 
+@pytest.mark.slow
 def test_reference_call_pattern(tiny_weights, tmp_path, monkeypatch):
     cwd_before = set(os.listdir())
     root = tiny_weights

@@ -4,7 +4,7 @@ through the real runner on the tiny weights, as `cog predict -i image=@multi1.pn
 import json
 from pathlib import Path
 
-from conftest import run_inputs
+from support.cog_inputs import run_inputs
 from src.video.mp4 import probe_video
 
 EXAMPLE = Path(__file__).resolve().parent / "data" / "examples"

@@ -19,7 +19,7 @@ import pytest
 import scipy.signal
 
 from src.video import SourceVideo, VideoInputError, read_video, video_audio
-from synthetic_media import frame_number, numbered_frames, write_media
+from support.synthetic_media import frame_number, numbered_frames, write_media
 
 HEIGHT, WIDTH = 64, 96
 CODECS = {  # name -> (file name, write_media arguments)

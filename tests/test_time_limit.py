@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from conftest import run_inputs
+from support.cog_inputs import run_inputs
 from service.presets import Recipe, sampling_options
 from service.settings import GPUS_ENV, Settings
 from service.time_limit import check_time

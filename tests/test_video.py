@@ -1,11 +1,10 @@
 """MP4 writing, checked three ways: PyAV reads the file back; a small MP4 box parser (no libav) reads the structure
-the file declares; and, where the binaries are installed, ffprobe / ffmpeg read it independently."""
+the file declares; and ffprobe / ffmpeg read it independently (`support.ffmpeg_tools`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -18,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from mp4_boxes import avc_format, colour, mp4_tracks
-from synthetic_media import write_media
+from support.ffmpeg_tools import ffmpeg_tool
+from support.mp4_boxes import avc_format, colour, mp4_tracks
+from support.synthetic_media import write_media
 from src.video.mp4 import Mp4Writer, frames_to_uint8, probe_video, write_mp4
 
 FRAMES, HEIGHT, WIDTH, FPS = 9, 48, 64, 25
@@ -122,11 +122,10 @@ def test_write_mp4_pixels_round_trip(tmp_path, clean_dirs) -> None:
     assert error.max() < 20
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None or shutil.which("ffmpeg") is None, reason="no ffmpeg binaries")
 def test_ffmpeg_binaries_read_the_file_alike(tmp_path) -> None:
     video = _video()
     out = write_mp4(video, tmp_path / "v.mp4", _wav(tmp_path / "voice.wav", 1.0), fps=FPS)
-    command = ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", str(out)]
+    command = [ffmpeg_tool("ffprobe"), "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", str(out)]
     streams = {
         s["codec_type"]: s
         for s in json.loads(subprocess.run(command, capture_output=True, check=True).stdout)["streams"]
@@ -136,7 +135,7 @@ def test_ffmpeg_binaries_read_the_file_alike(tmp_path) -> None:
     assert float(streams["video"]["duration"]) == pytest.approx(FRAMES / FPS)
     assert streams["audio"]["codec_name"] == "aac"
     assert float(streams["audio"]["duration"]) == pytest.approx(FRAMES / FPS, abs=1 / FPS)
-    command = ["ffmpeg", "-v", "error", "-i", str(out), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    command = [ffmpeg_tool("ffmpeg"), "-v", "error", "-i", str(out), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     raw = subprocess.run(command, capture_output=True, check=True).stdout
     decoded = torch.from_numpy(np.frombuffer(raw, np.uint8).reshape(FRAMES, HEIGHT, WIDTH, 3).copy())
     assert (decoded.int() - frames_to_uint8(video).int()).abs().float().mean() < 3.0

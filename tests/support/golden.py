@@ -22,7 +22,7 @@ from wan.encoders.vae import VideoVAE
 from wan.model.dit import MultiTalkDiT
 from wan.testing.golden import dit_config_values
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_DIR = Path(os.environ.get("MULTITALK_GOLDEN_DIR", REPO_ROOT / "tests" / "data" / "golden"))
 
 

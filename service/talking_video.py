@@ -180,13 +180,12 @@ class TalkingVideoService:
             path = self.outputs / f"{request.model}-{seed}-{int(time.time())}.mp4"
             # Each clip is encoded while the next one is generated; what is left after the last is the mp4 stage.
             with Mp4Writer(path, plan.frames, soundtrack, fps=FPS) as writer:
-                shape = self.pipeline.stream(generation, options, writer.write, plan=plan, clock=clock)
+                self.pipeline.stream(generation, options, writer.write, plan=plan, clock=clock)
                 with clock.stage(MP4):
                     writer.close()
-        frames, height, width = shape[1:]
-        log.info("wrote %d frames %dx%d in %.1fs (%s)", frames, width, height, time.monotonic() - started,
-                 clock.summary())
-        return TalkingVideo(path, frames, width, height)
+        log.info("wrote %d frames %dx%d in %.1fs (%s)", plan.frames, plan.width, plan.height,
+                 time.monotonic() - started, clock.summary())
+        return TalkingVideo(path, plan.frames, plan.width, plan.height)
 
     def _validate(self, request: TalkingVideoRequest) -> tuple[Recipe, tuple]:
         """The sampling recipe and the speakers' boxes, or a ValueError naming the input, before any work."""

@@ -48,7 +48,7 @@ def test_two_gpus_run_fast_one_pass_per_gpu_and_quality_one_per_gpu_then_over_bo
     seconds = {1: 3.0, 2: 1.6}
     assert choose_schedule(2, 2, HEADS, seconds) == (S21,)  # 3.0 s against 3.2 s over both
     assert choose_schedule(2, 3, HEADS, seconds) == (S21, S12)  # 4.6 s; 4.8 s all over both; 6.0 s 2x1 then 1x1
-    # The H200 figures (bench/NOTES.md): 3.23 s and 1.81 s: 5.04 s a quality step, 1.92x one GPU's 9.69 s.
+    # The H200 figures (bench/RESULTS.md): 3.23 s and 1.81 s: 5.04 s a quality step, 1.92x one GPU's 9.69 s.
     assert choose_schedule(2, 3, HEADS, {1: 3.23, 2: 1.81}) == (S21, S12)
 
 

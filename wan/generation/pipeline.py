@@ -173,7 +173,8 @@ class Pipeline:
         started = time.monotonic()
         clock = clock or StageClock()
         seed = options.seed if options.seed is not None and options.seed >= 0 else random.SystemRandom().randint(0, 99_999_999)
-        log.info("seed %d", seed)
+        if progress:  # a warm-up is silent
+            log.info("seed %d", seed)
 
         # Inputs, checked before any model work.
         config = self.dit.config
@@ -234,7 +235,7 @@ class Pipeline:
             with clock.stage(DIT):
                 latent = denoise(velocity, latent, timesteps, condition.motion, generator, report)
             skipped = self.dit.end_clip()
-            if skipped is not None:
+            if skipped is not None and progress:
                 log.info("TeaCache skipped %.0f%% of clip %d's DiT passes", 100 * skipped, index + 1)
             with clock.stage(VAE_DECODE):
                 video = vae.decode(latent)

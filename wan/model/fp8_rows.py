@@ -3,7 +3,7 @@
 On CUDA the quantisation of GELU(x), the input of the FFN's second linear, runs as one Triton pass in which each
 program holds a whole row (13824 values) in registers: inductor compiled it as a looped reduction reading the
 hidden twice, 1.6 ms per block against 1.05 ms here on an H100. Elsewhere inductor's own kernels are faster, because
-they fuse the quantisation into the norm that makes x (measured: bench/NOTES.md), so the torch arithmetic serves,
+they fuse the quantisation into the norm that makes x (measured: bench/RESULTS.md), so the torch arithmetic serves,
 and it is also the CPU path. Both give the same bits.
 """
 

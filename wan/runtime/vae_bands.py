@@ -1,7 +1,7 @@
 """The VAE over several GPUs: every frame cut into horizontal bands of latent rows, one band per GPU, run at once.
 
 Why: with DiT workers the VAE was the one stage of a request that ran on one GPU while the others waited (encode and
-decode: ~13 s of a 10 s `fast` request on two H200s, bench/NOTES.md).
+decode: ~13 s of a 10 s `fast` request on two H200s, bench/RESULTS.md).
 
 Exact, not tiled. The Wan 2.1 VAE's layers act on each pixel row alone except three kinds, and each band gets what
 those need from its neighbours when it needs it:

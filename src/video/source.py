@@ -1,23 +1,10 @@
 """Source video for InfiniteTalk dubbing: any video file, found by its content, decoded to RGB frames on the 25 fps
 timeline of the generated video; and its soundtrack as 16 kHz mono.
 
-How the reference picks source frames (generate_infinitetalk.py -> wan/multitalk.py `generate_infinitetalk` ->
-wan/utils/utils.py `extract_specific_frames`): it opens the file with decord's `VideoReader` and, for the clip that
-starts at output frame k (k = 0, 72, 144, ... for 81-frame clips with 9 motion frames), conditions on `vr[k]`, the
-k-th frame of the source in presentation order, or on the last frame once k is past the end. The source's frame
-rate is never read: output frame k gets source frame k whatever the source's rate. That is `timing="reference"`
-here, and `frames[min(k, len(frames) - 1)]` is the reference's `extract_specific_frames(video, k)`. A 25 fps source
-is taken frame for frame; a 30 fps source plays at 25/30 of its speed (output second 10 shows source second 8.3), a
-24 fps one at 25/24.
-
-`timing="timestamps"` gives output frame k the source frame on screen at k / 25 s instead (the last frame whose
-presentation time, counted from the first frame, is <= k / 25; exact rational arithmetic on the timestamps), until
-the last frame's display ends: frames are dropped or repeated and the source keeps its real speed, which is what
-the video's own soundtrack needs. Both rules give the same frames for a 25 fps source.
-
-Unlike decord, rotation metadata (a phone's portrait video) is honoured, as players and the ffmpeg command line do.
-AV1 is decoded directly (libdav1d is in PyAV's wheel), where the reference first re-encodes it to H.264 with the
-ffmpeg binary (`convert_video_to_h264`, libx264 at its default crf 23) because decord cannot decode AV1.
+Two rules pick the source frame of output frame k: `timing="reference"` takes source frame k whatever the source's
+frame rate (the reference's rule); `timing="timestamps"` takes the frame on screen at k / 25 s, so the source keeps
+its real speed, as its own soundtrack needs. Both agree on a 25 fps source. Rotation metadata is honoured and AV1 is
+decoded directly. docs/design.md says how the reference picks its frames and why ours differ.
 """
 
 from __future__ import annotations

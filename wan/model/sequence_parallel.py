@@ -16,13 +16,7 @@ So a split forward equals the unsplit one up to float rounding, whatever the tok
 Collectives inside the blocks are torch's functional collectives, which `torch.compile(fullgraph=True)` traces and
 which run on NCCL and on gloo (CPU tests).
 
-Why not xfuser's `xFuserLongContextAttention` (the reference's route, the same two all-to-alls): yunchang, under it,
-takes its Ulysses and ring groups from module globals (`yunchang.globals.PROCESS_GROUP`, set once by
-`set_seq_parallel_pg`), one sequence group per process, where a worker here belongs to a group of every degree and
-changes degree between the rounds of one step (`wan.runtime.schedule`); its collectives are the in-place c10d ones;
-its kernels are not ours (FA4, cuDNN's fp8); and xfuser 0.7.0 refuses to import without a GPU, so nothing of it could
-be tested on the CPU. Ring attention is not built: it pays where the degree does not divide the heads, and the 14B's
-40 heads take Ulysses degrees 2, 4, 5 and 8.
+The all-to-alls are our own rather than xfuser's (the reference's route): docs/design.md says why.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""GPU benchmarks and correctness checks; helpers shared by the scripts.
+"""GPU benchmarks (bench/README.md, figures in bench/RESULTS.md); helpers shared by the scripts and tests/gpu.
 
-The scripts are clients of `wan`: they import it as any user does (`wan.model.*` needs only torch, so they run on the
-device machine's image). Two revisions are compared in separate processes by `bench.compare`.
+The scripts are clients of `wan`: they import it as any user does (`wan.model.*` needs only torch, so the DiT scripts
+run without the service's libraries). Two revisions are compared in separate processes by `bench.compare`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from wan.model.dit import MultiTalkDiT
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
-# The golden cases' tiny DiT (see shared/golden/README.md, dit_1p), with the fields the reference fixes in code.
+# The golden cases' tiny DiT (tests/data/golden/dit_1p), with the fields the reference fixes in code.
 TINY_DIT = dict(
     text_len=24, dim=64, ffn_dim=128, text_dim=32, num_heads=4, num_layers=2, intermediate_dim=8, output_dim=64
 )
@@ -260,7 +260,7 @@ def environment(device: torch.device) -> dict:
         command = ["git", "-C", str(REPO_ROOT), *args]
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
-    try:  # the device machine's copy of the tree may have no .git
+    try:  # a copy of the tree (git archive) has no .git
         info["commit"] = git("rev-parse", "HEAD")
         info["wan_dirty"] = bool(git("status", "--porcelain", "wan"))
     except (OSError, subprocess.CalledProcessError):

@@ -1,11 +1,12 @@
 """The DiT's self-attention (1 x 32928 tokens x 40 heads x 128, non-causal) through each kernel the model can run.
 
-torch SDPA's cuDNN backend (`wan.attention.attention`), FlashAttention 4 (`wan.attention.flash_attention_4`, when
-`flash_attn.cute` is installed) and cuDNN's fp8 attention (`wan.fp8.fp8_attention`, when `nvidia-cudnn-frontend` is:
-once with the quantisation of Q, K, V and the dequantisation of O, once the kernel alone). Each is timed (median of
-CUDA-event timings after warm-up) and compared with float32 attention on the first rows.
+torch SDPA's cuDNN backend (`wan.model.attention.attention`), FlashAttention 4
+(`wan.model.attention.flash_attention_4`, when `flash_attn.cute` is installed) and cuDNN's fp8 attention
+(`wan.model.fp8.fp8_attention`, when `nvidia-cudnn-frontend` is: once with the quantisation of Q, K, V and the
+dequantisation of O, once the kernel alone). Each is timed (median of CUDA-event timings after warm-up) and compared
+with float32 attention on the first rows.
 
-    python -m bench.attention_kernels [--out PATH.json] [--logit-scale 3]
+    python -m bench.attention_kernels [--out results/kernels.json] [--logit-scale 3]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 def fp8_kernel_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
     """cuDNN's fp8 attention on inputs quantised once; the output is dequantised for the error, outside the timing."""
     (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
-    op = torch.ops.wan.cudnn_fp8_attention
+    op = torch.ops.multitalk.cudnn_fp8_attention
     return lambda: op(q8, k8, v8, descale_q, descale_k, descale_v)
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     q, k, v = qkv.unbind(2)
     q = q * args.logit_scale
     ref = reference(q, k, v)
-    # The fp8 output of the kernel alone is scaled by 224 / amax(v) (wan.fp8._OUT_RANGE).
+    # The fp8 output of the kernel alone is scaled by 224 / amax(v) (wan.model.fp8._OUT_RANGE).
     out_descale = quantize_tensor(v)[1].reshape(()) * 2
 
     candidates: list[tuple[str, Callable[[], torch.Tensor]]] = [("torch SDPA, cuDNN, bf16", lambda: attention(q, k, v))]
@@ -83,7 +84,7 @@ def main() -> None:
         rows.append({"kernel": name, "ms": ms, "tflops": tflops(ms), "rel_err": err, "first_call_s": first_s})
         print(f"{name:40s} {ms:8.2f} ms {tflops(ms):6.0f} TFLOP/s  rel.err {err:.4f}  first {first_s:.1f}s", flush=True)
     if args.out:
-        info = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+        info = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, cudnn=torch.backends.cudnn.version())
         args.out.write_text(json.dumps({**info, "logit_scale": args.logit_scale, "rows": rows}, indent=1))
 
 

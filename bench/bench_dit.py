@@ -1,11 +1,11 @@
 """Time the MultiTalk DiT on one GPU: random bf16 weights, the 81-frame 448x896 clip, 1 and 2 speakers.
 
-    python -m bench.bench_dit --out $OUT/bench.json [--compile] [--attention cudnn,flash] [--fp8]
+    python -m bench.bench_dit --out results/dit.json [--compile] [--attention sdpa,fa4] [--fp8]
     python -m bench.bench_dit --tiny --out /tmp/bench.json     # every code path on a tiny config, CPU, seconds
 
 Cases: `1p`, `2p` (one forward pass each), `step1p`, `step2p` (one guided denoising step: cond, drop_text and uncond
-with one silent speaker, then the guidance and the Euler update), `vae` (encode of 81 frames, decode of the latent;
-only where diffusers imports). See bench/README.md for the protocol.
+with one speaker of zeroed audio, then the guidance and the Euler update), `vae` (encode of 81 frames, decode of the
+latent; only where diffusers imports). See bench/README.md for the protocol, bench/RESULTS.md for the figures.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ from . import (
     tiny_config,
 )
 
-# Reference MultiTalk DiT on an H100 80GB HBM3 (shared/perf/reference-h100-2026-11-25.json): seconds per forward
-# pass; the step entries add up the passes a guided step makes (cond + drop_text + uncond, uncond with one speaker).
+# The reference implementation (MeiGen-AI/MultiTalk) on an H100 80GB HBM3, its own benchmark (bench/RESULTS.md): seconds
+# per forward pass; the step entries add up the passes a guided step makes (cond + drop_text + uncond, uncond with
+# one speaker).
 REFERENCE_S = {"1p": 5.096, "2p": 5.933, "step1p": 3 * 5.096, "step2p": 2 * 5.933 + 5.096}
-# The reference's bf16 VAE ran under autocast; ours casts the weights (as wan/vae.py's VideoVAE does).
+# The reference's bf16 VAE ran under autocast; ours casts the weights (as `wan.encoders.vae.VideoVAE` does).
 REFERENCE_VAE_S = {"encode_fp32": 2.001, "decode_fp32": 3.246, "encode_bf16": 1.435, "decode_bf16": 2.330}
-FLOOR_S_PER_PASS = 2.75  # shared/perf/README.md: ~1.83 PFLOP per pass at the measured ceilings, 2.7-2.8 s
+FLOOR_S_PER_PASS = 2.75  # ~1.83 PFLOP a pass at the H100's measured matmul and attention rates (bench/RESULTS.md)
 DIT_CASES = ("1p", "2p", "step1p", "step2p")
 TEXT_SCALE, AUDIO_SCALE = 5.0, 4.0  # the quality preset's guidance
 
@@ -101,10 +102,10 @@ def dit_inputs(config, clip: ClipShape, speakers: int, device: torch.device, gen
 
 def guided_step(model, inputs: dict, null_context: torch.Tensor) -> torch.Tensor:
     """One denoising step as the pipeline's quality preset takes it: three passes, guidance, Euler update."""
-    silent = torch.zeros_like(inputs["audio"][-1:])
+    mute = torch.zeros_like(inputs["audio"][-1:])
     v_cond = model(**inputs)
     v_drop_text = model(**{**inputs, "context": null_context})
-    v_uncond = model(**{**inputs, "context": null_context, "audio": silent})
+    v_uncond = model(**{**inputs, "context": null_context, "audio": mute})
     velocity = sampling.guide(v_cond, v_drop_text, v_uncond, TEXT_SCALE, AUDIO_SCALE)
     return sampling.euler_step(inputs["x"], velocity, inputs["t"], inputs["t"] - 25.0)
 
@@ -223,7 +224,9 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> list[dict]:
         latent_shape = (1, 16, latent_frames, clip.height // 8, clip.width // 8)
         latent = torch.randn(latent_shape, generator=generator, device=device)
         video, latent = video.to(dtype), latent.to(dtype)
-        jobs = {"encode": functools.partial(encode_mode, vae, video), "decode": functools.partial(decode_sample, vae, latent)}
+        jobs = dict(
+            encode=functools.partial(encode_mode, vae, video), decode=functools.partial(decode_sample, vae, latent)
+        )
         for op, fn in jobs.items():
             record = _measure(fn, device, 1, args.vae_repeats, "sdpa")
             key = f"{op}_{dtype_name}"

@@ -54,7 +54,9 @@ from wan.runtime.placement import place_vae, plan_for_device
 from wan.runtime.plans import FP8
 from wan.runtime.vae_bands import BandedVAE
 from wan.runtime.workers import WorkerGroup, WorkerOptions, visible_devices
-from wan.testing.tiny import TINY_DIT, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes, write_tiny_checkpoints
+from wan.testing.tiny import (
+    TINY_DIT, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes, write_tiny_checkpoints,
+)  # fmt: skip
 
 UMT5_XXL = T5Dims(vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24)
 VIT_H14 = ClipDims(vision_dim=1280, vision_layers=32, embed_dim=1024, text_vocab_size=250002, text_dim=1024,
@@ -106,7 +108,8 @@ def full_size(
             pipeline.text_encoder.model = UMT5EncoderModel(umt5_config(meta(t5_shapes(UMT5_XXL)))).to(dtype).eval()
             pipeline.image_encoder.model = CLIPVisionModel(clip_vision_config(meta(clip_shapes(VIT_H14)))).half().eval()
             pipeline.vae = VideoVAE(AutoencoderKLWan(**vae_config(meta(vae_shapes(WAN_VAE)))))
-            service.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).to(device).eval()  # chinese-wav2vec2-base: the base config
+            # chinese-wav2vec2-base: the base config
+            service.wav2vec = Wav2Vec2Model(Wav2Vec2Config()).to(device).eval()
         pipeline.text_encoder.text_len = config.text_len
         place_vae(pipeline.vae, plan_for_device(device))
     if gpus > 1:
@@ -197,7 +200,8 @@ def request(runner, log: Log, inputs: dict, label: str, device: torch.device) ->
     total = time.perf_counter() - started
     wrote = next(STAGES.match(line) for line in log.lines if STAGES.match(line))
     frames = int(wrote.group(1))
-    stages = {name: float(seconds.rstrip("s")) for name, seconds in (part.rsplit(" ", 1) for part in wrote.group(5).split(", "))}
+    parts = (part.rsplit(" ", 1) for part in wrote.group(5).split(", "))
+    stages = {name: float(seconds.rstrip("s")) for name, seconds in parts}
     estimate = next((float(m.group(1)) for m in map(ESTIMATE.match, log.lines) if m), None)
     record = dict(
         label=label, total_s=total, frames=frames, video_s=frames / FPS, size=f"{wrote.group(2)}x{wrote.group(3)}",
@@ -220,7 +224,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="requests per preset: the first pays one-off costs "
                         "(LoRA merge), the others show a warm container")
     parser.add_argument("--sampling-steps", type=int, default=None, help="override the presets' steps (short runs)")
-    parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE, help="the picture (default: the reference's example)")
+    parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE,
+                        help="the picture (default: the reference's example)")  # fmt: skip
     parser.add_argument("--example", action="store_true",
                         help="the reference's two-speaker example as it is (its picture, 1.8 s + 3.1 s of speech "
                         "one after the other, boxes, prompt) instead of synthetic speech")

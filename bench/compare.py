@@ -1,12 +1,13 @@
 """One benchmark script run against two revisions of the repository, each in its own process, in one call.
 
-    python -m bench.compare --baseline .bench/prev --out $OUT/compare.json -- bench.bench_dit --cases 1p,2p
+    git worktree add ../prev REV
+    python -m bench.compare --baseline ../prev --out results/prev.json -- bench.bench_dit --cases 1p,2p --compile
 
-`--baseline` is another checkout: here `git worktree add .bench/prev REV`; on the device machine, which gets no
-.git, a copy made with `git archive REV | tar -x -C .bench/prev` and named in `carry`. The baseline runs first, then
-the current tree, with the same arguments; each writes its own JSON (`--out` is appended), and both land in one file.
-`--same-script` copies today's `bench/` over the baseline's first, to time an older `wan/` with today's protocol
-(the script must then use only interfaces both revisions have, e.g. the predictor's).
+`--baseline` is another checkout of the repository (a worktree, or `git archive REV | tar -x -C DIR` where there is
+no .git). The baseline runs first, then the current tree, with the same arguments; each writes its own JSON (`--out`
+is appended), and both land in one file. Two 14B models do not fit one GPU together, hence one process each.
+`--same-script` copies today's `bench/` over the baseline's first, to time an older `wan/` with today's protocol (the
+script must then use only interfaces both revisions have, e.g. the predictor's).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Do the DiT's blocks run as fast compiled with dynamic sizes as compiled for the one shape? (What decides whether the
 warm-up can trace dynamic graphs at once instead of a static one first.)
 
-    python -m bench.dynamic_check --out $OUT/dynamic.json [--layers 4]
+    python -m bench.dynamic_check --out results/dynamic.json [--layers 4]
+    python -m bench.dynamic_check --tiny --out /tmp/dynamic.json   # the script itself on a CPU, about a minute
 
 A few full-size blocks (random weights, bf16, 2 speakers): compiled as the pipeline does (static, for the common
 81-frame 448x896 shape), then after a forward at a small shape (torch.compile's automatic dynamic recompile: what
@@ -22,8 +23,9 @@ import torch._dynamo
 
 from bench import build_random, environment, full_config, time_calls, tiny_config
 from bench.bench_dit import FULL_CLIP, TINY_CLIP, ClipShape, dit_inputs
-from wan.model.attention import fastest_self_attention
 from wan.model.dit import MultiTalkDiT
+from wan.runtime.kernels import self_attention_kernel
+from wan.runtime.plans import RESIDENT
 
 SMALL_CLIP = ClipShape(frames=9, height=112, width=224, text_tokens=512)  # the warm-up's small shape
 
@@ -49,7 +51,7 @@ def main() -> None:
     generator = torch.Generator(device).manual_seed(0)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
-    model.set_self_attention(fastest_self_attention(device))
+    model.set_self_attention(self_attention_kernel(RESIDENT, device))
     common = dit_inputs(config, TINY_CLIP if args.tiny else FULL_CLIP, 2, device, generator)
     small = dit_inputs(config, ClipShape(5, 32, 64, 7) if args.tiny else SMALL_CLIP, 2, device, generator)
     rows = []

@@ -2,7 +2,7 @@
 (fp8 resident) and the 24 GiB plan (fp8 blocks streamed from page-locked host memory), each under
 `torch.cuda.set_per_process_memory_fraction` at its cap.
 
-    python -m bench.memory_check --out $OUT/memory.json            # ~5 min on an H200
+    python -m bench.memory_check --out results/memory.json         # ~5 min on an H200
     python -m bench.memory_check --tiny --out /tmp/memory.json     # the script itself, on the CPU, seconds
 
 One set of weights throughout: built in bf16 on the GPU, quantised in place for fp8, then each block moved to
@@ -11,7 +11,7 @@ speakers; one warm-up, which compiles, then the median of 3), peak GPU memory of
 trip (a stand-in with umT5-XXL's tensor shapes, parked in host memory, brought in and released), peak host RSS
 (VmHWM, reset per plan through /proc/self/clear_refs), and the output's distance from the resident bf16 pass. A fast
 request (10 s of audio, 2 speakers: 5 clips of 4 steps x 2 passes) is estimated as 40 passes plus the text encoder's
-round trip; the VAE and the image encoder are not part of this script (diffusers is not on the device).
+round trip; the VAE and the image encoder are not part of this script.
 
 Prints PASS/FAIL lines, a table and the JSON; exit 1 on any FAIL. Imports only torch and `wan/` (without
 `wan/__init__`).
@@ -30,15 +30,18 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from wan import configs, memory
-from wan.runtime import streaming as offload
+from service.presets import PRESETS
+from wan.configs import FPS
 from wan.model import dit as dit_module
+from wan.runtime import streaming
+from wan.runtime.placement import free_gpu_bytes, place_dit
+from wan.runtime.plans import FP8, RESIDENT, STREAMED, choose_memory_plan
 
 from . import GIB, build_random, environment, full_config, relative_error, tiny_config
 from .bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
 
 CAPS_GIB = {"fp8": 46.0, "streamed": 24.0}
-FAST_REQUEST_SECONDS, FPS, FRAME_NUM, MOTION_FRAME = 10, 25, 81, 25
+FAST_REQUEST_SECONDS, FRAME_NUM, MOTION_FRAME = 10, 81, 25
 HOST_RSS_TARGET_BYTES = 40e9  # the issue's 40 GB for the 24 GiB plan
 RATIO_TARGETS = {"fp8": 1.1, "streamed": 2.0}  # per fast request, against the resident fp8 DiT
 # umT5-XXL encoder tensors (5.68 B parameters): the embedding, then per layer q, k, v, o and the gated FFN.
@@ -131,14 +134,14 @@ def time_round_trip(parked, device: torch.device, repeats: int = 3) -> dict:
                 GiB=parked.nbytes / GIB)
 
 
-def fast_request_passes(configs) -> int:
+def fast_request_passes() -> int:
     """DiT passes of a fast request of FAST_REQUEST_SECONDS: `plan_clips`' streaming rule (81-frame clips advancing
     by 56 frames) times the fast preset's steps and passes (text guidance 1: cond and audio-dropped passes)."""
     frames = FAST_REQUEST_SECONDS * FPS
     clips = 1 + math.ceil((frames - FRAME_NUM) / (FRAME_NUM - MOTION_FRAME))
-    preset = configs.PRESETS["fast"]
-    passes_per_step = 2 if preset.text_guide_scale == 1.0 else 3
-    return clips * preset.sampling_steps * passes_per_step
+    preset = PRESETS["multitalk"]["fast"]
+    passes_per_step = 2 if preset.text_scale == 1.0 else 3
+    return clips * preset.steps * passes_per_step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,15 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         return record
 
     if device.type == "cuda":
-        free = memory.free_gpu_bytes(device)
-        check("plan choice (whole card)", memory.choose_memory_plan(free).name == "resident",
+        free = free_gpu_bytes(device)
+        check("plan choice (whole card)", choose_memory_plan(free).name == "resident",
               f"{free / GIB:.1f} GiB free before loading")
 
     # 1. Resident bf16: the reference output. The whole card.
     results["host_peak_reset"] = reset_peak_rss()  # False: VmHWM is the peak since start
     started = time.perf_counter()
     model = build_random(lambda: dit_module.MultiTalkDiT(config), device, dtype, generator)
-    memory.place_dit(model, memory.RESIDENT, device)
+    place_dit(model, RESIDENT, device)
     print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in "
           f"{time.perf_counter() - started:.1f} s; self-attention {model.blocks[0].self_attn.attend.__name__}",
           flush=True)
@@ -201,19 +204,19 @@ def main(argv: list[str] | None = None) -> None:
     # 2. fp8 resident: quantised in place; the text encoder parked in host memory. Under the 46 GiB cap.
     torch._dynamo.reset()  # the bf16 graphs would keep the replaced bf16 weights alive
     started = time.perf_counter()
-    memory.place_dit(model, memory.FP8, device)
+    place_dit(model, FP8, device)
     quantise_s = time.perf_counter() - started
     free_gpu(device)
     results["host_peak_reset"] = reset_peak_rss()
     started = time.perf_counter()
     text_encoder = text_encoder_stand_in(text_shapes, device, dtype)
-    parked = offload.ParkedWeights(text_encoder, device)
+    parked = streaming.ParkedWeights(text_encoder, device)
     park_s = time.perf_counter() - started
     pinned = all(group.buffer.is_pinned() for group in parked.groups) if device.type == "cuda" else None
     recompile(model)
     set_cap(device, None if args.tiny else CAPS_GIB["fp8"])
     if device.type == "cuda":
-        check("plan choice (46 GiB)", memory.choose_memory_plan(int(CAPS_GIB["fp8"] * GIB)).name == "fp8", "")
+        check("plan choice (46 GiB)", choose_memory_plan(int(CAPS_GIB["fp8"] * GIB)).name == "fp8", "")
     fp8 = run_plan("fp8 (46 GiB)", model, dict(quantise_s=quantise_s, cap_GiB=CAPS_GIB["fp8"]))
     fp8["text_encoder"] = time_round_trip(parked, device) | dict(park_s=park_s, page_locked=pinned)
     fp8_out = fp8.pop("out")
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     set_cap(device, None)
     results["host_peak_reset"] = reset_peak_rss()
     started = time.perf_counter()
-    memory.place_dit(model, memory.STREAMED, device)  # the blocks are fp8 already: this only moves them
+    place_dit(model, STREAMED, device)  # the blocks are fp8 already: this only moves them
     pin_s = time.perf_counter() - started
     streamer = model.run_blocks
     host_gib = sum(host.nbytes for host in streamer.host_blocks) / GIB
@@ -234,9 +237,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{pin_s:.1f} s ({pin_s / host_gib:.2f} s/GiB)")
     set_cap(device, None if args.tiny else CAPS_GIB["streamed"])
     if device.type == "cuda":
-        check("plan choice (24 GiB)", memory.choose_memory_plan(int(CAPS_GIB["streamed"] * GIB)).name == "streamed",
+        check("plan choice (24 GiB)", choose_memory_plan(int(CAPS_GIB["streamed"] * GIB)).name == "streamed",
               "")
-    with torch.compiler.set_stance("force_eager"):  # the blocks still carry the fp8 plan's compiled wrappers
+    with torch.compiler.set_stance("force_eager"):  # the blocks still hold the fp8 plan's compiled wrappers
         eager = run_plan("streamed eager (24 GiB)", model, {})
     eager_out = eager.pop("out")
     streamed = eager
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         check(f"{name} output finite", record["finite"], "")
 
     # 4. Against the targets: per pass and per fast request (passes + the text encoder's round trip).
-    passes = fast_request_passes(configs)
+    passes = fast_request_passes()
     base = fp8["s_per_pass"] * passes
     summary = {}
     for name, record in (("resident_bf16", bf16), ("fp8", fp8), ("streamed", streamed)):

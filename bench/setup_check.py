@@ -2,7 +2,7 @@
 compile cache of an earlier start; then one short `fast` request and one short `turbo` request through `run()`, so
 that the LoRA merge and its exact undoing read the files as in production.
 
-    python -m bench.setup_check --out $OUT/setup.json [--dir /tmp/weights] [--gpus 1,2]   # ~70 GB of free disk
+    python -m bench.setup_check --out results/setup.json [--dir /tmp] [--gpus 1,2]   # ~70 GB of free disk
     python -m bench.setup_check --tiny --out /tmp/setup.json                   # the script itself on a CPU
 
 The set is the published layout at the published sizes with random weights (the DiT in bf16 shards to fit the
@@ -27,6 +27,7 @@ import torch
 
 from bench import environment
 from bench.bench_request import EXAMPLE_IMAGE, UMT5_XXL, VIT_H14, WAN_VAE, save, speech
+from service.settings import COMPILE_CACHE_ENV, GPUS_ENV
 from wan.configs import MULTITALK_14B
 from wan.loading.checkpoints import (
     FAST_LORA_DIR_NAME, FAST_LORA_NAME, INFINITETALK_DIR_NAME, INFINITETALK_FILES, MULTITALK_DIR_NAME,
@@ -34,7 +35,7 @@ from wan.loading.checkpoints import (
 )  # fmt: skip
 from wan.testing.tiny import (
     clip_shapes, random_weights, t5_shapes, vae_shapes, write_dit, write_fast_lora, write_t5_tokenizer,
-    write_tiny_checkpoints, write_wav2vec, write_xlmr_tokenizer,
+    write_tiny_checkpoints, write_wav2vec,
 )  # fmt: skip
 
 DIT_SHARDS = 7  # as published (there in float32, ~10 GB each)
@@ -79,9 +80,10 @@ def write_published_set(root: Path, device: torch.device, tiny: bool) -> float:
     torch.save(on_cpu(random_weights(clip_shapes(VIT_H14), generator, torch.float16)), wan.clip)
     torch.save(on_cpu(random_weights(vae_shapes(WAN_VAE), generator)), wan.vae)
     write_t5_tokenizer(wan.t5_tokenizer)
-    write_xlmr_tokenizer(wan.clip_tokenizer)
-    write_wav2vec(root / WAV2VEC_DIR_NAME, torch.Generator().manual_seed(4), {"architectures": ["Wav2Vec2ForPreTraining"]})
-    write_fast_lora(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME, MULTITALK_14B, torch.Generator().manual_seed(5), LORA_RANK)
+    pretraining = {"architectures": ["Wav2Vec2ForPreTraining"]}
+    write_wav2vec(root / WAV2VEC_DIR_NAME, torch.Generator().manual_seed(4), pretraining)
+    lora = root / FAST_LORA_DIR_NAME / FAST_LORA_NAME
+    write_fast_lora(lora, MULTITALK_14B, torch.Generator().manual_seed(5), LORA_RANK)
     for relative in INFINITETALK_FILES.values():
         (root / INFINITETALK_DIR_NAME / relative).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(root / MULTITALK_DIR_NAME / MULTITALK_WEIGHTS_NAME, root / INFINITETALK_DIR_NAME / relative)
@@ -131,7 +133,7 @@ def main() -> None:
         presets = dict(fast=dict(fast=True), turbo=dict(turbo=True, sampling_steps=4))
         requests = [short | presets[name] for name in args.requests.split(",") if name]
         for gpus in args.gpus.split(","):
-            env = {"MULTITALK_GPUS": gpus, "MULTITALK_COMPILE_CACHE": str(work / f"compile-cache-{gpus}")}
+            env = {GPUS_ENV: gpus, COMPILE_CACHE_ENV: str(work / f"compile-cache-{gpus}")}
             for label, served in (("first start (no compile cache)", []), ("next start (compile cache)", requests)):
                 # A new container: its own empty inductor cache; only the compile cache folder outlives it.
                 inductor = tempfile.mkdtemp(dir=work, prefix="inductor-")

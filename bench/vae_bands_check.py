@@ -1,6 +1,6 @@
 """Where the VAE in bands spends its time on N GPUs: one 81-frame 448x896 decode in bfloat16, channels-last.
 
-    python -m bench.vae_bands_check --out $OUT/bands.json [--bands 2]
+    python -m bench.vae_bands_check --out results/bands.json [--bands 2]   # N GPUs
 
 Rows (median of `--repeats` after a warm-up, host clock after synchronising every GPU):
 - one GPU, the whole frame (`VideoVAE.decode`);

@@ -1,6 +1,7 @@
 """The Wan VAE's speed levers on one clip, and whether batching the guidance passes would pay.
 
-    python -m bench.vae_check --out $OUT/vae.json [--frames 81 --height 448 --width 896] [--profile] [--bands 2]
+    python -m bench.vae_check --out results/vae.json [--frames 81 --height 448 --width 896] [--profile] [--bands 2]
+    python -m bench.vae_check --tiny --out /tmp/vae.json   # the script itself on a CPU
 
 VAE: the published architecture (`AutoencoderKLWan`, random weights) encodes a MultiTalk condition (25 known frames,
 zeros after them, as `encode_known_frames` gives it) and decodes a random latent of the same clip, in each variant:

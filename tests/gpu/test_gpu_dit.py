@@ -1,0 +1,188 @@
+"""The DiT's numerics on a CUDA GPU: the golden `dit_*` cases in float32 and bf16, and the full-width model cut to one
+block (dim 5120, 40 heads, 32928 tokens, 1 and 2 speakers, random weights) in bf16 under each attention kernel and in
+fp8, against float32 on the same weights.
+
+The float32 truth of a bf16 or fp8 check runs the bf16 weights, upcast, on the same inputs (TF32 off), so only the
+arithmetic differs. bf16 is held to rel = |bf16 - fp32| / |fp32| (2-norms) < 2e-2 with one speaker and < 5e-2 with
+two: two speakers route each token by an argmax over a bf16 attention map, and near-ties move a few tokens to the
+other speaker's label positions (dit_2p on the CPU: 1 and 4 of 288 tokens in its two blocks, 2.3e-2 at the output),
+as the reference's own bf16 run does. fp8 (e4m3, 3 mantissa bits) is held to 0.15: it catches a broken scale (rel
+about 1), not the rounding. The number of moved tokens per block is in each failure message.
+
+Where CUDA is missing the `gpu` marker skips these; with that skip lifted they run on the CPU at the golden cases'
+tiny width, which checks the tests themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import pytest
+import torch
+from golden import cases_with_prefix, load_case
+
+from bench import (
+    attention_backend,
+    build_random,
+    exact_float32,
+    full_config,
+    relative_error,
+    set_self_attention,
+    tiny_config,
+)
+from bench.bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
+from wan.model.dit import MultiTalkDiT
+from wan.model.fp8 import quantize_blocks
+from wan.runtime.kernels import self_attention_kernel
+from wan.runtime.plans import FP8
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BF16_REL_TOL = {1: 2e-2, 2: 5e-2}  # by number of speakers, see above
+FP8_REL_TOL = 0.15
+MODEL_INPUTS = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
+ATTENTION = ("sdpa", "cudnn", "flash", "fa4")
+
+
+def forward_with_probes(model: MultiTalkDiT, inputs: dict) -> dict:
+    """The output, the first block's output, and each block's audio label positions (two speakers only)."""
+    blocks, positions = [], []
+    hooks = [model.blocks[0].register_forward_hook(lambda m, a, out: blocks.append(out))]
+    for block in model.blocks:
+        hooks.append(
+            block.audio_cross_attn.register_forward_pre_hook(
+                lambda m, a, kwargs: positions.append(kwargs.get("q_positions")), with_kwargs=True
+            )
+        )
+    try:
+        with torch.inference_mode():
+            out = model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dict(out=out, block=blocks[0], positions=positions)
+
+
+def routing_flips(test: dict, truth: dict) -> list[int]:
+    """Tokens per block whose label position moved to another speaker's range (a change of more than 1)."""
+    pairs = zip(test["positions"], truth["positions"])
+    return [int(((a.float() - b.float()).abs() > 1).sum()) for a, b in pairs if a is not None and b is not None]
+
+
+def golden_inputs(case) -> dict[str, torch.Tensor]:
+    inputs = case.inputs()
+    return {key: inputs[key].to(DEVICE) for key in MODEL_INPUTS}
+
+
+@pytest.mark.parametrize("name", cases_with_prefix("dit_"))
+def test_golden_dit_in_float32_is_within_the_strict_tolerance(name):
+    case = load_case(name)
+    model = case.dit().to(DEVICE)
+    with exact_float32():
+        out = forward_with_probes(model, golden_inputs(case))["out"]
+    case.assert_close("out", out[None])
+
+
+@pytest.mark.parametrize("name", cases_with_prefix("dit_"))
+def test_golden_dit_in_bf16_is_near_its_float32_run(name):
+    case = load_case(name)
+    inputs = golden_inputs(case)
+    model16 = case.dit().to(DEVICE).to(torch.bfloat16)
+    run16 = forward_with_probes(model16, inputs)
+    with exact_float32():
+        run32 = forward_with_probes(copy.deepcopy(model16).float(), inputs)
+    error = relative_error(run16["out"], run32["out"])
+    golden = relative_error(run16["out"][None].float().cpu(), case.outputs()["out"])
+    tolerance = BF16_REL_TOL[inputs["audio"].shape[0]]
+    assert error["rel"] < tolerance, (
+        f"{name} bf16 vs fp32: rel {error['rel']:.3g} max_abs {error['max_abs']:.3g} (< {tolerance}); routing flips "
+        f"{routing_flips(run16, run32)}; vs golden rel {golden['rel']:.3g}"
+    )
+
+
+@dataclasses.dataclass
+class OneBlock:
+    """The one-block DiT in bf16, its inputs, and the float32 run of the same weights."""
+
+    model16: MultiTalkDiT
+    inputs: dict
+    truth: dict
+    tokens: int
+
+
+@functools.cache
+def one_block(speakers: int) -> OneBlock:
+    full = DEVICE.type == "cuda"
+    config = dataclasses.replace(full_config() if full else tiny_config(), num_layers=1)
+    clip = FULL_CLIP if full else TINY_CLIP
+    generator = torch.Generator(device=DEVICE).manual_seed(100 + speakers)
+    model16 = build_random(lambda: MultiTalkDiT(config), DEVICE, torch.bfloat16, generator)
+    inputs = dit_inputs(config, clip, speakers, DEVICE, generator)  # t = 992 is exact in bf16
+    model32 = copy.deepcopy(model16).float()
+    with exact_float32():
+        truth = forward_with_probes(model32, inputs)
+    del model32
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    tokens = ((clip.frames - 1) // config.vae_scale + 1) * (clip.height // 16) * (clip.width // 16)
+    return OneBlock(model16, inputs, truth, tokens)
+
+
+@pytest.mark.parametrize("speakers", [1, 2])
+@pytest.mark.parametrize("kernel", ATTENTION)
+def test_one_full_width_block_in_bf16_is_near_float32(speakers, kernel):
+    case = one_block(speakers)
+    why_not = set_self_attention(case.model16, kernel)
+    try:
+        if why_not:
+            pytest.skip(why_not)
+        with attention_backend(kernel):
+            run = forward_with_probes(case.model16, case.inputs)
+    finally:
+        set_self_attention(case.model16, "sdpa")
+    block = relative_error(run["block"], case.truth["block"])
+    out = relative_error(run["out"], case.truth["out"])
+    tolerance = BF16_REL_TOL[speakers]
+    assert block["rel"] < tolerance and out["rel"] < tolerance, (
+        f"{case.tokens} tokens, {speakers} speaker(s), {kernel}: block rel {block['rel']:.3g}, output rel "
+        f"{out['rel']:.3g} max_abs {out['max_abs']:.3g} (< {tolerance}); routing flips "
+        f"{routing_flips(run, case.truth)}"
+    )
+
+
+@pytest.mark.parametrize("speakers", [1, 2])
+def test_one_full_width_block_in_fp8_is_near_float32(speakers):
+    case = one_block(speakers)
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (8, 9):
+        pytest.skip(f"{torch.cuda.get_device_name(DEVICE)} has no fp8 matmuls (needs compute capability 8.9+)")
+    model8 = copy.deepcopy(case.model16)
+    quantize_blocks(model8)
+    # The self-attention the fp8 plan runs on this card (cuDNN's fp8 attention on Hopper and newer).
+    model8.set_self_attention(self_attention_kernel(FP8, DEVICE))
+    run = forward_with_probes(model8, case.inputs)
+    del model8
+    out = relative_error(run["out"], case.truth["out"])
+    block = relative_error(run["block"], case.truth["block"])
+    assert out["rel"] < FP8_REL_TOL, (
+        f"{case.tokens} tokens, {speakers} speaker(s), fp8: block rel {block['rel']:.3g}, output rel {out['rel']:.3g} "
+        f"max_abs {out['max_abs']:.3g} (< {FP8_REL_TOL}); routing flips {routing_flips(run, case.truth)}"
+    )
+
+
+@pytest.mark.parametrize("rows, cols, gelu", [(333, 5120, False), (257, 13824, True), (64, 1024, False)])
+def test_row_quantisation_on_the_gpu_gives_the_bits_of_its_torch_arithmetic(rows, cols, gelu):
+    if DEVICE.type != "cuda":
+        pytest.skip("the one-pass row quantisation is a Triton kernel: CUDA only")
+    from wan.model.fp8_rows import quantize_rows
+
+    generator = torch.Generator().manual_seed(5)
+    # Rows of very different magnitudes, as tokens are.
+    x = (torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 3, rows)[:, None]).bfloat16()
+    values, scales = torch.ops.multitalk.quantize_rows(x.to(DEVICE), gelu)
+    expected_values, expected_scales = quantize_rows(x, gelu=gelu)
+    same = (values.cpu().float() == expected_values.float()).float().mean().item()
+    scale_rel = ((scales.cpu() - expected_scales).abs() / expected_scales).max().item()
+    assert same == 1.0 and scale_rel == 0.0, f"{same:.5f} of the e4m3 values equal, scales rel {scale_rel:.2g}"

@@ -256,6 +256,7 @@ def environment(device: torch.device) -> dict:
         cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
         fa3_installed=importlib.util.find_spec("flash_attn_interface") is not None,
     )
+
     def git(*args: str) -> str:
         command = ["git", "-C", str(REPO_ROOT), *args]
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()

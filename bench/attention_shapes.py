@@ -1,6 +1,6 @@
 """Time the DiT's attention shapes under each SDPA backend (and a plain matmul-softmax for the short ones).
 
-    python -m bench.attention_shapes
+python -m bench.attention_shapes
 """
 
 from __future__ import annotations

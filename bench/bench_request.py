@@ -59,8 +59,15 @@ from wan.testing.tiny import (
 )  # fmt: skip
 
 UMT5_XXL = T5Dims(vocab_size=256384, dim=4096, ffn_dim=10240, num_heads=64, num_layers=24)
-VIT_H14 = ClipDims(vision_dim=1280, vision_layers=32, embed_dim=1024, text_vocab_size=250002, text_dim=1024,
-                   text_layers=24, text_max_len=514)
+VIT_H14 = ClipDims(
+    vision_dim=1280,
+    vision_layers=32,
+    embed_dim=1024,
+    text_vocab_size=250002,
+    text_dim=1024,
+    text_layers=24,
+    text_max_len=514,
+)
 WAN_VAE = VaeDims(dim=96)
 EXAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data" / "examples"
 EXAMPLE_IMAGE = EXAMPLES / "multi" / "1" / "multi1.png"
@@ -134,10 +141,12 @@ def full_size(
     for name, module in linears:
         if isinstance(module, torch.nn.Linear) and name.startswith("blocks."):
             key = f"diffusion_model.{name}"
-            lora[f"{key}.lora_down.weight"] = 0.01 * torch.randn(32, module.in_features, generator=generator,
-                                                                  device=device).to(dtype)
-            lora[f"{key}.lora_up.weight"] = 0.01 * torch.randn(module.out_features, 32, generator=generator,
-                                                                device=device).to(dtype)
+            lora[f"{key}.lora_down.weight"] = 0.01 * torch.randn(
+                32, module.in_features, generator=generator, device=device
+            ).to(dtype)
+            lora[f"{key}.lora_up.weight"] = 0.01 * torch.randn(
+                module.out_features, 32, generator=generator, device=device
+            ).to(dtype)
     from safetensors.torch import save_file
 
     service.fast_lora = work / "fast_lora.safetensors"
@@ -155,8 +164,12 @@ def random_audio_sets(service, work: Path, generator: torch.Generator) -> None:
     sets = {}
     for name in ("multitalk", "infinitetalk-single", "infinitetalk-multi"):
         noisy = name != "multitalk"
-        tensors = {k: v + 0.01 * torch.randn(v.shape, generator=generator, device=generator.device).cpu().to(v.dtype)
-                   if noisy else v for k, v in audio.items()}
+        tensors = {
+            k: v + 0.01 * torch.randn(v.shape, generator=generator, device=generator.device).cpu().to(v.dtype)
+            if noisy
+            else v
+            for k, v in audio.items()
+        }
         save_file(tensors, work / f"{name}.safetensors")
         sets[name] = AudioLayerSet(name, work / f"{name}.safetensors", float32_norm=noisy)
     weights = service.pipeline.dit.weights
@@ -169,9 +182,16 @@ def reference_example() -> dict:
     spec = json.loads((EXAMPLES / "multitalk_example_1.json").read_text())
     folder = EXAMPLES.parent  # the json's paths start with "examples/"
     boxes = {k: f"{b[1]},{b[0]},{b[3]},{b[2]}" for k, b in spec["bbox"].items()}
-    return dict(image=str(folder / spec["cond_image"]), audio=str(folder / spec["cond_audio"]["person1"]),
-                second_audio=str(folder / spec["cond_audio"]["person2"]), prompt=spec["prompt"],
-                audio_type=spec["audio_type"], person1_bbox=boxes["person1"], person2_bbox=boxes["person2"], seed=1)
+    return dict(
+        image=str(folder / spec["cond_image"]),
+        audio=str(folder / spec["cond_audio"]["person1"]),
+        second_audio=str(folder / spec["cond_audio"]["person2"]),
+        prompt=spec["prompt"],
+        audio_type=spec["audio_type"],
+        person1_bbox=boxes["person1"],
+        person2_bbox=boxes["person2"],
+        seed=1,
+    )
 
 
 def source_video(path: Path, soundtrack: Path, seconds: float) -> Path:
@@ -204,8 +224,14 @@ def request(runner, log: Log, inputs: dict, label: str, device: torch.device) ->
     stages = {name: float(seconds.rstrip("s")) for name, seconds in parts}
     estimate = next((float(m.group(1)) for m in map(ESTIMATE.match, log.lines) if m), None)
     record = dict(
-        label=label, total_s=total, frames=frames, video_s=frames / FPS, size=f"{wrote.group(2)}x{wrote.group(3)}",
-        stages=stages, estimate_s=estimate, model_s=sum(v for k, v in stages.items() if k not in ("decode", "mp4")),
+        label=label,
+        total_s=total,
+        frames=frames,
+        video_s=frames / FPS,
+        size=f"{wrote.group(2)}x{wrote.group(3)}",
+        stages=stages,
+        estimate_s=estimate,
+        model_s=sum(v for k, v in stages.items() if k not in ("decode", "mp4")),
         peak_GiB=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         audio_layers=runner.service.pipeline.dit.active_audio_layers,
     )
@@ -221,18 +247,29 @@ def main() -> None:
     parser.add_argument("--presets", default="fast", help="comma list of fast, turbo, quality")
     parser.add_argument("--fp8", default="off", help="off, on, or off,on (fp8 runs after the bf16 ones)")
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per speaker")
-    parser.add_argument("--repeats", type=int, default=1, help="requests per preset: the first pays one-off costs "
-                        "(LoRA merge), the others show a warm container")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="requests per preset: the first pays one-off costs (LoRA merge), the others show a warm container",
+    )
     parser.add_argument("--sampling-steps", type=int, default=None, help="override the presets' steps (short runs)")
     parser.add_argument("--image", type=Path, default=EXAMPLE_IMAGE,
                         help="the picture (default: the reference's example)")  # fmt: skip
-    parser.add_argument("--example", action="store_true",
-                        help="the reference's two-speaker example as it is (its picture, 1.8 s + 3.1 s of speech "
-                        "one after the other, boxes, prompt) instead of synthetic speech")
+    parser.add_argument(
+        "--example",
+        action="store_true",
+        help="the reference's two-speaker example as it is (its picture, 1.8 s + 3.1 s of speech "
+        "one after the other, boxes, prompt) instead of synthetic speech",
+    )
     parser.add_argument("--dub", action="store_true", help="InfiniteTalk dubbing of a source video instead")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs for the DiT (> 1: one worker process per GPU)")
-    parser.add_argument("--vae-bands", default="on", choices=["on", "off", "on,off"],
-                        help="--gpus > 1: the VAE in bands over the GPUs (as setup), on one GPU (as before), or both")
+    parser.add_argument(
+        "--vae-bands",
+        default="on",
+        choices=["on", "off", "on,off"],
+        help="--gpus > 1: the VAE in bands over the GPUs (as setup), on one GPU (as before), or both",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script, times nothing")
     args = parser.parse_args()
     if args.example and args.dub:
@@ -266,13 +303,20 @@ def main() -> None:
         results["warm_up_s"] = time.perf_counter() - started  # compile (first generation) + the measured one
         results["costs"] = vars(service.costs)
         save(results, args.out)
-        print(f"built {results['build_s']:.0f} s, warm-up {results['warm_up_s']:.0f} s: {service.costs.describe()}",
-              flush=True)
+        print(
+            f"built {results['build_s']:.0f} s, warm-up {results['warm_up_s']:.0f} s: {service.costs.describe()}",
+            flush=True,
+        )
 
         for k, pitch in enumerate((130, 220)):
             soundfile.write(work / f"speaker{k + 1}.wav", speech(args.seconds, pitch), 16000)
-        inputs = dict(image=str(args.image), audio=str(work / "speaker1.wav"),
-                      second_audio=str(work / "speaker2.wav"), audio_type="para", seed=1)
+        inputs = dict(
+            image=str(args.image),
+            audio=str(work / "speaker1.wav"),
+            second_audio=str(work / "speaker2.wav"),
+            audio_type="para",
+            seed=1,
+        )
         if args.example:
             inputs = reference_example()
         if args.dub:

@@ -104,8 +104,14 @@ def time_passes(model, inputs: dict, device: torch.device, repeats: int) -> dict
             sync()
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return dict(first_s=first, times_s=times, s_per_pass=statistics.median(times), peak_GiB=peak,
-                finite=bool(torch.isfinite(out).all()), out=out.float().cpu())
+    return dict(
+        first_s=first,
+        times_s=times,
+        s_per_pass=statistics.median(times),
+        peak_GiB=peak,
+        finite=bool(torch.isfinite(out).all()),
+        out=out.float().cpu(),
+    )
 
 
 def text_encoder_stand_in(shapes, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -130,8 +136,7 @@ def time_round_trip(parked, device: torch.device, repeats: int = 3) -> dict:
             on_device = all(t.device.type == device.type for t in module.parameters())
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return dict(round_trip_s=statistics.median(times), on_device=on_device, peak_GiB=peak,
-                GiB=parked.nbytes / GIB)
+    return dict(round_trip_s=statistics.median(times), on_device=on_device, peak_GiB=peak, GiB=parked.nbytes / GIB)
 
 
 def fast_request_passes() -> int:
@@ -179,23 +184,31 @@ def main(argv: list[str] | None = None) -> None:
     def run_plan(name: str, model, extra: dict) -> dict:
         record = time_passes(model, inputs, device, args.repeats)
         record.update(extra, host=host_rss() | dict(peak_reset_before=results["host_peak_reset"]))
-        print(f"[{name}] {record['s_per_pass']:.3f} s/pass (first {record['first_s']:.1f} s), peak GPU "
-              f"{record['peak_GiB'] or 0:.1f} GiB, peak host RSS {record['host']['peak'] / GIB:.1f} GiB", flush=True)
+        print(
+            f"[{name}] {record['s_per_pass']:.3f} s/pass (first {record['first_s']:.1f} s), peak GPU "
+            f"{record['peak_GiB'] or 0:.1f} GiB, peak host RSS {record['host']['peak'] / GIB:.1f} GiB",
+            flush=True,
+        )
         return record
 
     if device.type == "cuda":
         free = free_gpu_bytes(device)
-        check("plan choice (whole card)", choose_memory_plan(free).name == "resident",
-              f"{free / GIB:.1f} GiB free before loading")
+        check(
+            "plan choice (whole card)",
+            choose_memory_plan(free).name == "resident",
+            f"{free / GIB:.1f} GiB free before loading",
+        )
 
     # 1. Resident bf16: the reference output. The whole card.
     results["host_peak_reset"] = reset_peak_rss()  # False: VmHWM is the peak since start
     started = time.perf_counter()
     model = build_random(lambda: dit_module.MultiTalkDiT(config), device, dtype, generator)
     place_dit(model, RESIDENT, device)
-    print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in "
-          f"{time.perf_counter() - started:.1f} s; self-attention {model.blocks[0].self_attn.attend.__name__}",
-          flush=True)
+    print(
+        f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in "
+        f"{time.perf_counter() - started:.1f} s; self-attention {model.blocks[0].self_attn.attend.__name__}",
+        flush=True,
+    )
     recompile(model)
     bf16 = run_plan("resident bf16", model, {})
     reference = bf16.pop("out")
@@ -233,12 +246,15 @@ def main(argv: list[str] | None = None) -> None:
     host_gib = sum(host.nbytes for host in streamer.host_blocks) / GIB
     if device.type == "cuda":
         locked = all(host.buffer.is_pinned() for host in streamer.host_blocks)
-        check("blocks page-locked", locked, f"{len(streamer.host_blocks)} buffers, {host_gib:.2f} GiB, moved in "
-              f"{pin_s:.1f} s ({pin_s / host_gib:.2f} s/GiB)")
+        check(
+            "blocks page-locked",
+            locked,
+            f"{len(streamer.host_blocks)} buffers, {host_gib:.2f} GiB, moved in "
+            f"{pin_s:.1f} s ({pin_s / host_gib:.2f} s/GiB)",
+        )
     set_cap(device, None if args.tiny else CAPS_GIB["streamed"])
     if device.type == "cuda":
-        check("plan choice (24 GiB)", choose_memory_plan(int(CAPS_GIB["streamed"] * GIB)).name == "streamed",
-              "")
+        check("plan choice (24 GiB)", choose_memory_plan(int(CAPS_GIB["streamed"] * GIB)).name == "streamed", "")
     with torch.compiler.set_stance("force_eager"):  # the blocks still hold the fp8 plan's compiled wrappers
         eager = run_plan("streamed eager (24 GiB)", model, {})
     eager_out = eager.pop("out")
@@ -252,15 +268,19 @@ def main(argv: list[str] | None = None) -> None:
         streamed["compiled_vs_eager"] = relative_error(streamed_out, eager_out)
     else:
         streamed_out = eager_out
-    streamed.update(cap_GiB=CAPS_GIB["streamed"], pin_s=pin_s, host_blocks_GiB=host_gib, slot_GiB=streamer.slot_bytes
-                    / GIB)
+    streamed.update(
+        cap_GiB=CAPS_GIB["streamed"], pin_s=pin_s, host_blocks_GiB=host_gib, slot_GiB=streamer.slot_bytes / GIB
+    )
     streamed["text_encoder"] = time_round_trip(parked, device)
     streamed["vs_bf16"] = relative_error(streamed_out, reference)
     streamed["vs_fp8"] = relative_error(streamed_out, fp8_out)
     streamed["bit_equal_to_fp8"] = bool(torch.equal(streamed_out, fp8_out))
     results["plans"]["streamed"] = streamed
-    check("streamed output == fp8 resident output", streamed["vs_fp8"]["rel"] < 1e-3,
-          f"bit-equal {streamed['bit_equal_to_fp8']}, rel {streamed['vs_fp8']['rel']:.2e}")
+    check(
+        "streamed output == fp8 resident output",
+        streamed["vs_fp8"]["rel"] < 1e-3,
+        f"bit-equal {streamed['bit_equal_to_fp8']}, rel {streamed['vs_fp8']['rel']:.2e}",
+    )
     for name, record in (("resident_bf16", bf16), ("fp8", fp8), ("streamed", streamed)):
         check(f"{name} output finite", record["finite"], "")
 
@@ -271,35 +291,52 @@ def main(argv: list[str] | None = None) -> None:
     for name, record in (("resident_bf16", bf16), ("fp8", fp8), ("streamed", streamed)):
         trip = record.get("text_encoder", {}).get("round_trip_s", 0.0)
         request_s = record["s_per_pass"] * passes + trip
-        summary[name] = dict(s_per_pass=record["s_per_pass"], fast_request_dit_s=request_s,
-                             pass_ratio=record["s_per_pass"] / fp8["s_per_pass"], request_ratio=request_s / base,
-                             peak_GPU_GiB=max(record["peak_GiB"] or 0, record.get("text_encoder", {}).get("peak_GiB")
-                                              or 0),
-                             peak_host_GiB=record["host"]["peak"] / GIB,
-                             rel_vs_bf16=record.get("vs_bf16", {}).get("rel", 0.0))
+        summary[name] = dict(
+            s_per_pass=record["s_per_pass"],
+            fast_request_dit_s=request_s,
+            pass_ratio=record["s_per_pass"] / fp8["s_per_pass"],
+            request_ratio=request_s / base,
+            peak_GPU_GiB=max(record["peak_GiB"] or 0, record.get("text_encoder", {}).get("peak_GiB") or 0),
+            peak_host_GiB=record["host"]["peak"] / GIB,
+            rel_vs_bf16=record.get("vs_bf16", {}).get("rel", 0.0),
+        )
     results["summary"] = dict(fast_request_passes=passes, plans=summary)
     if not args.tiny:
         for name, target in RATIO_TARGETS.items():
             ratio = summary[name]["request_ratio"]
-            check(f"{name} plan speed", ratio <= target, f"{ratio:.3f}x the resident fp8 DiT per fast request "
-                  f"(target <= {target}); {summary[name]['pass_ratio']:.3f}x per pass")
-            check(f"{name} plan fits its cap", summary[name]["peak_GPU_GiB"] <= CAPS_GIB[name],
-                  f"peak {summary[name]['peak_GPU_GiB']:.1f} GiB of {CAPS_GIB[name]:.0f}")
-        check("streamed plan host RSS", streamed["host"]["peak"] <= HOST_RSS_TARGET_BYTES,
-              f"{streamed['host']['peak'] / 1e9:.1f} GB (target <= 40 GB; DiT blocks + text encoder stand-in + "
-              f"the process)")
+            check(
+                f"{name} plan speed",
+                ratio <= target,
+                f"{ratio:.3f}x the resident fp8 DiT per fast request "
+                f"(target <= {target}); {summary[name]['pass_ratio']:.3f}x per pass",
+            )
+            check(
+                f"{name} plan fits its cap",
+                summary[name]["peak_GPU_GiB"] <= CAPS_GIB[name],
+                f"peak {summary[name]['peak_GPU_GiB']:.1f} GiB of {CAPS_GIB[name]:.0f}",
+            )
+        check(
+            "streamed plan host RSS",
+            streamed["host"]["peak"] <= HOST_RSS_TARGET_BYTES,
+            f"{streamed['host']['peak'] / 1e9:.1f} GB (target <= 40 GB; DiT blocks + text encoder stand-in + "
+            f"the process)",
+        )
 
     results["checks"] = [dict(name=n, ok=ok, detail=d) for n, ok, d in checks]
     results["total_s"] = time.perf_counter() - started_all
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"\n{env['device_name']} | fast request = {passes} passes | total {results['total_s']:.0f} s")
-    print(f"{'plan':<14} {'s/pass':>7} {'x fp8':>6} {'request_s':>9} {'x fp8':>6} {'GPU GiB':>8} {'host GiB':>8} "
-          f"{'rel vs bf16':>11}")
+    print(
+        f"{'plan':<14} {'s/pass':>7} {'x fp8':>6} {'request_s':>9} {'x fp8':>6} {'GPU GiB':>8} {'host GiB':>8} "
+        f"{'rel vs bf16':>11}"
+    )
     for name, row in summary.items():
-        print(f"{name:<14} {row['s_per_pass']:>7.3f} {row['pass_ratio']:>6.3f} {row['fast_request_dit_s']:>9.1f} "
-              f"{row['request_ratio']:>6.3f} {row['peak_GPU_GiB']:>8.1f} {row['peak_host_GiB']:>8.1f} "
-              f"{row['rel_vs_bf16']:>11.4f}")
+        print(
+            f"{name:<14} {row['s_per_pass']:>7.3f} {row['pass_ratio']:>6.3f} {row['fast_request_dit_s']:>9.1f} "
+            f"{row['request_ratio']:>6.3f} {row['peak_GPU_GiB']:>8.1f} {row['peak_host_GiB']:>8.1f} "
+            f"{row['rel_vs_bf16']:>11.4f}"
+        )
     print(json.dumps(dict(summary=results["summary"], checks=results["checks"]), indent=1))
     raise SystemExit(0 if all(ok for _, ok, _ in checks) else 1)
 

@@ -1,6 +1,6 @@
 """Where one DiT pass spends its GPU time: torch.profiler over one compiled forward, kernels grouped by kind.
 
-    python -m bench.profile_dit [--fp8] [--layers N] [--out F]
+python -m bench.profile_dit [--fp8] [--layers N] [--out F]
 """
 
 from __future__ import annotations

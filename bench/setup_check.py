@@ -110,12 +110,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the set (default: a temp dir)")
     parser.add_argument("--seconds", type=float, default=3.0, help="speech of the short requests (one clip)")
-    parser.add_argument("--requests", default="fast,turbo", help="after the second setup: fast (4 steps), turbo "
-                        "(with 4 steps: the LoRA undone from the files)")
+    parser.add_argument(
+        "--requests",
+        default="fast,turbo",
+        help="after the second setup: fast (4 steps), turbo (with 4 steps: the LoRA undone from the files)",
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny set on the CPU: checks the script")
     parser.add_argument("--timeout", type=float, default=400.0, help="seconds per setup process")
-    parser.add_argument("--gpus", default="1", help="comma list: the DiT on this many GPUs (MULTITALK_GPUS), two "
-                        "starts each, each count with a compile cache folder of its own")
+    parser.add_argument(
+        "--gpus",
+        default="1",
+        help="comma list: the DiT on this many GPUs (MULTITALK_GPUS), two "
+        "starts each, each count with a compile cache folder of its own",
+    )
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")

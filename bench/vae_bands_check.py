@@ -74,7 +74,9 @@ def main() -> None:
 
         rows["bands_alone_threads_s"] = timed(alone, devices, 1, args.repeats)
         rows["bands_one_after_another_s"] = timed(
-            lambda: [banded.replicas[i].decode(parts[i].to(devices[i])) for i in range(args.bands)], devices, 1,
+            lambda: [banded.replicas[i].decode(parts[i].to(devices[i])) for i in range(args.bands)],
+            devices,
+            1,
             args.repeats,
         )
         thread_cpu: dict[str, float] = {}
@@ -108,8 +110,17 @@ def main() -> None:
     for key, value in rows.items():
         print(f"{key:32s} {value}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(environment=environment(torch.device(devices[0])), args=vars(args) | {
-        "out": str(args.out)}, rows=rows, table=table), indent=1))
+    args.out.write_text(
+        json.dumps(
+            dict(
+                environment=environment(torch.device(devices[0])),
+                args=vars(args) | {"out": str(args.out)},
+                rows=rows,
+                table=table,
+            ),
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

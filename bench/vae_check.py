@@ -57,7 +57,7 @@ def variant(vae: VideoVAE, dtype: torch.dtype, channels_last: bool) -> VideoVAE:
 
 
 def compare(ours: torch.Tensor, base: torch.Tensor) -> dict:
-    diff = (ours.float() - base.float())
+    diff = ours.float() - base.float()
     mse = diff.square().mean().item()
     return dict(
         rel_l2=(diff.norm() / base.float().norm()).item(),
@@ -74,8 +74,9 @@ def clip_inputs(args: argparse.Namespace, device: torch.device) -> tuple[VideoVA
     video = torch.zeros(3, args.frames, args.height, args.width, device=device)
     known = min(KNOWN_FRAMES, args.frames)
     video[:, :known] = torch.rand(3, known, args.height, args.width, device=device, generator=generator) * 2 - 1
-    latent = torch.randn(16, 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8, device=device,
-                         generator=generator)
+    latent = torch.randn(
+        16, 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8, device=device, generator=generator
+    )
     return base, video, latent
 
 
@@ -92,21 +93,32 @@ def vae_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows, reference = [], None
     for name, dtype, channels_last, benchmark in variants:
         vae = base if (dtype, channels_last) == (torch.float32, False) else variant(base, dtype, channels_last)
-        flags = torch.backends.cudnn.flags(enabled=True, benchmark=benchmark) if device.type == "cuda" else \
-            contextlib.nullcontext()
+        flags = (
+            torch.backends.cudnn.flags(enabled=True, benchmark=benchmark)
+            if device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         with flags:
             encode, latent_out = time_calls(lambda: vae.encode(video), device, args.warmup, args.repeats)
             decode, video_out = time_calls(lambda: vae.decode(latent), device, args.warmup, args.repeats)
         if reference is None:
             reference = latent_out, video_out
-        row = dict(variant=name, encode=encode.summary(), decode=decode.summary(),
-                   latent=compare(latent_out, reference[0]), video=compare(video_out, reference[1]),
-                   clamped=(video_out.abs() >= 1).float().mean().item())
+        row = dict(
+            variant=name,
+            encode=encode.summary(),
+            decode=decode.summary(),
+            latent=compare(latent_out, reference[0]),
+            video=compare(video_out, reference[1]),
+            clamped=(video_out.abs() >= 1).float().mean().item(),
+        )
         if device.type == "cuda":
             row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 1024**3
             torch.cuda.reset_peak_memory_stats(device)
-        print(f"{name:42s} encode {encode.median_s:6.3f} s decode {decode.median_s:6.3f} s  "
-              f"video rel {row['video']['rel_l2']:.2e} psnr {row['video']['psnr_db']:.1f} dB", flush=True)
+        print(
+            f"{name:42s} encode {encode.median_s:6.3f} s decode {decode.median_s:6.3f} s  "
+            f"video rel {row['video']['rel_l2']:.2e} psnr {row['video']['psnr_db']:.1f} dB",
+            flush=True,
+        )
         rows.append(row)
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -135,12 +147,22 @@ def banded_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
             decode, video_out = time_calls(lambda: vae.decode(latent), device, args.warmup, args.repeats)
             timings[name] = encode, decode, latent_out, video_out
         (encode1, decode1, latent1, video1), (encode_n, decode_n, latent_n, video_n) = timings.values()
-        row = dict(dtype=str(dtype), bands=args.bands, encode_1=encode1.summary(), decode_1=decode1.summary(),
-                   encode_n=encode_n.summary(), decode_n=decode_n.summary(),
-                   latent=compare(latent_n, latent1), video=compare(video_n, video1))
-        print(f"{str(dtype):15s} encode {encode1.median_s:6.3f} -> {encode_n.median_s:6.3f} s  decode "
-              f"{decode1.median_s:6.3f} -> {decode_n.median_s:6.3f} s ({args.bands} bands)  latent rel "
-              f"{row['latent']['rel_l2']:.1e}  video rel {row['video']['rel_l2']:.1e}", flush=True)
+        row = dict(
+            dtype=str(dtype),
+            bands=args.bands,
+            encode_1=encode1.summary(),
+            decode_1=decode1.summary(),
+            encode_n=encode_n.summary(),
+            decode_n=decode_n.summary(),
+            latent=compare(latent_n, latent1),
+            video=compare(video_n, video1),
+        )
+        print(
+            f"{str(dtype):15s} encode {encode1.median_s:6.3f} -> {encode_n.median_s:6.3f} s  decode "
+            f"{decode1.median_s:6.3f} -> {decode_n.median_s:6.3f} s ({args.bands} bands)  latent rel "
+            f"{row['latent']['rel_l2']:.1e}  video rel {row['video']['rel_l2']:.1e}",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -173,10 +195,18 @@ def batch_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         one, two = make(1), make(2)
         single, _ = time_calls(lambda: (fn(one), fn(one)), device, args.warmup, args.repeats)
         batched, _ = time_calls(lambda: fn(two), device, args.warmup, args.repeats)
-        rows.append(dict(op=name, two_batch1_s=single.median_s, one_batch2_s=batched.median_s,
-                         gain=single.median_s / batched.median_s - 1))
-        print(f"{name:28s} 2 x batch 1 {single.median_s * 1e3:8.2f} ms   batch 2 {batched.median_s * 1e3:8.2f} ms",
-              flush=True)
+        rows.append(
+            dict(
+                op=name,
+                two_batch1_s=single.median_s,
+                one_batch2_s=batched.median_s,
+                gain=single.median_s / batched.median_s - 1,
+            )
+        )
+        print(
+            f"{name:28s} 2 x batch 1 {single.median_s * 1e3:8.2f} ms   batch 2 {batched.median_s * 1e3:8.2f} ms",
+            flush=True,
+        )
     return rows
 
 

@@ -18,8 +18,11 @@ HERE = Path(__file__).resolve().parent
 SAMPLE_RATE = 16000
 # First three formants (Hz) of five vowels, average adult values.
 VOWELS = {
-    "a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (270, 2290, 3010),
-    "o": (570, 840, 2410), "u": (300, 870, 2240),
+    "a": (730, 1090, 2440),
+    "e": (530, 1840, 2480),
+    "i": (270, 2290, 3010),
+    "o": (570, 840, 2410),
+    "u": (300, 870, 2240),
 }
 
 
@@ -73,7 +76,7 @@ def speech_like(seconds: float, f0: float, vowels: str, seed: int) -> np.ndarray
         envelope = np.sin(np.pi * np.linspace(0, 1, stop - start)) ** 0.7
         out[start:stop] += voiced * envelope
         burst = min(int(0.03 * SAMPLE_RATE), stop - start)  # a consonant-like noise onset
-        out[start:start + burst] += 0.3 * np.diff(rng.standard_normal(burst + 1)) * np.hanning(burst) * voiced.std()
+        out[start : start + burst] += 0.3 * np.diff(rng.standard_normal(burst + 1)) * np.hanning(burst) * voiced.std()
         t += length + (rng.uniform(0.15, 0.3) if k % 4 == 3 else rng.uniform(0.01, 0.05))
     return 0.5 * out / np.abs(out).max()
 

@@ -29,15 +29,29 @@ class Preset:
 
 _MULTITALK = {
     # The reference CLI recipe: 40 steps, 3 passes each, no caching; shift 7 at 480p and 11 at 720p (both CLIs).
-    "quality": Preset(steps=40, shift={"480p": 7.0, "720p": 11.0}, text_scale=5.0, audio_scale=4.0,
-                      teacache_thresh=None),
+    "quality": Preset(
+        steps=40, shift={"480p": 7.0, "720p": 11.0}, text_scale=5.0, audio_scale=4.0, teacache_thresh=None
+    ),
     # cog-MultiTalk's turbo guidance and shift; TeaCache at the top of the reference README's useful range (0.2-0.5)
     # instead of cog-MultiTalk's 0.8, which skips so many steps that lips lose sync.
-    "turbo": Preset(steps=40, shift={"480p": 5.0, "720p": 5.0}, text_scale=3.0, audio_scale=3.0, teacache_thresh=0.5,
-                    vae_dtype=torch.bfloat16),
+    "turbo": Preset(
+        steps=40,
+        shift={"480p": 5.0, "720p": 5.0},
+        text_scale=3.0,
+        audio_scale=3.0,
+        teacache_thresh=0.5,
+        vae_dtype=torch.bfloat16,
+    ),
     # The step-distilled LoRA (4 steps): text guidance off (2 passes per step), light audio guidance.
-    "fast": Preset(steps=4, shift={"480p": 5.0, "720p": 5.0}, text_scale=1.0, audio_scale=2.0, teacache_thresh=None,
-                   vae_dtype=torch.bfloat16, lora=FAST_LORA),
+    "fast": Preset(
+        steps=4,
+        shift={"480p": 5.0, "720p": 5.0},
+        text_scale=1.0,
+        audio_scale=2.0,
+        teacache_thresh=None,
+        vae_dtype=torch.bfloat16,
+        lora=FAST_LORA,
+    ),
 }
 # InfiniteTalk runs MultiTalk's recipes over its own audio layers.
 PRESETS: dict[Model, dict[str, Preset]] = {"multitalk": _MULTITALK, "infinitetalk": _MULTITALK}

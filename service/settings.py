@@ -44,5 +44,7 @@ class Settings:
         if self.gpus is None:
             return max(1, visible)
         if not self.gpus.isdigit() or not 1 <= int(self.gpus) <= max(1, visible):
-            raise ValueError(f"{GPUS_ENV}={self.gpus!r}: give a whole number from 1 to {max(1, visible)} (the visible GPUs)")
+            raise ValueError(
+                f"{GPUS_ENV}={self.gpus!r}: give a whole number from 1 to {max(1, visible)} (the visible GPUs)"
+            )
         return int(self.gpus)

@@ -19,7 +19,12 @@ import torch
 from PIL import Image
 
 from src.audio import (
-    TARGET_SAMPLE_RATE, audio_prepare_multi, audio_prepare_single, get_embedding, load_wav2vec, video_frame_count,
+    TARGET_SAMPLE_RATE,
+    audio_prepare_multi,
+    audio_prepare_single,
+    get_embedding,
+    load_wav2vec,
+    video_frame_count,
 )
 from src.video import Mp4Writer, SourceVideo, read_video
 from wan import GenerationPlan, GenerationRequest, load_pipeline
@@ -119,9 +124,16 @@ class TalkingVideoService:
         # kernels and traced graphs on this GPU type are loaded first and this start's saved after the warm-up.
         compile_cache = compile_cache_file(settings.compile_cache, device)
         with recording_compiles(compile_cache):
-            self.pipeline = load_pipeline(paths.wan, paths.multitalk, paths.infinitetalk, device=device,
-                                          compile=on_gpu, memory_plan=memory_plan, gpus=gpus,
-                                          compile_cache=compile_cache)
+            self.pipeline = load_pipeline(
+                paths.wan,
+                paths.multitalk,
+                paths.infinitetalk,
+                device=device,
+                compile=on_gpu,
+                memory_plan=memory_plan,
+                gpus=gpus,
+                compile_cache=compile_cache,
+            )
             self.feature_extractor, self.wav2vec = load_wav2vec(paths.wav2vec, device=self.pipeline.device)
             self._warm_up_audio()
             self.warm_up()
@@ -141,8 +153,9 @@ class TalkingVideoService:
         """Compile every shape a request can take and measure the costs the time estimate uses (the start's last
         step; again whenever the DiT changes). Clip costs are measured with the VAE of the default preset (turbo,
         fast's too): quality's float32 VAE adds a few seconds to a clip of minutes."""
-        self.costs = self.pipeline.warm_up(size_bucket or self._buckets("480p", "multitalk"),
-                                           vae_dtype=PRESETS["multitalk"]["turbo"].vae_dtype)
+        self.costs = self.pipeline.warm_up(
+            size_bucket or self._buckets("480p", "multitalk"), vae_dtype=PRESETS["multitalk"]["turbo"].vae_dtype
+        )
 
     def _warm_up_audio(self) -> None:
         """The audio front end once on a second of sound: its first call loads and compiles what the decoding,
@@ -183,8 +196,14 @@ class TalkingVideoService:
                 self.pipeline.stream(generation, options, writer.write, plan=plan, clock=clock)
                 with clock.stage(MP4):
                     writer.close()
-        log.info("wrote %d frames %dx%d in %.1fs (%s)", plan.frames, plan.width, plan.height,
-                 time.monotonic() - started, clock.summary())
+        log.info(
+            "wrote %d frames %dx%d in %.1fs (%s)",
+            plan.frames,
+            plan.width,
+            plan.height,
+            time.monotonic() - started,
+            clock.summary(),
+        )
         return TalkingVideo(path, plan.frames, plan.width, plan.height)
 
     def _validate(self, request: TalkingVideoRequest) -> tuple[Recipe, tuple]:
@@ -214,8 +233,14 @@ class TalkingVideoService:
         return recipe, boxes
 
     def _prepare(
-        self, request: TalkingVideoRequest, recipe: Recipe, media: Media, plan: GenerationPlan, boxes: tuple,
-        soundtrack: Path, clock: StageClock,
+        self,
+        request: TalkingVideoRequest,
+        recipe: Recipe,
+        media: Media,
+        plan: GenerationPlan,
+        boxes: tuple,
+        soundtrack: Path,
+        clock: StageClock,
     ) -> GenerationRequest:
         """The soundtrack and the embeddings of the audio the clips read (not the whole file), then the weights the
         recipe needs: swapping them is the first expensive step, so it comes after every input is known good."""
@@ -223,8 +248,9 @@ class TalkingVideoService:
         soundfile.write(soundtrack, media.mix[:samples], TARGET_SAMPLE_RATE)
         with clock.stage(WAV2VEC2):
             embeddings = tuple(
-                get_embedding(track[:samples], self.feature_extractor, self.wav2vec, TARGET_SAMPLE_RATE,
-                              self.wav2vec.device)
+                get_embedding(
+                    track[:samples], self.feature_extractor, self.wav2vec, TARGET_SAMPLE_RATE, self.wav2vec.device
+                )
                 for track in media.tracks
             )
         loras = [(self.fast_lora, 1.0)] if recipe.settings.lora == FAST_LORA else []

@@ -44,8 +44,11 @@ def check_time(
             steps_of[id(other)] = computed_steps(other) if computed_steps is not None else other.steps
         return estimate_seconds(costs, plan_generation(frames, source_hw, other, steps_of[id(other)]))
 
-    others = {name: sampling_options(replace(recipe, preset=name, steps=None), options.max_frames, 0)
-              for name in PRESET_NAMES if name != recipe.preset}
+    others = {
+        name: sampling_options(replace(recipe, preset=name, steps=None), options.max_frames, 0)
+        for name in PRESET_NAMES
+        if name != recipe.preset
+    }
     fits = [name for name, other in others.items() if estimate(other, plan.speech_frames) <= limit]
     frames = plan.speech_frames
     while frames > 1 and estimate(options, frames) > limit:

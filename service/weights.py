@@ -60,7 +60,9 @@ class WeightPaths:
     @classmethod
     def under(cls, base: Path) -> "WeightPaths":
         base = Path(base)
-        return cls(base / WAN_DIR_NAME, base / MULTITALK_DIR_NAME, base / WAV2VEC_DIR_NAME, base / INFINITETALK_DIR_NAME)
+        return cls(
+            base / WAN_DIR_NAME, base / MULTITALK_DIR_NAME, base / WAV2VEC_DIR_NAME, base / INFINITETALK_DIR_NAME
+        )
 
     def size_buckets(self) -> dict[str, dict[str, list[int]]]:
         """Bucket tables that replace the built-in ones of the same name, if the weights bring any."""
@@ -159,8 +161,9 @@ def verify_files(folder: Path, expected) -> None:
             continue
         path.unlink()
     if problems:
-        raise RuntimeError(f"download check failed in {folder} (bad files deleted; rerun to fetch them again): "
-                           + "; ".join(problems))
+        raise RuntimeError(
+            f"download check failed in {folder} (bad files deleted; rerun to fetch them again): " + "; ".join(problems)
+        )
 
 
 def file_sha256(path: Path) -> str:

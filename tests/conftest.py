@@ -14,7 +14,6 @@ from support.loopback import Loopback
 from wan.testing.tiny import write_tiny_checkpoints
 
 
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

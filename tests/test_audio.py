@@ -155,7 +155,17 @@ def test_same_samples_as_the_ffmpeg_binary(media: Path, file_name: str) -> None:
     """The same libav decoders as the ffmpeg binary, maybe another version: equal to within float32 rounding
     (measured: lossless formats bit-equal, lossy ones at most 1.2e-7 apart, ffmpeg 5.1 against PyAV's libav 8.0)."""
     samples, rate = decode_native(media / file_name)
-    command = [ffmpeg_tool("ffmpeg"), "-v", "error", "-i", str(media / file_name), "-map", "0:a:0", "-ac", str(len(samples))]
+    command = [
+        ffmpeg_tool("ffmpeg"),
+        "-v",
+        "error",
+        "-i",
+        str(media / file_name),
+        "-map",
+        "0:a:0",
+        "-ac",
+        str(len(samples)),
+    ]
     command += ["-ar", str(rate), "-f", "f32le", "-"]
     raw = subprocess.run(command, capture_output=True, check=True).stdout
     expected = np.frombuffer(raw, "<f4").reshape(-1, len(samples)).T

@@ -15,8 +15,11 @@ from wan.model.fp8_rows import quantize_rows
 @pytest.fixture
 def pipeline(tiny_weights):
     return load_pipeline(
-        tiny_weights / "Wan2.1-I2V-14B-480P", tiny_weights / "MeiGen-MultiTalk", tiny_weights / INFINITETALK_DIR_NAME,
-        device="cpu", dtype=torch.float32,
+        tiny_weights / "Wan2.1-I2V-14B-480P",
+        tiny_weights / "MeiGen-MultiTalk",
+        tiny_weights / INFINITETALK_DIR_NAME,
+        device="cpu",
+        dtype=torch.float32,
     )
 
 
@@ -60,7 +63,8 @@ def test_fp8_layers_take_the_new_weights_quantised(pipeline, tiny_weights):
     assert isinstance(layer, Fp8Linear)
     pipeline.set_weights("infinitetalk-single")
     weight = load_file(tiny_weights / INFINITETALK_DIR_NAME / INFINITETALK_FILES["infinitetalk-single"])[
-        "blocks.0.audio_cross_attn.q_linear.weight"]
+        "blocks.0.audio_cross_attn.q_linear.weight"
+    ]
     values, scale = quantize_rows(weight)
     assert torch.equal(layer.weight.float(), values.float()) and torch.equal(layer.weight_scale, scale.T)
 
@@ -76,10 +80,15 @@ def test_infinitetalk_norm_runs_in_float32_on_bf16_weights(pipeline):
     projector.float32_norm = False
     plain = projector(first, latter)
     norm = projector.norm
-    hidden = projector.proj3(F.relu(projector.proj2(torch.cat([F.relu(projector.proj1(first.flatten(2))),
-                                                               F.relu(projector.proj1_vf(latter.flatten(2)))], 1))))
+    hidden = projector.proj3(
+        F.relu(
+            projector.proj2(
+                torch.cat([F.relu(projector.proj1(first.flatten(2))), F.relu(projector.proj1_vf(latter.flatten(2)))], 1)
+            )
+        )
+    )
     hidden = hidden.unflatten(-1, (config.context_tokens, config.output_dim))
     by_hand = F.layer_norm(hidden.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
     assert tokens.dtype == torch.float32 and torch.equal(tokens, by_hand)
     assert plain.dtype == torch.bfloat16
-    assert (plain.float() - tokens).abs().max() <= 2 ** -7 * tokens.abs().max()  # about one bf16 ulp apart
+    assert (plain.float() - tokens).abs().max() <= 2**-7 * tokens.abs().max()  # about one bf16 ulp apart

@@ -17,8 +17,18 @@ from wan.configs import DiTConfig
 from wan.testing.tiny import write_dit
 
 CONFIG = DiTConfig(
-    dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_len=8, text_dim=16, intermediate_dim=4, output_dim=16,
-    context_tokens=4, clip_dim=24, audio_layers=2, audio_channels=8,
+    dim=32,
+    ffn_dim=64,
+    num_heads=2,
+    num_layers=2,
+    text_len=8,
+    text_dim=16,
+    intermediate_dim=4,
+    output_dim=16,
+    context_tokens=4,
+    clip_dim=24,
+    audio_layers=2,
+    audio_channels=8,
 )
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SHARD_1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
@@ -217,10 +227,17 @@ def test_check_files_lists_everything_missing(tmp_path: Path):
         check_files(wan_dir, wav2vec_dir=wav2vec_dir)
     message = str(info.value)
     for name in (
-        "config.json", "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
-        "Wan2.1_VAE.pth", "umt5-xxl/spiece.model", "umt5-xxl/tokenizer.json", "umt5-xxl/tokenizer_config.json",
-        "umt5-xxl/special_tokens_map.json", "diffusion_pytorch_model.safetensors.index.json",
-        "chinese-wav2vec2-base/preprocessor_config.json", "chinese-wav2vec2-base/model.safetensors",
+        "config.json",
+        "models_t5_umt5-xxl-enc-bf16.pth",
+        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+        "Wan2.1_VAE.pth",
+        "umt5-xxl/spiece.model",
+        "umt5-xxl/tokenizer.json",
+        "umt5-xxl/tokenizer_config.json",
+        "umt5-xxl/special_tokens_map.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "chinese-wav2vec2-base/preprocessor_config.json",
+        "chinese-wav2vec2-base/model.safetensors",
     ):
         assert name in message, name
 

@@ -31,7 +31,9 @@ def test_rules_beyond_the_schema():
     config = _config()
     build = config["build"]
     assert build["gpu"] is True
-    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", build["cuda"]), "cuda must be named explicitly (torch 2.13 is not in cog's table)"
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", build["cuda"]), (
+        "cuda must be named explicitly (torch 2.13 is not in cog's table)"
+    )
     assert str(build["python_version"]) == "3.11"
     assert not ("python_packages" in build and "python_requirements" in build)
     assert (REPO / build["python_requirements"]).is_file()

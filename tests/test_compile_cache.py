@@ -123,6 +123,8 @@ def test_the_file_names_torch_and_the_card_and_the_setting_turns_it_off(monkeypa
     assert compile_cache_file(folder, torch.device("cpu")) is None  # nothing is compiled on a CPU
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
     path = compile_cache_file(folder, torch.device("cuda"))
-    assert path.parent == tmp_path and path.name == f"inductor-torch{torch.__version__.replace('+', '-')}-NVIDIA-H200.bin"
+    assert (
+        path.parent == tmp_path and path.name == f"inductor-torch{torch.__version__.replace('+', '-')}-NVIDIA-H200.bin"
+    )
     off = Settings.from_env({COMPILE_CACHE_ENV: ""}).compile_cache
     assert compile_cache_file(off, torch.device("cuda")) is None

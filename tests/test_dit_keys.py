@@ -39,9 +39,21 @@ def test_published_14b_keys_and_shapes():
 
 def test_optional_norms_drop_their_keys():
     config = DiTConfig(
-        dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=16, text_len=8, intermediate_dim=4, output_dim=16,
-        qk_norm=False, cross_attn_norm=False, norm_input_visual=False, norm_output_audio=False,
-        clip_dim=24, audio_layers=3, audio_channels=5,
+        dim=32,
+        ffn_dim=64,
+        num_heads=2,
+        num_layers=1,
+        text_dim=16,
+        text_len=8,
+        intermediate_dim=4,
+        output_dim=16,
+        qk_norm=False,
+        cross_attn_norm=False,
+        norm_input_visual=False,
+        norm_output_audio=False,
+        clip_dim=24,
+        audio_layers=3,
+        audio_channels=5,
     )
     with torch.device("meta"):
         keys = MultiTalkDiT(config).state_dict()

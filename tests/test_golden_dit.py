@@ -21,6 +21,7 @@ pytestmark = pytest.mark.golden
 
 DIT_CASES = cases_with_prefix("dit_")
 
+
 def dit_config(case) -> DiTConfig:
     return DiTConfig.from_dict(case.dit_config_values())
 

@@ -51,10 +51,13 @@ def test_golden_t5(case_name: str, tmp_path: Path) -> None:
     )
     config = encoder.model.config
     assert (config.d_model, config.num_heads, config.d_ff) == (
-        case.config["dim"], case.config["num_heads"], case.config["dim_ffn"]
+        case.config["dim"],
+        case.config["num_heads"],
+        case.config["dim_ffn"],
     )
     assert (config.num_layers, config.relative_attention_num_buckets) == (
-        case.config["encoder_layers"], case.config["num_buckets"]
+        case.config["encoder_layers"],
+        case.config["num_buckets"],
     )
 
     outputs = case.outputs()
@@ -102,7 +105,9 @@ def test_golden_vae(case_name: str, tmp_path: Path) -> None:
     vae = VideoVAE.from_checkpoint(write_pth(case, tmp_path))
     config = vae.model.config
     assert (config.base_dim, config.z_dim, config.num_res_blocks) == (
-        case.config["dim"], case.config["z_dim"], case.config["num_res_blocks"]
+        case.config["dim"],
+        case.config["z_dim"],
+        case.config["num_res_blocks"],
     )
     assert list(config.dim_mult) == case.config["dim_mult"]
     assert list(config.temperal_downsample) == case.config["temperal_downsample"]

@@ -54,8 +54,9 @@ class RecordingDiT(torch.nn.Module):
 
     def forward(self, x, t, context, clip_fea, y, audio, masks, cache=None):
         out = self.dit(x, t, context, clip_fea, y, audio, masks, cache=cache)
-        self.trace.dit.append(dict(x=x.clone(), t=t.clone(), context=context, y=y, audio=audio, masks=masks, out=out,
-                                   cache=cache))
+        self.trace.dit.append(
+            dict(x=x.clone(), t=t.clone(), context=context, y=y, audio=audio, masks=masks, out=out, cache=cache)
+        )
         return out
 
     def time_embeddings(self, t):
@@ -258,8 +259,9 @@ def audio_windows(case: GoldenCase, k: int, audio: torch.Tensor, name) -> dict[s
 
 
 def teacache_tables(caches, steps: int) -> dict[str, torch.Tensor]:
-    tables = {key: torch.full((steps, 3), float("nan"), dtype=torch.float64)
-              for key in ("rel_l1", "rescaled", "accumulated")}
+    tables = {
+        key: torch.full((steps, 3), float("nan"), dtype=torch.float64) for key in ("rel_l1", "rescaled", "accumulated")
+    }
     skipped = torch.zeros(steps, 3, dtype=torch.int64)
     for name, column in BRANCH_COLUMNS.items():
         decisions = caches[column].decisions
@@ -302,7 +304,9 @@ def check_case(case: GoldenCase, tmp_path, monkeypatch, vae_bands: int = 1) -> T
     if "negative_prompt_after_whitespace_clean" in cfg:
         assert clean_prompt(negative) == cfg["negative_prompt_after_whitespace_clean"]
     # The reference returns fewer frames than the audio covers (its final cut, README defect M1); we keep them all.
-    assert video.shape[1] == min(cfg.get("max_frames_num", cfg["frame_num"]), case.inputs()["audio_emb_person1"].shape[0])
+    assert video.shape[1] == min(
+        cfg.get("max_frames_num", cfg["frame_num"]), case.inputs()["audio_emb_person1"].shape[0]
+    )
 
     found = observed_tensors(case, video, trace)
     missing = sorted(set(expected) - set(found))

@@ -108,7 +108,11 @@ def server(tmp_path_factory):
     with open(log, "wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     cog = CogServer(process, f"http://127.0.0.1:{port}", tmpdir, log)
     try:
@@ -160,7 +164,7 @@ def _check_video(body: dict, tmp_path: Path, seconds: float) -> dict:
     prefix = "data:video/mp4;base64,"
     assert body["output"].startswith(prefix), body["output"][:80]
     mp4 = tmp_path / "output.mp4"
-    mp4.write_bytes(base64.b64decode(body["output"][len(prefix):]))
+    mp4.write_bytes(base64.b64decode(body["output"][len(prefix) :]))
     frames = round(seconds * FPS)
     facts, tracks = probe_video(mp4), mp4_tracks(mp4)
     assert facts["video_codec"] == "h264" and facts["audio_codec"] == "aac"
@@ -196,8 +200,11 @@ def test_data_uri_inputs_without_extensions_give_a_playable_mp4(server, media, t
 
 def test_http_url_inputs_with_two_speakers(server, media, tmp_path):
     inputs = {
-        "image": media["image_url"], "audio": media["audio_url"], "second_audio": media["second_audio_url"],
-        "audio_type": "para", **TINY,
+        "image": media["image_url"],
+        "audio": media["audio_url"],
+        "second_audio": media["second_audio_url"],
+        "audio_type": "para",
+        **TINY,
     }
     response = server.predict(inputs)
     assert response.status_code == 200, response.text
@@ -260,8 +267,9 @@ def test_video_with_sound_is_dubbed_to_its_own_length(server, media, tmp_path):
     frames = np.zeros((20, 48, 64, 3), np.uint8)  # a longer video: the sound decides the length
     frames[..., 0] = np.arange(20)[:, None, None] * 12
     clip = write_media(tmp_path / "source.mp4", frames=frames, audio=sound)
-    response = server.predict({"video": _data_uri(clip.read_bytes(), "application/octet-stream"),
-                               "model": "infinitetalk", **TINY})
+    response = server.predict(
+        {"video": _data_uri(clip.read_bytes(), "application/octet-stream"), "model": "infinitetalk", **TINY}
+    )
     _check_video(response.json(), tmp_path, 11 / FPS)
 
 

@@ -53,11 +53,23 @@ def test_plan_chosen_from_free_memory(free_gib, expected):
 def test_plan_fields_follow_the_issue():
     resident, fp8, streamed = (choose_memory_plan(int(g * GIB)) for g in (80, 46, 24))
     assert (resident.dit_weights, resident.dit_placement, resident.text_encoder, resident.vae_tiled) == (
-        "bf16", "resident", "resident", False)
+        "bf16",
+        "resident",
+        "resident",
+        False,
+    )
     assert (fp8.dit_weights, fp8.dit_placement, fp8.text_encoder, fp8.vae_tiled) == (
-        "fp8", "resident", "while_encoding", False)
+        "fp8",
+        "resident",
+        "while_encoding",
+        False,
+    )
     assert (streamed.dit_weights, streamed.dit_placement, streamed.text_encoder, streamed.vae_tiled) == (
-        "fp8", "streamed", "while_encoding", True)
+        "fp8",
+        "streamed",
+        "while_encoding",
+        True,
+    )
     # Host: 40 fp8 blocks (18.19 - 0.59 = 17.6) + the parked text encoder (10.58).
     assert streamed.host_gib == pytest.approx(28.18) and fp8.host_gib == pytest.approx(10.58)
 
@@ -78,8 +90,11 @@ def test_empty_override_means_choose():
 
 
 def test_bad_override_names_the_variable_and_the_choices():
-    with pytest.raises(ValueError, match=r"MULTITALK_MEMORY_PLAN='fast' is not a memory plan; use one of resident, "
-                                         r"fp8, streamed"):
+    with pytest.raises(
+        ValueError,
+        match=r"MULTITALK_MEMORY_PLAN='fast' is not a memory plan; use one of resident, "
+        r"fp8, streamed",
+    ):
         choose_memory_plan(int(80 * GIB), "fast", MEMORY_PLAN_ENV)
 
 
@@ -225,6 +240,7 @@ def test_parked_module_runs_from_a_device_copy_and_returns_home():
 
 # --- plans put in place: the loader and the pipeline on the tiny checkpoint set --------------------------------------
 
+
 def test_load_dit_prepares_each_block_before_reading_the_next(tiny_weights):
     states = []
 
@@ -294,6 +310,7 @@ def test_streamed_plan_tiles_the_vae(tiny_weights):
 
 
 # --- LoRAs on fp8 weights (the fp8 and streamed plans): merged into the re-read bf16 original, then quantised ------
+
 
 def rank2_lora(model: MultiTalkDiT, names: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
     lora = {}

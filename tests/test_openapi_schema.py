@@ -62,8 +62,10 @@ def test_the_committed_schema_accepts_what_cogs_validation_accepts(committed):
             if value is None:
                 cog_ok = nullable_none  # cog passes None through; the runner's Optional inputs take it
             if schema_ok != cog_ok:
-                disagreements.append(f"{name}={value!r}: schema {'accepts' if schema_ok else 'refuses'}, cog "
-                                     f"{'accepts' if cog_ok else 'refuses'}")
+                disagreements.append(
+                    f"{name}={value!r}: schema {'accepts' if schema_ok else 'refuses'}, cog "
+                    f"{'accepts' if cog_ok else 'refuses'}"
+                )
     assert not disagreements, disagreements
     defaults = {name: prop["default"] for name, prop in properties.items() if "default" in prop}
     assert defaults == {name: v for name, v in _inspector.check_input(inputs, {}).items() if name in defaults}
@@ -87,14 +89,16 @@ def test_no_non_optional_input_defaults_to_none():
     hints = typing.get_type_hints(method)
     explicit = explicit_defaults(method)
     offenders = [
-        name for name, p in inspect.signature(method).parameters.items()
-        if name in explicit and getattr(p.default, "default", p.default) is None
+        name
+        for name, p in inspect.signature(method).parameters.items()
+        if name in explicit
+        and getattr(p.default, "default", p.default) is None
         and type(None) not in typing.get_args(hints[name])
     ]
     assert not offenders, f"default None on non-Optional inputs: {offenders}; annotate them Optional[...]"
 
 
-TOY = '''
+TOY = """
 from typing import Optional
 from cog import BasePredictor, Input, Path, Secret
 
@@ -114,7 +118,7 @@ class Predictor(BasePredictor):
         level: int = Input(default=2, choices=[1, 2, 3], description="Level."),
     ) -> Path:
         return image
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -131,40 +135,82 @@ def test_generator_rules_on_a_toy_predictor(toy):
     # Expected values written out by hand from cog's generator rules (pkg/schema/openapi_spec.go, cog-notes §1.2).
     schemas = toy["components"]["schemas"]
     assert list(schemas) == [
-        "Input", "Output", "mode", "level", "PredictionRequest", "PredictionResponse", "Status",
-        "HTTPValidationError", "ValidationError",
+        "Input",
+        "Output",
+        "mode",
+        "level",
+        "PredictionRequest",
+        "PredictionResponse",
+        "Status",
+        "HTTPValidationError",
+        "ValidationError",
     ]
     props = schemas["Input"]["properties"]
     assert list(props) == ["image", "steps", "mode", "seed", "scale", "note", "tag", "api_key", "count", "level"]
     assert props["image"] == {
-        "x-order": 0, "title": "Image", "type": "string", "format": "uri", "description": "An image.",
+        "x-order": 0,
+        "title": "Image",
+        "type": "string",
+        "format": "uri",
+        "description": "An image.",
         "x-cog-accept": "image/*",
     }
     assert props["steps"] == {
-        "x-order": 1, "title": "Steps", "type": "integer", "default": 4, "description": "Steps.", "minimum": 1,
+        "x-order": 1,
+        "title": "Steps",
+        "type": "integer",
+        "default": 4,
+        "description": "Steps.",
+        "minimum": 1,
         "maximum": 50,
     }
     assert props["mode"] == {
-        "x-order": 2, "allOf": [{"$ref": "#/components/schemas/mode"}], "default": "copy", "description": "Mode.",
+        "x-order": 2,
+        "allOf": [{"$ref": "#/components/schemas/mode"}],
+        "default": "copy",
+        "description": "Mode.",
     }
-    assert schemas["mode"] == {"title": "mode", "description": "An enumeration.", "enum": ["copy", "upper"],
-                               "type": "string"}
+    assert schemas["mode"] == {
+        "title": "mode",
+        "description": "An enumeration.",
+        "enum": ["copy", "upper"],
+        "type": "string",
+    }
     assert schemas["level"]["type"] == "integer" and schemas["level"]["enum"] == [1, 2, 3]
     # None default on a non-Optional type: required, no default.
     assert props["seed"] == {"x-order": 3, "title": "Seed", "type": "integer", "description": "Seed."}
     assert props["scale"] == {
-        "x-order": 4, "title": "Scale", "type": "number", "default": None, "nullable": True, "description": "Scale.",
-        "minimum": 0.5, "maximum": 2.5,
+        "x-order": 4,
+        "title": "Scale",
+        "type": "number",
+        "default": None,
+        "nullable": True,
+        "description": "Scale.",
+        "minimum": 0.5,
+        "maximum": 2.5,
     }
     # Optional without a default in the source: nullable, not required, no "default" key.
     assert props["note"] == {"x-order": 5, "title": "Note", "type": "string", "nullable": True, "description": "Note."}
     assert props["tag"] == {
-        "x-order": 6, "title": "Tag", "type": "string", "default": "ab", "description": "Tag <a-z> & more.",
-        "pattern": "^[a-z]+$", "minLength": 1, "maxLength": 8,
+        "x-order": 6,
+        "title": "Tag",
+        "type": "string",
+        "default": "ab",
+        "description": "Tag <a-z> & more.",
+        "pattern": "^[a-z]+$",
+        "minLength": 1,
+        "maxLength": 8,
     }
     assert props["api_key"] == {
-        "x-order": 7, "title": "Api Key", "type": "string", "format": "password", "writeOnly": True,
-        "x-cog-secret": True, "default": None, "nullable": True, "description": "Key.",
+        "x-order": 7,
+        "title": "Api Key",
+        "type": "string",
+        "format": "password",
+        "writeOnly": True,
+        "x-cog-secret": True,
+        "default": None,
+        "nullable": True,
+        "description": "Key.",
     }
     assert props["count"] == {"x-order": 8, "title": "Count", "type": "integer", "default": 3}
     assert schemas["Input"]["required"] == ["image", "seed"]
@@ -178,9 +224,15 @@ def test_rendering_follows_gos_encoder(toy):
     assert text.startswith('{\n  "components": {\n    "schemas": {\n      "Input": {\n        "properties": {\n')
     # Go sorts plain map keys, escapes <, > and &, and prints integral floats without a fraction.
     assert '"description": "Tag \\u003ca-z\\u003e \\u0026 more."' in text
-    steps = text[text.index('"steps": {'):text.index('"mode": {')]
+    steps = text[text.index('"steps": {') : text.index('"mode": {')]
     assert [line.split('"')[1] for line in steps.splitlines()[1:-2]] == [
-        "default", "description", "maximum", "minimum", "title", "type", "x-order"
+        "default",
+        "description",
+        "maximum",
+        "minimum",
+        "title",
+        "type",
+        "x-order",
     ]
     assert '"maximum": 50,' in steps and '"maximum": 2.5,' in text
     assert json.loads(text) == json.loads(json.dumps(toy))

@@ -4,7 +4,12 @@ measured pass times, which branches each round runs. Expected values are worked 
 from __future__ import annotations
 
 from wan.runtime.schedule import (
-    Split, candidate_schedules, choose_schedule, predicted_step_seconds, schedule_rounds, valid_splits
+    Split,
+    candidate_schedules,
+    choose_schedule,
+    predicted_step_seconds,
+    schedule_rounds,
+    valid_splits,
 )
 
 HEADS = 40
@@ -31,8 +36,18 @@ def test_valid_splits_of_8_gpus_keep_degrees_that_divide_the_heads():
 def test_candidates_of_2_gpus_and_3_passes_cover_every_pass_without_idle_groups():
     found = set(candidate_schedules(2, 3, HEADS, {1, 2}))
     assert found == {
-        (S11, S11, S11), (S11, S11, S12), (S11, S12, S11), (S12, S11, S11), (S11, S12, S12), (S12, S11, S12),
-        (S12, S12, S11), (S12, S12, S12), (S21, S11), (S21, S12), (S11, S21), (S12, S21),
+        (S11, S11, S11),
+        (S11, S11, S12),
+        (S11, S12, S11),
+        (S12, S11, S11),
+        (S11, S12, S12),
+        (S12, S11, S12),
+        (S12, S12, S11),
+        (S12, S12, S12),
+        (S21, S11),
+        (S21, S12),
+        (S11, S21),
+        (S12, S21),
     }
 
 

@@ -163,8 +163,9 @@ def test_teacache_steps_come_from_the_workers_dit(group):
     model = golden_model()
     for thresh in (0.0, 1e6, 1e12):
         with torch.inference_mode():
-            expected = sampling.teacache_computed_steps((model.time_embeddings(t)[1] for t in timesteps), thresh,
-                                                        "multitalk-480")
+            expected = sampling.teacache_computed_steps(
+                (model.time_embeddings(t)[1] for t in timesteps), thresh, "multitalk-480"
+            )
         assert group.teacache_steps(timesteps, TeaCacheSettings(thresh, "multitalk-480")) == expected
     assert expected == 5  # only the warm-up steps: the prediction is not constant
 
@@ -224,8 +225,9 @@ def test_pipeline_with_workers_equals_plain_pipeline(group, pipeline_parts, spea
     generator = torch.Generator().manual_seed(frames)
     audio = tuple(torch.randn(frames, 12, 768, generator=generator) for _ in range(speakers))
     request = GenerationRequest("talk", Image.new("RGB", (96, 64), (120, 80, 60)), audio)
-    options = SamplingOptions(size_bucket={"0.67": [32, 48]}, frame_num=9, motion_frame=5, steps=7, shift=7.0, seed=3,
-                              **options)
+    options = SamplingOptions(
+        size_bucket={"0.67": [32, 48]}, frame_num=9, motion_frame=5, steps=7, shift=7.0, seed=3, **options
+    )
     with one_thread():  # as the CPU workers: else matmul rounding differs, and the second clip amplifies it
         expected = plain_pipeline.generate(request, options, progress=False)
     video = parallel.generate(request, options, progress=False)
@@ -330,8 +332,9 @@ def test_compiled_workers_keep_their_kernels_between_starts(tmp_path, monkeypatc
             workers.begin_clip(cond)
             velocities = workers.velocities(latent, t, THREE_PASS)
             workers.end_clip()
-            reports.append(([info["compile_cache_loaded"] for info in workers.worker_info],
-                            workers.save_compile_cache()))
+            reports.append(
+                ([info["compile_cache_loaded"] for info in workers.worker_info], workers.save_compile_cache())
+            )
         finally:
             workers.close()
         assert_same_velocities(velocities, expected)

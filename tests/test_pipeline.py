@@ -52,8 +52,9 @@ class RecordingVAE:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     parts = golden_parts(load_case("pipeline_e2e"), tmp_path_factory.mktemp("parts"))
-    return Pipeline(LocalDiT(CountingDiT(parts.dit)), parts.encode_text, lambda frames: parts.clip_features,
-                    RecordingVAE(parts.vae))
+    return Pipeline(
+        LocalDiT(CountingDiT(parts.dit)), parts.encode_text, lambda frames: parts.clip_features, RecordingVAE(parts.vae)
+    )
 
 
 def _generate(pipeline, frames, speakers=1, boxes=None, **options):
@@ -125,7 +126,9 @@ def test_streaming_reencodes_and_renoises_the_motion_frames(pipeline):
         first_step = calls[k * 6]["x"]
         # At t = 1000 the re-noised motion latent (1 + (5 - 1) // 4 = 2 latent frames) is its noise draw exactly;
         # after the last step (t = 0) it is the motion latent exactly.
-        assert torch.equal(first_step[:, :2], motion_noise[k][0]) and torch.equal(first_step[:, 2:], clip_noise[k][:, 2:])
+        assert torch.equal(first_step[:, :2], motion_noise[k][0]) and torch.equal(
+            first_step[:, 2:], clip_noise[k][:, 2:]
+        )
         assert torch.equal(decoded[k][0][:, :2], latent[:, :2])
         # Clip k adds its frames after the 5 it shares with clip k - 1.
         start = 9 + 4 * (k - 1)
@@ -167,8 +170,9 @@ def test_the_vae_dtype_is_the_options(pipeline):
     assert 1e-4 < relative < 0.05
     assert vae.cast(torch.bfloat16).dtype == torch.bfloat16 and vae.cast(torch.bfloat16) is vae.cast(torch.bfloat16)
     assert vae.cast(torch.float32) is vae and torch.equal(next(vae.model.parameters()), weight)
-    assert torch.equal(fp32.generate(request, dataclasses.replace(options, vae_dtype=torch.float32), progress=False),
-                       base)
+    assert torch.equal(
+        fp32.generate(request, dataclasses.replace(options, vae_dtype=torch.float32), progress=False), base
+    )
 
 
 def test_max_frames_caps_the_video(pipeline):
@@ -224,8 +228,10 @@ def test_input_errors_are_clear(pipeline):
     with pytest.raises(ValueError, match="NaN"):
         GenerationRequest("", Image.new("RGB", (96, 64)), (torch.full((9, 12, 768), float("nan")),))
     with pytest.raises(ValueError, match="do not match the model"):
-        pipeline.generate(GenerationRequest("", Image.new("RGB", (96, 64)), (torch.zeros(9, 3, 32),)),
-                          SamplingOptions(size_bucket=BUCKET, frame_num=9, steps=1))
+        pipeline.generate(
+            GenerationRequest("", Image.new("RGB", (96, 64)), (torch.zeros(9, 3, 32),)),
+            SamplingOptions(size_bucket=BUCKET, frame_num=9, steps=1),
+        )
     with pytest.raises(ValueError, match="speaker 2"):
         _generate(pipeline, 9, speakers=2, boxes=((0, 0, 40, 60), (95, 0, 96, 1)))
     with pytest.raises(ValueError, match="4n\\+1"):
@@ -241,8 +247,16 @@ def test_warm_up_runs_every_graph_then_measures(pipeline):
     small = 3 * (32 // 16) * (48 // 16)
     common = 2 * (32 // 16) * (48 // 16)
     assert [(c["speakers"], c["x"][0].numel() // 4) for c in pipeline.dit.module.calls] == [
-        (2, common), (1, common), (2, small), (2, small), (1, small), (1, small), (1, small), (1, small),
-        (2, common), (1, common),
+        (2, common),
+        (1, common),
+        (2, small),
+        (2, small),
+        (1, small),
+        (1, small),
+        (1, small),
+        (1, small),
+        (2, common),
+        (1, common),
     ]
     assert costs.tokens == 2 * (32 // 16) * (48 // 16) and costs.pixels == 32 * 48 and costs.frames == 5
     assert costs.pass_seconds > 0 and costs.clip_seconds > 0 and costs.text_seconds > 0
@@ -255,14 +269,18 @@ def test_infinitetalk_anchors_each_clip_on_the_source_frame_at_its_start(pipelin
 
     anchors = []
     condition = pipeline_module.infinitetalk_condition
-    monkeypatch.setattr(pipeline_module, "infinitetalk_condition",
-                        lambda vae, source, *rest: anchors.append(source.clone()) or condition(vae, source, *rest))
+    monkeypatch.setattr(
+        pipeline_module,
+        "infinitetalk_condition",
+        lambda vae, source, *rest: anchors.append(source.clone()) or condition(vae, source, *rest),
+    )
     shades = [10, 50, 90, 130, 170, 210]  # source frame k is one flat colour: k is readable from any crop of it
     video = torch.stack([torch.full((64, 96, 3), shade, dtype=torch.uint8) for shade in shades])
     audio = (torch.randn(14, 12, 768, generator=torch.Generator().manual_seed(0)),)  # 14 frames: clips at 0, 4, 8
     settings = dict(size_bucket=BUCKET, frame_num=9, motion_frame=5, steps=2, shift=7.0, seed=3, model="infinitetalk")
-    out = pipeline.generate(GenerationRequest("talk", None, audio, video=video), SamplingOptions(**settings),
-                            progress=False)
+    out = pipeline.generate(
+        GenerationRequest("talk", None, audio, video=video), SamplingOptions(**settings), progress=False
+    )
 
     assert out.shape[1] == 14
     seen = [round(float((anchor.mean() + 1) / 2 * 255)) for anchor in anchors]

@@ -15,8 +15,9 @@ def _predict(runner, **inputs):
 
 def _count_passes(runner):
     calls = []
-    handle = runner.service.pipeline.dit.module.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1),
-                                                              with_kwargs=True)
+    handle = runner.service.pipeline.dit.module.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(1), with_kwargs=True
+    )
     return calls, handle
 
 
@@ -29,7 +30,9 @@ def test_fast_mode_merges_the_lora_runs_two_passes_per_step_and_restores_exactly
         merged = runner.service.pipeline.dit.module.state_dict()
         assert not torch.equal(merged["blocks.0.self_attn.q.weight"], base["blocks.0.self_attn.q.weight"])
         diff_b = load_file(runner.service.fast_lora)["diffusion_model.blocks.0.self_attn.q.diff_b"]
-        by_hand = (base["blocks.0.self_attn.q.bias"].float() + diff_b.float()).to(merged["blocks.0.self_attn.q.bias"].dtype)
+        by_hand = (base["blocks.0.self_attn.q.bias"].float() + diff_b.float()).to(
+            merged["blocks.0.self_attn.q.bias"].dtype
+        )
         assert torch.equal(merged["blocks.0.self_attn.q.bias"], by_hand)
         calls.clear()
         _predict(runner, turbo=False, sampling_steps=2)
@@ -43,11 +46,28 @@ def test_user_lora_from_url_and_a_mismatching_one(runner, loopback):
     dit = runner.service.pipeline.dit.module
     weight = dit.state_dict()["blocks.1.ffn.0.weight"]
     generator = torch.Generator().manual_seed(0)
-    up, down = torch.randn(weight.shape[0], 2, generator=generator), torch.randn(2, weight.shape[1], generator=generator)
-    mine = loopback.url("mine.safetensors", save({"diffusion_model.blocks.1.ffn.0.lora_up.weight": up,
-                                                  "diffusion_model.blocks.1.ffn.0.lora_down.weight": down}))
-    wrong = loopback.url("wrong.safetensors", save({"diffusion_model.blocks.7.nothing.lora_up.weight": up,
-                                                    "diffusion_model.blocks.7.nothing.lora_down.weight": down}))
+    up, down = (
+        torch.randn(weight.shape[0], 2, generator=generator),
+        torch.randn(2, weight.shape[1], generator=generator),
+    )
+    mine = loopback.url(
+        "mine.safetensors",
+        save(
+            {
+                "diffusion_model.blocks.1.ffn.0.lora_up.weight": up,
+                "diffusion_model.blocks.1.ffn.0.lora_down.weight": down,
+            }
+        ),
+    )
+    wrong = loopback.url(
+        "wrong.safetensors",
+        save(
+            {
+                "diffusion_model.blocks.7.nothing.lora_up.weight": up,
+                "diffusion_model.blocks.7.nothing.lora_down.weight": down,
+            }
+        ),
+    )
     base = {k: v.clone() for k, v in dit.state_dict().items()}
 
     _predict(runner, lora_url=mine, lora_scale=0.5)

@@ -19,7 +19,9 @@ def test_source_video_is_read_as_far_as_the_clips_use_it(runner, tmp_path, monke
     requests = []
     pipeline = runner.service.pipeline
     stream = pipeline.stream
-    monkeypatch.setattr(pipeline, "stream", lambda request, *a, **k: requests.append(request) or stream(request, *a, **k))
+    monkeypatch.setattr(
+        pipeline, "stream", lambda request, *a, **k: requests.append(request) or stream(request, *a, **k)
+    )
 
     runner.run(**run_inputs(video=str(video), audio=str(speech), model=model, seed=1))
 

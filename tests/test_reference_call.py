@@ -35,15 +35,36 @@ def test_reference_call_pattern(tiny_weights, tmp_path, monkeypatch):
         "video_audio": str(tmp_path / "sum.wav"),
     }
     args = argparse.Namespace(
-        size="multitalk-480", frame_num=5, motion_frame=25, sample_shift=7.0, sample_steps=7,
-        sample_text_guide_scale=5.0, sample_audio_guide_scale=4.0, base_seed=42, offload_model=False, mode="clip",
+        size="multitalk-480",
+        frame_num=5,
+        motion_frame=25,
+        sample_shift=7.0,
+        sample_steps=7,
+        sample_text_guide_scale=5.0,
+        sample_audio_guide_scale=4.0,
+        base_seed=42,
+        offload_model=False,
+        mode="clip",
         # A threshold that random tiny weights reach (their time embedding moves ~100 % per step, not ~1 %).
-        color_correction_strength=1.0, use_teacache=True, teacache_thresh=1e12, use_apg=True, apg_momentum=-0.75,
+        color_correction_strength=1.0,
+        use_teacache=True,
+        teacache_thresh=1e12,
+        use_apg=True,
+        apg_momentum=-0.75,
         apg_norm_threshold=55,
     )
     wan_i2v = wan.MultiTalkPipeline(
-        config=WAN_CONFIGS["multitalk-14B"], checkpoint_dir=str(root / "Wan2.1-I2V-14B-480P"), device_id=0, rank=0,
-        t5_fsdp=False, dit_fsdp=False, use_usp=False, t5_cpu=False, lora_dir=None, lora_scales=None, quant=None,
+        config=WAN_CONFIGS["multitalk-14B"],
+        checkpoint_dir=str(root / "Wan2.1-I2V-14B-480P"),
+        device_id=0,
+        rank=0,
+        t5_fsdp=False,
+        dit_fsdp=False,
+        use_usp=False,
+        t5_cpu=False,
+        lora_dir=None,
+        lora_scales=None,
+        quant=None,
         quant_dir=None,
     )
     block_runs, apg_terms = [], []
@@ -72,8 +93,9 @@ def test_reference_call_pattern(tiny_weights, tmp_path, monkeypatch):
     # APG: a text and an audio direction per step.
     assert len(apg_terms) == 2 * 7
     # Colour correction at strength 1: every frame takes the condition image's Lab mean (its std is 0 here).
-    reference = rgb_to_lab(((image_to_tensor(Image.open(input_data["cond_image"]), 320, 1216)[0, :, 0] + 1) / 2)
-                           .permute(1, 2, 0)).mean(dim=(0, 1))
+    reference = rgb_to_lab(
+        ((image_to_tensor(Image.open(input_data["cond_image"]), 320, 1216)[0, :, 0] + 1) / 2).permute(1, 2, 0)
+    ).mean(dim=(0, 1))
     frames = rgb_to_lab(((video.double() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)).mean(dim=(1, 2))
     torch.testing.assert_close(frames, reference.expand_as(frames), atol=0.5, rtol=0)
     assert set(os.listdir()) == cwd_before  # nothing written to the working directory

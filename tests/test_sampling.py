@@ -21,6 +21,7 @@ from wan.generation.sampling import (
     timesteps,
 )
 
+
 # The reference's documented schedule for 40 steps at shift 7 (spec §4.5).
 def test_timesteps_documented_values() -> None:
     ts = timesteps(40, 7.0)

@@ -71,8 +71,14 @@ def test_teacache_skips_known_ahead_are_taken_off_the_estimate():
         return skips(options)
 
     with pytest.raises(ValueError, match="use the turbo or fast preset"):
-        check_time(H200, plan(quality, computed_steps=counted(quality)), WIDE, recipe("quality"), quality,
-                   computed_steps=counted)
+        check_time(
+            H200,
+            plan(quality, computed_steps=counted(quality)),
+            WIDE,
+            recipe("quality"),
+            quality,
+            computed_steps=counted,
+        )
     assert len(asked) == 3
 
 

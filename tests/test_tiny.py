@@ -43,17 +43,27 @@ SHARD_1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
 SHARD_2 = "diffusion_pytorch_model-00002-of-00002.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PUBLISHED_FILES = {
-    f"{WAN}/config.json", f"{WAN}/{SHARD_1}", f"{WAN}/{SHARD_2}", f"{WAN}/{INDEX}",
-    f"{WAN}/models_t5_umt5-xxl-enc-bf16.pth", f"{WAN}/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+    f"{WAN}/config.json",
+    f"{WAN}/{SHARD_1}",
+    f"{WAN}/{SHARD_2}",
+    f"{WAN}/{INDEX}",
+    f"{WAN}/models_t5_umt5-xxl-enc-bf16.pth",
+    f"{WAN}/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
     f"{WAN}/Wan2.1_VAE.pth",
-    f"{WAN}/google/umt5-xxl/spiece.model", f"{WAN}/google/umt5-xxl/tokenizer.json",
-    f"{WAN}/google/umt5-xxl/tokenizer_config.json", f"{WAN}/google/umt5-xxl/special_tokens_map.json",
-    "MeiGen-MultiTalk/multitalk.safetensors", f"MeiGen-MultiTalk/{INDEX}",
-    "chinese-wav2vec2-base/config.json", "chinese-wav2vec2-base/preprocessor_config.json",
-    "chinese-wav2vec2-base/pytorch_model.bin", "chinese-wav2vec2-base/model.safetensors",
+    f"{WAN}/google/umt5-xxl/spiece.model",
+    f"{WAN}/google/umt5-xxl/tokenizer.json",
+    f"{WAN}/google/umt5-xxl/tokenizer_config.json",
+    f"{WAN}/google/umt5-xxl/special_tokens_map.json",
+    "MeiGen-MultiTalk/multitalk.safetensors",
+    f"MeiGen-MultiTalk/{INDEX}",
+    "chinese-wav2vec2-base/config.json",
+    "chinese-wav2vec2-base/preprocessor_config.json",
+    "chinese-wav2vec2-base/pytorch_model.bin",
+    "chinese-wav2vec2-base/model.safetensors",
     # lightx2v's step-distillation LoRA (Kijai/WanVideo_comfy), for the fast preset
     "loras/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
-    "InfiniteTalk/single/infinitetalk.safetensors", "InfiniteTalk/multi/infinitetalk.safetensors",
+    "InfiniteTalk/single/infinitetalk.safetensors",
+    "InfiniteTalk/multi/infinitetalk.safetensors",
     # not published: the tiny set's thumbnail bucket tables (wan.testing.tiny.tiny_size_buckets)
     "size_buckets.json",
 }
@@ -172,9 +182,17 @@ def test_wav2vec2_files(root: Path):
     assert config["architectures"] == ["Wav2Vec2ForPreTraining"]
     assert config["conv_dim"] == [16] * 7
     assert config["conv_kernel"] == [10, 3, 3, 3, 3, 2, 2] and config["conv_stride"] == [5, 2, 2, 2, 2, 2, 2]
-    expected = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
-                "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16, "feat_extract_norm": "group",
-                "do_stable_layer_norm": False, "conv_bias": False}
+    expected = {
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "num_conv_pos_embeddings": 128,
+        "num_conv_pos_embedding_groups": 16,
+        "feat_extract_norm": "group",
+        "do_stable_layer_norm": False,
+        "conv_bias": False,
+    }
     assert {k: config[k] for k in expected} == expected
     preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
     assert preprocessor["feature_extractor_type"] == "Wav2Vec2FeatureExtractor"
@@ -261,14 +279,19 @@ def test_fast_lora_is_in_the_published_key_format_and_merges(root: Path):
     lora = load_file(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME)
     assert all(k.startswith("diffusion_model.blocks.") for k in lora)
     assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in lora} == {
-        "lora_down", "lora_up", "alpha", "diff_b"
+        "lora_down",
+        "lora_up",
+        "alpha",
+        "diff_b",
     }
     dit = load_dit(root / WAN, dtype=torch.bfloat16)
     before = {k: v.clone() for k, v in dit.state_dict().items()}
     merged = merge_loras(dit, [(root / FAST_LORA_DIR_NAME / FAST_LORA_NAME, 1.0)], reload=dit_tensor_reader(root / WAN))
     key = "blocks.0.self_attn.q.weight"
     prefix = "diffusion_model.blocks.0.self_attn.q"
-    by_hand = before[key].float() + lora[f"{prefix}.lora_up.weight"].float() @ lora[f"{prefix}.lora_down.weight"].float()
+    by_hand = (
+        before[key].float() + lora[f"{prefix}.lora_up.weight"].float() @ lora[f"{prefix}.lora_down.weight"].float()
+    )
     torch.testing.assert_close(dit.state_dict()[key].float(), by_hand.to(torch.bfloat16).float(), rtol=0, atol=0.02)
     merged.restore()  # re-read from the shards: exactly the loaded weights again
     assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())

@@ -125,7 +125,17 @@ def test_write_mp4_pixels_round_trip(tmp_path, clean_dirs) -> None:
 def test_ffmpeg_binaries_read_the_file_alike(tmp_path) -> None:
     video = _video()
     out = write_mp4(video, tmp_path / "v.mp4", _wav(tmp_path / "voice.wav", 1.0), fps=FPS)
-    command = [ffmpeg_tool("ffprobe"), "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", str(out)]
+    command = [
+        ffmpeg_tool("ffprobe"),
+        "-v",
+        "error",
+        "-count_frames",
+        "-show_streams",
+        "-show_format",
+        "-of",
+        "json",
+        str(out),
+    ]
     streams = {
         s["codec_type"]: s
         for s in json.loads(subprocess.run(command, capture_output=True, check=True).stdout)["streams"]

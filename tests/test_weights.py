@@ -51,7 +51,9 @@ def test_weights_in_root_need_no_network(tiny_weights, tmp_path, no_network):
 def test_weights_argument_and_cog_weights_env_win_over_root(tiny_weights, tmp_path, no_network):
     empty_root = tmp_path / "weights"
     _assert_paths(resolve_weights(str(tiny_weights), empty_root), tiny_weights)
-    _assert_paths(resolve_weights(Settings.from_env({WEIGHTS_ENV: str(tiny_weights)}).weights, empty_root), tiny_weights)
+    _assert_paths(
+        resolve_weights(Settings.from_env({WEIGHTS_ENV: str(tiny_weights)}).weights, empty_root), tiny_weights
+    )
     assert not empty_root.exists()
 
 
@@ -61,9 +63,16 @@ def test_missing_weights_without_network_raise_one_clear_error(tmp_path, monkeyp
     with pytest.raises(RuntimeError) as caught:
         resolve_weights(None, root)
     message = str(caught.value)
-    for what in ("COG_WEIGHTS", str(root.resolve()), "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
-                 "chinese-wav2vec2-base", "diffusion_pytorch_model.safetensors.index.json",
-                 "MeiGen-MultiTalk/multitalk.safetensors", "InfiniteTalk/multi/infinitetalk.safetensors"):
+    for what in (
+        "COG_WEIGHTS",
+        str(root.resolve()),
+        "models_t5_umt5-xxl-enc-bf16.pth",
+        "Wan2.1_VAE.pth",
+        "chinese-wav2vec2-base",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "MeiGen-MultiTalk/multitalk.safetensors",
+        "InfiniteTalk/multi/infinitetalk.safetensors",
+    ):
         assert what in message, what
 
 
@@ -169,8 +178,10 @@ def test_size_mismatch_is_rejected(tiny_weights, tmp_path, monkeypatch):
 
     def info_with_wrong_size(repo_id, **kwargs):
         info = real_info(repo_id, **kwargs)
-        info.siblings = [RepoSibling(s.rfilename, s.size + 1, None, s.lfs) if s.rfilename == "config.json" else s
-                         for s in info.siblings]
+        info.siblings = [
+            RepoSibling(s.rfilename, s.size + 1, None, s.lfs) if s.rfilename == "config.json" else s
+            for s in info.siblings
+        ]
         return info
 
     hub.model_info = info_with_wrong_size

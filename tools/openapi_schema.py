@@ -27,8 +27,13 @@ from cog import _inspector
 REPO = Path(__file__).resolve().parents[1]
 NULLABLE = (adt.Repetition.OPTIONAL, adt.Repetition.OPTIONAL_REPEATED)
 # Optional constraints of an Input() and their OpenAPI keys, in cog's order.
-BOUNDS = (("ge", "minimum"), ("le", "maximum"), ("min_length", "minLength"), ("max_length", "maxLength"),
-          ("regex", "pattern"))
+BOUNDS = (
+    ("ge", "minimum"),
+    ("le", "maximum"),
+    ("min_length", "minLength"),
+    ("max_length", "maxLength"),
+    ("regex", "pattern"),
+)
 
 
 class Ordered(dict):
@@ -58,12 +63,17 @@ def build_schema(module: str, name: str) -> dict[str, Any]:
     for field in info.inputs.values():
         prop: dict[str, Any] = {"x-order": field.order}
         if field.choices:
-            enums.append((field.name, {
-                "title": field.name,
-                "description": "An enumeration.",
-                "enum": list(field.choices),
-                "type": field.type.primitive.json_type()["type"],
-            }))
+            enums.append(
+                (
+                    field.name,
+                    {
+                        "title": field.name,
+                        "description": "An enumeration.",
+                        "enum": list(field.choices),
+                        "type": field.type.primitive.json_type()["type"],
+                    },
+                )
+            )
             prop["allOf"] = [{"$ref": f"#/components/schemas/{field.name}"}]
         else:
             prop["title"] = title_case(field.name)
@@ -105,7 +115,7 @@ def explicit_defaults(method) -> set[str]:
     """
     tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
     args = tree.body[0].args
-    with_defaults = args.args[len(args.args) - len(args.defaults):]
+    with_defaults = args.args[len(args.args) - len(args.defaults) :]
     return {arg.arg for arg, node in zip(with_defaults, args.defaults) if gives_default(node)}
 
 

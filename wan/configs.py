@@ -85,6 +85,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 # Aspect-ratio buckets: key (h / w) -> [h, w] in pixels. Ties go to the first key in this order.
+# fmt: off
 ASPECT_RATIO_BUCKETS: dict[str, dict[str, list[int]]] = {
     "multitalk-480": {
         "0.26": [320, 1216], "0.38": [384, 1024], "0.50": [448, 896], "0.67": [512, 768],
@@ -101,6 +102,7 @@ ASPECT_RATIO_BUCKETS: dict[str, dict[str, list[int]]] = {
         "3.75": [1920, 512],
     },
 }
+# fmt: on
 
 # InfiniteTalk names the same tables after itself.
 ASPECT_RATIO_BUCKETS["infinitetalk-480"] = ASPECT_RATIO_BUCKETS["multitalk-480"]
@@ -115,6 +117,7 @@ TEACACHE_COEFFICIENTS["infinitetalk-480"] = TEACACHE_COEFFICIENTS["multitalk-480
 TEACACHE_COEFFICIENTS["infinitetalk-720"] = TEACACHE_COEFFICIENTS["multitalk-720"]
 
 # VAE latent normalisation (per channel), applied on encode and inverted on decode.
+# fmt: off
 VAE_LATENT_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -123,6 +126,7 @@ VAE_LATENT_STD = [
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 ]
+# fmt: on
 
 # CLIP preprocessing (OpenAI mean/std), as the reference applies it after a 224x224 bicubic squash.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

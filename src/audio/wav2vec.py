@@ -22,7 +22,6 @@ from wan.configs import FPS
 from .decode import AudioInputError
 
 
-
 def load_wav2vec(
     model_dir: str | os.PathLike,
     device: str | torch.device = "cpu",

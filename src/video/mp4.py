@@ -91,8 +91,9 @@ class Mp4Writer:
         if self._container is None:
             self._open(width, height)
         elif (height, width) != (self._video_stream.height, self._video_stream.width):
-            raise ValueError(f"frames of {width}x{height} in a {self._video_stream.width}x{self._video_stream.height} "
-                             "video")
+            raise ValueError(
+                f"frames of {width}x{height} in a {self._video_stream.width}x{self._video_stream.height} video"
+            )
         for done in [f for f in self._pending if f.done()]:
             done.result()
             self._pending.remove(done)
@@ -141,8 +142,9 @@ class Mp4Writer:
             self._container.mux(self._video_stream.encode(frame))
             if self._audio_stream is not None:
                 until = round((index + 1) / self.fps * self.soundtrack[1])  # the audio that plays during this frame
-                self._audio_written = _mux_audio(self._container, self._audio_stream, self.soundtrack,
-                                                  self._audio_written, until)
+                self._audio_written = _mux_audio(
+                    self._container, self._audio_stream, self.soundtrack, self._audio_written, until
+                )
 
     def _abort(self) -> None:
         self._closed = True

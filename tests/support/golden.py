@@ -77,7 +77,9 @@ class GoldenCase:
         if expected is None:
             expected = self.outputs()[name]
         actual = actual.detach().cpu()
-        assert tuple(actual.shape) == tuple(expected.shape), f"{self.name}/{name}: shape {actual.shape} != {expected.shape}"
+        assert tuple(actual.shape) == tuple(expected.shape), (
+            f"{self.name}/{name}: shape {actual.shape} != {expected.shape}"
+        )
         if not expected.is_floating_point():
             assert torch.equal(actual.to(expected.dtype), expected), f"{self.name}/{name}: integer tensor differs"
             return

@@ -41,7 +41,9 @@ def known_frames_mask(known: int, frames: int, lat_h: int, lat_w: int, device: t
     return mask.view(1, mask.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)
 
 
-def encode_known_frames(vae: VideoEncoder, known_frames: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_known_frames(
+    vae: VideoEncoder, known_frames: torch.Tensor, frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE latent of `known_frames` `[1, 3, known, H, W]` followed by zero frames up to `frames`, and `y`: the
     known-frames mask and that latent."""
     known = known_frames.shape[2]

@@ -44,12 +44,20 @@ class GuidedVelocity:
         """The guided velocity from the passes' velocities (plain CFG, or APG)."""
         if "drop_audio" in v:
             if self.buffers:
-                return sampling.guide_apg_audio_only(v["cond"], v["drop_audio"], self.audio_scale, self.buffers[0],
-                                                     self.norm_threshold)
+                return sampling.guide_apg_audio_only(
+                    v["cond"], v["drop_audio"], self.audio_scale, self.buffers[0], self.norm_threshold
+                )
             return sampling.guide_audio_only(v["cond"], v["drop_audio"], self.audio_scale)
         if self.buffers:
-            return sampling.guide_apg(v["cond"], v["drop_text"], v["uncond"], self.text_scale, self.audio_scale,
-                                      *self.buffers, self.norm_threshold)
+            return sampling.guide_apg(
+                v["cond"],
+                v["drop_text"],
+                v["uncond"],
+                self.text_scale,
+                self.audio_scale,
+                *self.buffers,
+                self.norm_threshold,
+            )
         return sampling.guide(v["cond"], v["drop_text"], v["uncond"], self.text_scale, self.audio_scale)
 
     def __call__(self, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,14 @@ from .estimate import Costs, tokens_of
 from .plan import GenerationPlan, clip_audio, plan_generation
 from .request import GenerationRequest, SamplingOptions
 from .timing import (
-    CLIP_STAGES, COLOR_CORRECTION, DIT, IMAGE_ENCODER, TEXT_ENCODER, VAE_DECODE, VAE_ENCODE, StageClock,
+    CLIP_STAGES,
+    COLOR_CORRECTION,
+    DIT,
+    IMAGE_ENCODER,
+    TEXT_ENCODER,
+    VAE_DECODE,
+    VAE_ENCODE,
+    StageClock,
 )
 
 log = logging.getLogger(__name__)
@@ -100,13 +107,24 @@ class Pipeline:
         height, width = table["0.50"] if "0.50" in table else next(iter(table.values()))
         audio = torch.zeros(frame_num, config.audio_layers, config.audio_channels)
         request = GenerationRequest("", Image.new("RGB", (width, height)), (audio, audio))
-        options = SamplingOptions(size_bucket={"0.50": [height, width]}, frame_num=frame_num, steps=1, seed=0,
-                                  color_correction=1.0, text_scale=1.0, vae_dtype=vae_dtype)
+        options = SamplingOptions(
+            size_bucket={"0.50": [height, width]},
+            frame_num=frame_num,
+            steps=1,
+            seed=0,
+            color_correction=1.0,
+            text_scale=1.0,
+            vae_dtype=vae_dtype,
+        )
         self.stream(request, options, _discard, progress=False)
         small_height = 16 * max(2, round(height / 64))  # a quarter of the sides, the same aspect
         # Three passes a step: with DiT workers the three-pass schedule's rounds run every sequence degree it uses.
-        small = dataclasses.replace(options, frame_num=WARM_UP_SMALL_FRAMES, text_scale=5.0,
-                                    size_bucket={"0.50": [small_height, 16 * round(small_height * width / height / 16)]})
+        small = dataclasses.replace(
+            options,
+            frame_num=WARM_UP_SMALL_FRAMES,
+            text_scale=5.0,
+            size_bucket={"0.50": [small_height, 16 * round(small_height * width / height / 16)]},
+        )
         small_audio = torch.zeros(WARM_UP_SMALL_FRAMES, config.audio_layers, config.audio_channels)
         for speakers in (2, 1):  # dynamo never generalises a size of 1: one speaker is a graph of its own
             self.stream(dataclasses.replace(request, audio=(small_audio,) * speakers), small, _discard, progress=False)
@@ -172,7 +190,11 @@ class Pipeline:
         `[3, frames, H, W]`."""
         started = time.monotonic()
         clock = clock or StageClock()
-        seed = options.seed if options.seed is not None and options.seed >= 0 else random.SystemRandom().randint(0, 99_999_999)
+        seed = (
+            options.seed
+            if options.seed is not None and options.seed >= 0
+            else random.SystemRandom().randint(0, 99_999_999)
+        )
         if progress:  # a warm-up is silent
             log.info("seed %d", seed)
 
@@ -181,11 +203,14 @@ class Pipeline:
         wanted = (config.audio_layers, config.audio_channels)
         if any(tuple(a.shape[1:]) != wanted for a in request.audio):
             shapes = [tuple(a.shape) for a in request.audio]
-            raise ValueError(f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]")
+            raise ValueError(
+                f"cond_audio: embeddings {shapes} do not match the model's [frames, {wanted[0]}, {wanted[1]}]"
+            )
         active = self.dit.active_audio_layers
         if active is not None and not active.startswith(options.model):
-            raise ValueError(f"model: the DiT holds the {active} audio layers, not {options.model}'s; call set_weights "
-                             "first")
+            raise ValueError(
+                f"model: the DiT holds the {active} audio layers, not {options.model}'s; call set_weights first"
+            )
         speakers = [a.float() for a in request.audio]
         image = request.source_frame(0)
         if plan is None:
@@ -227,8 +252,14 @@ class Pipeline:
             def report(step: int, clip: int = index + 1) -> None:
                 info = StepInfo(step, options.steps, clip, clips.clips, time.monotonic() - started)
                 if progress:
-                    log.info("step %d/%d clip %d/%d elapsed %.1fs", info.step, info.steps, info.clip, info.clips,
-                             info.elapsed)
+                    log.info(
+                        "step %d/%d clip %d/%d elapsed %.1fs",
+                        info.step,
+                        info.steps,
+                        info.clip,
+                        info.clips,
+                        info.elapsed,
+                    )
                 if on_step is not None:
                     on_step(info)
 

@@ -48,7 +48,9 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if self.frame_num % 4 != 1:
-            raise ValueError(f"frame_num must be 4n+1 (the VAE groups frames in 4s after the first), got {self.frame_num}")
+            raise ValueError(
+                f"frame_num must be 4n+1 (the VAE groups frames in 4s after the first), got {self.frame_num}"
+            )
         if self.motion_frame < 1:
             raise ValueError(f"motion_frame must be >= 1, got {self.motion_frame}")
         if self.steps < 1:
@@ -92,7 +94,9 @@ class GenerationRequest:
         for k, embedding in enumerate(self.audio):
             if embedding.ndim != 3 or embedding.shape[0] == 0:
                 shape = tuple(embedding.shape)
-                raise ValueError(f"cond_audio.person{k + 1}: expected a [frames, layers, channels] embedding, got {shape}")
+                raise ValueError(
+                    f"cond_audio.person{k + 1}: expected a [frames, layers, channels] embedding, got {shape}"
+                )
             if not torch.isfinite(embedding).all():
                 raise ValueError(f"cond_audio.person{k + 1}: the embedding contains NaN or inf")
         if self.boxes is not None and len(self.boxes) != len(self.audio):

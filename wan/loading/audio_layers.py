@@ -21,6 +21,7 @@ from .checkpoints import INFINITETALK_FILES, MULTITALK_WEIGHTS_NAME, find_dit_fi
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class AudioLayerSet:
     name: str  # "multitalk", "infinitetalk-single" or "infinitetalk-multi"
@@ -67,7 +68,9 @@ class AudioLayers:
             stored = set(f.keys())
             if stored != set(self.shapes):
                 missing, extra = sorted(set(self.shapes) - stored)[:5], sorted(stored - set(self.shapes))[:5]
-                raise ValueError(f"{layer_set.path}: not an audio-layer set of this DiT (missing {missing}, extra {extra})")
+                raise ValueError(
+                    f"{layer_set.path}: not an audio-layer set of this DiT (missing {missing}, extra {extra})"
+                )
             for key, shape in self.shapes.items():
                 tensor = f.get_tensor(key)
                 if tensor.shape != shape:

@@ -25,8 +25,10 @@ MULTITALK_DIR_NAME = "MeiGen-MultiTalk"
 WAV2VEC_DIR_NAME = "chinese-wav2vec2-base"
 # InfiniteTalk's audio-layer sets over the same base: one for one speaker, one for two (MeiGen-AI/InfiniteTalk).
 INFINITETALK_DIR_NAME = "InfiniteTalk"
-INFINITETALK_FILES = {"infinitetalk-single": "single/infinitetalk.safetensors",
-                      "infinitetalk-multi": "multi/infinitetalk.safetensors"}
+INFINITETALK_FILES = {
+    "infinitetalk-single": "single/infinitetalk.safetensors",
+    "infinitetalk-multi": "multi/infinitetalk.safetensors",
+}
 DIT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 MULTITALK_WEIGHTS_NAME = "multitalk.safetensors"
 # lightx2v's step-distillation LoRA (4 steps, text guidance 1), as published in Kijai/WanVideo_comfy.

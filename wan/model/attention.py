@@ -75,7 +75,6 @@ def _flash_attention_4_works(device_index: int) -> bool:
     return True
 
 
-
 def flash_attention_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`attention` through FlashAttention 4 (bf16/fp16 on CUDA; see `flash_attention_4_available`).
 

@@ -13,6 +13,7 @@ from einops import rearrange
 from .attention import attention
 from .rope import apply_rope, label_rope
 
+
 def latter_audio_slots(audio_window: int, vae_scale: int) -> list[tuple[int, int]]:
     """(pixel frame within a latent frame's group, window position) feeding each `proj1_vf` slot, in slot order.
 
@@ -102,9 +103,7 @@ def reference_attention_map(q: torch.Tensor, k: torch.Tensor, token_masks: torch
     return per_head.float().mean(dim=1).T.to(q.dtype)
 
 
-def _rescale(
-    values: torch.Tensor, low_v: torch.Tensor, high_v: torch.Tensor, low: float, high: float
-) -> torch.Tensor:
+def _rescale(values: torch.Tensor, low_v: torch.Tensor, high_v: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return (values - low_v) / (high_v - low_v + 1e-8) * (high - low) + low
 
 

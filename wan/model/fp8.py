@@ -93,7 +93,11 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 @torch.library.custom_op("multitalk::cudnn_fp8_attention", mutates_args=())
 def _cudnn_fp8_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    descale_q: torch.Tensor,
+    descale_k: torch.Tensor,
     descale_v: torch.Tensor,
 ) -> torch.Tensor:
     """e4m3 `[B, L, H, D]` in, e4m3 out scaled by `_OUT_RANGE / amax(V)`; the descales are float32 `[1, 1, 1, 1]`."""
@@ -102,9 +106,18 @@ def _cudnn_fp8_attention(
     amax = torch.empty(2, 1, 1, 1, 1, device=q.device)  # written by cuDNN, unused
     workspace = torch.empty(plan.workspace_size, device=q.device, dtype=torch.uint8)
     values = dict(
-        q=q, k=k, v=v, o=out, descale_q=descale_q, descale_k=descale_k, descale_v=descale_v,
-        descale_s=plan.probability_scales[0], scale_s=plan.probability_scales[1],
-        scale_o=_OUT_RANGE / FP8_MAX / descale_v, amax_s=amax[0], amax_o=amax[1],
+        q=q,
+        k=k,
+        v=v,
+        o=out,
+        descale_q=descale_q,
+        descale_k=descale_k,
+        descale_v=descale_v,
+        descale_s=plan.probability_scales[0],
+        scale_s=plan.probability_scales[1],
+        scale_o=_OUT_RANGE / FP8_MAX / descale_v,
+        amax_s=amax[0],
+        amax_o=amax[1],
     )
     plan.cudnn.set_stream(handle=plan.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
     plan.graph.execute({plan.tensors[name]: t for name, t in values.items()}, workspace, handle=plan.handle)
@@ -149,8 +162,13 @@ def _fp8_attention_plan(device_index: int, q_layout, k_layout, v_layout) -> _Fp8
     for name in scalar_names:
         tensors[name] = graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
     out, _, amax_s, amax_o = graph.sdpa_fp8(
-        q=tensors["q"], k=tensors["k"], v=tensors["v"], **{n: tensors[n] for n in scalar_names},
-        is_inference=True, attn_scale=q_layout[0][-1] ** -0.5, name="sdpa_fp8",
+        q=tensors["q"],
+        k=tensors["k"],
+        v=tensors["v"],
+        **{n: tensors[n] for n in scalar_names},
+        is_inference=True,
+        attn_scale=q_layout[0][-1] ** -0.5,
+        name="sdpa_fp8",
     )
     # On Hopper cuDNN writes the fp8 attention's output in fp8 only (bf16 output needs Blackwell).
     out.set_output(True).set_dim(list(q_layout[0])).set_stride(list(q_layout[1])).set_data_type(e4m3)

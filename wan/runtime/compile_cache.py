@@ -107,7 +107,9 @@ def load_compile_cache(path: Path | None) -> bool:
     if not loaded:
         log.warning("compile cache %s not used (%s); compiling from scratch", path, problem)
         return False
-    log.info("compile cache: loaded %s (%.0f MB) in %.1f s", path, path.stat().st_size / 1e6, time.monotonic() - started)
+    log.info(
+        "compile cache: loaded %s (%.0f MB) in %.1f s", path, path.stat().st_size / 1e6, time.monotonic() - started
+    )
     return True
 
 

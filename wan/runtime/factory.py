@@ -67,7 +67,10 @@ def load_pipeline(
     files = WanFiles(Path(checkpoint_dir))
     # The text encoder first: its memory-mapped file is released before the DiT's blocks fill host memory.
     text_encoder = TextEncoder.from_checkpoint(
-        files.t5, files.t5_tokenizer, text_len=DiTConfig.from_json(files.config).text_len, dtype=dtype,
+        files.t5,
+        files.t5_tokenizer,
+        text_len=DiTConfig.from_json(files.config).text_len,
+        dtype=dtype,
         device=text_encoder_device(plan, device),
     )
     if gpus > 1:
@@ -94,8 +97,15 @@ def load_pipeline(
 
 
 def load_local_dit(
-    files: WanFiles, multitalk_dir, infinitetalk_dir, plan: MemoryPlan, dtype: torch.dtype, device: torch.device,
-    compile: bool, loras: Sequence[tuple[str | Path, float]], compile_cache: Path | None = None,
+    files: WanFiles,
+    multitalk_dir,
+    infinitetalk_dir,
+    plan: MemoryPlan,
+    dtype: torch.dtype,
+    device: torch.device,
+    compile: bool,
+    loras: Sequence[tuple[str | Path, float]],
+    compile_cache: Path | None = None,
 ) -> LocalDiT:
     """The DiT in this process, streamed from the shards and placed by `plan`, LoRAs merged, blocks compiled."""
     module = load_dit_for_plan(files.root, multitalk_dir, plan, dtype=dtype, device=device)
@@ -112,8 +122,15 @@ def load_local_dit(
 
 
 def start_workers(
-    files: WanFiles, multitalk_dir, infinitetalk_dir, plan: MemoryPlan, dtype: torch.dtype, compile: bool, gpus: int,
-    loras: Sequence[tuple[str | Path, float]], compile_cache: Path | None = None,
+    files: WanFiles,
+    multitalk_dir,
+    infinitetalk_dir,
+    plan: MemoryPlan,
+    dtype: torch.dtype,
+    compile: bool,
+    gpus: int,
+    loras: Sequence[tuple[str | Path, float]],
+    compile_cache: Path | None = None,
 ) -> WorkerGroup:
     """One DiT worker process per GPU (cuda:0 .. cuda:gpus-1), each streaming the weights from the same files."""
     if len(visible_devices()) < gpus:

@@ -26,7 +26,9 @@ def free_gpu_bytes(device: str | torch.device) -> int:
     return min(free, int(fraction * total) - torch.cuda.memory_reserved(index))
 
 
-def plan_for_device(device: str | torch.device, override: str | None = None, setting: str = "memory_plan") -> MemoryPlan:
+def plan_for_device(
+    device: str | torch.device, override: str | None = None, setting: str = "memory_plan"
+) -> MemoryPlan:
     """The plan for `device`, from its free memory or the plan `override` names (`setting`: where the user named it),
     logged once here; a CPU runs `resident` unless told otherwise."""
     device = torch.device(device)
@@ -41,8 +43,6 @@ def plan_for_device(device: str | torch.device, override: str | None = None, set
     if free < plan.gpu_gib * GIB:
         log.warning("plan %r needs %.1f GiB but only %.1f GiB are free", plan.name, plan.gpu_gib, free / GIB)
     return plan
-
-
 
 
 def check_device_supports(plan: MemoryPlan, device) -> None:

@@ -135,5 +135,3 @@ def choose_memory_plan(free_bytes: int, override: str | None = None, setting: st
         f"{free_bytes / GIB:.1f} GiB of free GPU memory is less than the smallest memory plan needs "
         f"({STREAMED.gpu_gib:.2f} GiB, plan 'streamed'); free the GPU, or set {setting}=streamed to try anyway"
     )
-
-

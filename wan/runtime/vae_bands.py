@@ -34,7 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
-    AutoencoderKLWan, WanAttentionBlock, WanCausalConv3d, WanResample,
+    AutoencoderKLWan,
+    WanAttentionBlock,
+    WanCausalConv3d,
+    WanResample,
 )
 from torch import nn
 
@@ -219,8 +222,10 @@ def banded_model(model: AutoencoderKLWan, band: Band) -> AutoencoderKLWan:
     for name, module in model.named_modules():
         mixes_rows = isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[-2] > 1
         if mixes_rows and id(module) not in covered:
-            raise ValueError(f"VAE layer {name} ({type(module).__name__}) mixes rows and has no banded form: only the "
-                             "Wan 2.1 VAE's layout can run in bands")
+            raise ValueError(
+                f"VAE layer {name} ({type(module).__name__}) mixes rows and has no banded form: only the "
+                "Wan 2.1 VAE's layout can run in bands"
+            )
     return model
 
 
@@ -278,7 +283,9 @@ class BandedVAE:
             return self.replicas[0].decode(latent)
         return self._run(VideoVAE.decode, latent.split(rows, dim=-2))
 
-    def _run(self, step: Callable[[VideoVAE, torch.Tensor], torch.Tensor], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _run(
+        self, step: Callable[[VideoVAE, torch.Tensor], torch.Tensor], parts: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         """`step` on every band at once, one thread each; the bands' results put together on the first device."""
         exchange = Exchange(len(parts))
         inference = torch.is_inference_mode_enabled()  # grad modes are per thread

@@ -246,15 +246,19 @@ class WorkerGroup:
             if split.gpus > self.size:
                 raise ValueError(f"split {split} needs {split.gpus} GPUs, the group has {self.size}")
             if self.heads is not None and self.heads % split.degree:
-                raise ValueError(f"split {split}: sequence degree {split.degree} does not divide the {self.heads} heads")
+                raise ValueError(
+                    f"split {split}: sequence degree {split.degree} does not divide the {self.heads} heads"
+                )
         self.schedule = tuple(schedule)
 
     def save_compile_cache(self) -> list[dict[str, int]]:
         """Each worker writes what it compiled to its own file next to `WorkerOptions.compile_cache` (after the
         warm-up); per worker, the graphs that came from the cache and those compiled."""
         counts = self._request(_SaveCompileCache())
-        log.info("DiT workers' compiled graphs (from the cache / compiled): %s",
-                 ", ".join(f"{c['fxgraph_cache_hit']}/{c['fxgraph_cache_miss']}" for c in counts))
+        log.info(
+            "DiT workers' compiled graphs (from the cache / compiled): %s",
+            ", ".join(f"{c['fxgraph_cache_hit']}/{c['fxgraph_cache_miss']}" for c in counts),
+        )
         return counts
 
     def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str | Path, float]]) -> None:
@@ -288,8 +292,10 @@ class WorkerGroup:
         """Measure a pass at every sequence degree on `cond`'s shapes (the schedules are chosen from these)."""
         latent = torch.zeros(self.config.out_dim, *cond.y.shape[2:])
         self.pass_seconds = self.time_passes(cond, latent, torch.full((1,), float(NUM_TRAIN_TIMESTEPS)))
-        log.info("DiT pass seconds by sequence degree: %s",
-                 ", ".join(f"{degree}: {seconds:.2f}" for degree, seconds in self.pass_seconds.items()))
+        log.info(
+            "DiT pass seconds by sequence degree: %s",
+            ", ".join(f"{degree}: {seconds:.2f}" for degree, seconds in self.pass_seconds.items()),
+        )
         return self.pass_seconds
 
     def velocities(self, latent: torch.Tensor, t: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -318,7 +324,11 @@ class WorkerGroup:
         return skipped / max(total, 1)
 
     def time_passes(
-        self, cond: ClipInputs, latent: torch.Tensor, t: torch.Tensor, degrees: Sequence[int] | None = None,
+        self,
+        cond: ClipInputs,
+        latent: torch.Tensor,
+        t: torch.Tensor,
+        degrees: Sequence[int] | None = None,
         repeats: int = 2,
     ) -> dict[int, float]:
         """Median seconds of one DiT pass (the driver's round trip) at each sequence degree (default: every degree

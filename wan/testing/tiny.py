@@ -88,22 +88,47 @@ TOKENIZER_VOCAB = 256
 TINY_T5 = T5Dims(vocab_size=TOKENIZER_VOCAB, dim=32, ffn_dim=64, num_heads=4, num_layers=2)
 # 160 = 2 heads of 80 (ViT-H's head width); 224 px / 14 px patches -> 257 tokens like the real model.
 TINY_CLIP = ClipDims(
-    vision_dim=160, vision_layers=2, embed_dim=32,
-    text_vocab_size=TOKENIZER_VOCAB + 2, text_dim=32, text_layers=2, text_max_len=34,
+    vision_dim=160,
+    vision_layers=2,
+    embed_dim=32,
+    text_vocab_size=TOKENIZER_VOCAB + 2,
+    text_dim=32,
+    text_layers=2,
+    text_max_len=34,
 )
 TINY_VAE = VaeDims(dim=4)
 TINY_WAV2VEC = dict(
     architectures=["Wav2Vec2ForPreTraining"],
-    hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-    conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=False,
-    feat_extract_norm="group", do_stable_layer_norm=False,
-    num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
-    num_codevectors_per_group=8, num_codevector_groups=2, codevector_dim=16, proj_codevector_dim=16,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=64,
+    conv_dim=[16] * 7,
+    conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+    conv_stride=[5, 2, 2, 2, 2, 2, 2],
+    conv_bias=False,
+    feat_extract_norm="group",
+    do_stable_layer_norm=False,
+    num_conv_pos_embeddings=128,
+    num_conv_pos_embedding_groups=16,
+    num_codevectors_per_group=8,
+    num_codevector_groups=2,
+    codevector_dim=16,
+    proj_codevector_dim=16,
 )
 TINY_DIT = DiTConfig(
-    dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_len=32, text_dim=TINY_T5.dim,
-    intermediate_dim=8, output_dim=32, context_tokens=32, clip_dim=TINY_CLIP.vision_dim,
-    audio_layers=TINY_WAV2VEC["num_hidden_layers"], audio_channels=TINY_WAV2VEC["hidden_size"],
+    dim=64,
+    ffn_dim=128,
+    num_heads=4,
+    num_layers=2,
+    text_len=32,
+    text_dim=TINY_T5.dim,
+    intermediate_dim=8,
+    output_dim=32,
+    context_tokens=32,
+    clip_dim=TINY_CLIP.vision_dim,
+    audio_layers=TINY_WAV2VEC["num_hidden_layers"],
+    audio_channels=TINY_WAV2VEC["hidden_size"],
 )
 PREPROCESSOR_CONFIG = {
     "do_normalize": True,
@@ -116,7 +141,16 @@ PREPROCESSOR_CONFIG = {
 }
 # The fields of the published config.json; the tiny one adds every other DiTConfig field it changes.
 PUBLISHED_CONFIG_FIELDS = (
-    "dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim", "text_len",
+    "dim",
+    "eps",
+    "ffn_dim",
+    "freq_dim",
+    "in_dim",
+    "model_type",
+    "num_heads",
+    "num_layers",
+    "out_dim",
+    "text_len",
 )
 DIT_SHARDS = 2
 
@@ -401,8 +435,12 @@ def write_fast_lora(path: Path, config: DiTConfig, generator: torch.Generator, r
 
 
 def write_dit(
-    wan_dir: Path, multitalk_dir: Path, config: DiTConfig, generator: torch.Generator,
-    dtype: torch.dtype = torch.float32, num_shards: int = DIT_SHARDS,
+    wan_dir: Path,
+    multitalk_dir: Path,
+    config: DiTConfig,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    num_shards: int = DIT_SHARDS,
 ) -> None:
     """config.json + base shards + Wan's index in `wan_dir`; audio weights + MultiTalk's index in `multitalk_dir`.
     The tensors are drawn on the generator's device (a GPU for the published sizes) and saved shard by shard."""
@@ -477,8 +515,11 @@ def _save_tokenizer(folder: Path, model_name: str, model: bytes, tokenizer) -> N
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     (folder / model_name).write_bytes(model)
-    special = {name: str(getattr(tokenizer, name)) for name in tokenizer.SPECIAL_TOKENS_ATTRIBUTES
-               if name != "additional_special_tokens" and getattr(tokenizer, name, None) is not None}
+    special = {
+        name: str(getattr(tokenizer, name))
+        for name in tokenizer.SPECIAL_TOKENS_ATTRIBUTES
+        if name != "additional_special_tokens" and getattr(tokenizer, name, None) is not None
+    }
     _write_json(folder / "special_tokens_map.json", special)
 
 
@@ -489,8 +530,12 @@ def write_wav2vec(folder: Path, generator: torch.Generator, config: dict = TINY_
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Wav2Vec2ForPreTraining(config).state_dict().items()}
     # The published files predate torch's parametrized weight norm: magnitude and direction are weight_g / weight_v.
-    shapes = {k.replace("parametrizations.weight.original0", "weight_g")
-               .replace("parametrizations.weight.original1", "weight_v"): v for k, v in shapes.items()}
+    shapes = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in shapes.items()
+    }
     tensors = random_weights(shapes, generator)
     for key in [k for k in tensors if k.endswith("weight_v")]:
         # A magnitude equal to the direction's norm (over all dims but the kernel axis) makes the conv weight = v.

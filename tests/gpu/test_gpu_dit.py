@@ -21,7 +21,7 @@ import functools
 
 import pytest
 import torch
-from golden import cases_with_prefix, load_case
+from support.golden import cases_with_prefix, load_case
 
 from bench import (
     attention_backend,

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pyloudnorm
 
+from .decode import TARGET_SAMPLE_RATE
+
 TARGET_LUFS = -23.0
 METER_BLOCK_SECONDS = 0.4  # pyloudnorm's default gating block; the meter refuses shorter input
 
@@ -26,7 +28,9 @@ def integrated_loudness(audio: np.ndarray, sample_rate: int) -> float:
     return float(pyloudnorm.Meter(sample_rate, block_size=METER_BLOCK_SECONDS).integrated_loudness(audio))
 
 
-def normalize_loudness(audio: np.ndarray, sample_rate: int = 16000, target_lufs: float = TARGET_LUFS) -> np.ndarray:
+def normalize_loudness(
+    audio: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE, target_lufs: float = TARGET_LUFS
+) -> np.ndarray:
     """Gain `audio` (mono float32) to `target_lufs` integrated loudness, without a limiter.
 
     As in the reference, audio whose measured loudness is beyond +-100 LUFS (silence measures -inf) is returned

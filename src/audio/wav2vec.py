@@ -19,7 +19,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStable
 
 from wan.configs import FPS
 
-from .decode import AudioInputError
+from .decode import TARGET_SAMPLE_RATE, AudioInputError
 
 
 def load_wav2vec(
@@ -99,7 +99,7 @@ def get_embedding(
     speech_array: np.ndarray,
     wav2vec_feature_extractor: Wav2Vec2FeatureExtractor,
     audio_encoder: Wav2Vec2Model,
-    sr: int = 16000,
+    sr: int = TARGET_SAMPLE_RATE,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Audio embedding [frames, layers, hidden] (float32, CPU) with frames = int(seconds * 25): the output of every

@@ -21,7 +21,7 @@ class Runner(BaseRunner):
         self,
         image: Optional[Path] = Input(
             default=None,
-            description="Image with one or two people (two: person 1 left, person 2 right). Optional with a video.",
+            description="Image with one or two people (two: person 1 left, person 2 right). Leave it out with a video.",
         ),
         audio: Optional[Path] = Input(
             default=None,
@@ -30,8 +30,8 @@ class Runner(BaseRunner):
         ),
         video: Optional[Path] = Input(
             default=None,
-            description="A video to dub: with model=infinitetalk every clip follows its frames; with multitalk its "
-            "first frame stands in for the image. Any container and codec, read at 25 fps.",
+            description="A video to dub, instead of an image: with model=infinitetalk every clip follows its frames; "
+            "with multitalk its first frame stands in for the image. Any container and codec, read at 25 fps.",
         ),
         second_audio: Optional[Path] = Input(default=None, description="Speech of person 2 (optional)."),
         model: str = Input(
@@ -94,6 +94,11 @@ class Runner(BaseRunner):
             "of plain guidance: less over-saturation and drift at high guidance scales.",
         ),
         seed: Optional[int] = Input(default=None, description="Random seed; empty picks one (it is logged)."),
+        first_audio: Optional[Path] = Input(
+            default=None,
+            deprecated=True,
+            description="The speech of person 1 under its name in zsxkib/cog-MultiTalk: use audio instead.",
+        ),
     ) -> Path:
         video = self.service.run(
             TalkingVideoRequest(
@@ -119,6 +124,7 @@ class Runner(BaseRunner):
                 color_correction_strength=color_correction_strength,
                 use_apg=use_apg,
                 seed=seed,
+                first_audio=first_audio,
             )
         )
         scope = current_scope()

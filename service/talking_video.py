@@ -6,11 +6,13 @@ validate -> decode the media -> plan -> check the time -> prepare (trim, wav2vec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import tempfile
 import time
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +51,20 @@ MODELS = ("multitalk", "infinitetalk")
 DECODE, WAV2VEC2, WEIGHTS, MP4 = "decode", "wav2vec2", "weights", "mp4"
 
 
+# Media inputs arrive as files cog made from an upload, a data URI or a URL; a bare string is a path the client named.
+MediaInput = Path | str | None
+MEDIA_INPUTS = ("image", "audio", "first_audio", "video", "second_audio")
+
+
 @dataclass(frozen=True)
 class TalkingVideoRequest:
     """The runner's inputs, as the user gave them (`predict.py` documents each)."""
 
-    image: Path | None = None
-    audio: Path | None = None
-    video: Path | None = None
-    second_audio: Path | None = None
+    image: MediaInput = None
+    audio: MediaInput = None
+    video: MediaInput = None
+    second_audio: MediaInput = None
+    first_audio: MediaInput = None  # zsxkib/cog-MultiTalk's name for `audio`
     model: str = "multitalk"
     prompt: str = ""
     negative_prompt: str = ""
@@ -175,7 +183,7 @@ class TalkingVideoService:
     def run(self, request: TalkingVideoRequest) -> TalkingVideo:
         started = time.monotonic()
         clock = StageClock(self.pipeline.device)
-        recipe, boxes = self._validate(request)
+        request, recipe, boxes = self._validate(request)
         seed = secrets.randbelow(100_000_000) if request.seed is None else request.seed
         options = sampling_options(recipe, request.num_frames or MAX_FRAMES, seed)
         for old in self.outputs.iterdir():
@@ -206,10 +214,24 @@ class TalkingVideoService:
         )
         return TalkingVideo(path, plan.frames, plan.width, plan.height)
 
-    def _validate(self, request: TalkingVideoRequest) -> tuple[Recipe, tuple]:
-        """The sampling recipe and the speakers' boxes, or a ValueError naming the input, before any work."""
+    def _validate(self, request: TalkingVideoRequest) -> tuple[TalkingVideoRequest, Recipe, tuple]:
+        """The request with its aliases resolved, its sampling recipe and the speakers' boxes, or a ValueError naming
+        the input, before any work."""
+        for name in MEDIA_INPUTS:
+            value = getattr(request, name)
+            if value is not None and not isinstance(value, PathLike):
+                raise ValueError(
+                    f"{name}: {value!r} is not a file this model was sent, and it reads no files of its own; send the "
+                    "file itself (upload it, or give a data: URI or an http(s) URL)"
+                )
+        if request.first_audio is not None:
+            if request.audio is not None:
+                raise ValueError("audio, first_audio: give the speech of person 1 once (first_audio is the old name)")
+            request = dataclasses.replace(request, audio=request.first_audio, first_audio=None)
         if request.image is None and request.video is None:
             raise ValueError("image: give an image to animate, or a video to dub (video)")
+        if request.image is not None and request.video is not None:
+            raise ValueError("image, video: give one of them: a video's frames stand in for the image")
         if request.audio is None and request.video is None:
             raise ValueError("audio: give the speech of person 1 (or a video with sound as `video`)")
         boxes = (parse_bbox(request.person1_bbox, "person1_bbox"), parse_bbox(request.person2_bbox, "person2_bbox"))
@@ -230,7 +252,7 @@ class TalkingVideoService:
             color_correction=request.color_correction_strength,
             use_apg=request.use_apg,
         )
-        return recipe, boxes
+        return request, recipe, boxes
 
     def _prepare(
         self,
@@ -301,4 +323,5 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")  # decodes the whole file: a truncated one fails here
     except Exception as error:  # PIL raises many types for corrupt files
-        raise ValueError(f"image: cannot read the file as an image ({error}); upload a PNG, JPEG or WebP") from error
+        detail = str(error).replace(repr(str(path)), "").replace(str(path), "").strip()
+        raise ValueError(f"image: cannot read the file as an image ({detail}); upload a PNG, JPEG or WebP") from error

@@ -244,8 +244,52 @@ def test_corrupt_file_fails_naming_the_input_and_server_stays_ready(server, medi
     body = response.json()
     assert body["status"] == "failed"
     assert re.search(rf"\b{name}\b", body["error"]), body["error"]
-    # One message naming the input (coglet 0.23.1 itself puts "Prediction failed: " in front of it twice).
+    # One message naming the input (coglet 0.23.1 itself puts "Prediction failed: " in front of it twice), and no
+    # path of the server's: the client never chose one.
     assert body["error"].count(f"{name}:") == 1 and body["error"].count("Error:") == 1, body["error"]
+    assert str(server.tmpdir) not in body["error"] and "/tmp" not in body["error"], body["error"]
+    _wait_ready(server)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("image", "examples/two_people.png"),  # a file of the repository, relative to the server's working directory
+        ("audio", str(REPO / "examples" / "person1.wav")),
+        ("image", "file:///etc/hostname"),
+        ("first_audio", "/etc/hostname"),
+    ],
+)
+def test_a_path_on_the_server_is_refused(server, media, name, value):
+    """A string that is no upload, data URI or http(s) URL reaches the runner as the client typed it: it names a file
+    on the server, and the runner reads none of those."""
+    inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY}
+    inputs.pop("audio" if name == "first_audio" else name)
+    response = server.predict({**inputs, name: value})
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "failed", response.text
+    assert f"{name}: {value!r} is not a file this model was sent" in body["error"], body["error"]
+    assert "send the file itself" in body["error"] and body.get("output") is None
+    _wait_ready(server)
+
+
+def test_a_cog_multitalk_request_body_runs_unchanged(server, media, tmp_path):
+    """The body a client of zsxkib/cog-MultiTalk sends (predict.py@2a22352: its input names and defaults): its
+    `first_audio` is our `audio`, its other inputs are ours by the same names."""
+    body = {
+        "image": media["image_uri"],
+        "first_audio": media["audio_uri"],
+        "prompt": "A smiling man and woman wearing headphones sit in front of microphones, appearing to host a podcast.",
+        "num_frames": 81,
+        "sampling_steps": 40,
+        "turbo": True,
+        "seed": 42,
+    }
+    response = server.predict(body)
+    assert response.status_code == 200, response.text
+    _check_video(response.json(), tmp_path, CLIP_SECONDS)  # as long as the speech (81 frames at most)
+    both = server.predict({**body, "audio": media["audio_uri"]}).json()
+    assert both["status"] == "failed" and "audio, first_audio: give the speech of person 1 once" in both["error"]
     _wait_ready(server)
 
 

@@ -33,14 +33,14 @@ def open_media(
     `error` with a message that names the input (`name`) and ends with `hint` (what to upload)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise error(f"{name}: file {path!r} does not exist; {hint}")
+        raise error(f"{name}: the file does not exist; {hint}")
     if os.path.getsize(path) == 0:
-        raise error(f"{name}: file {path!r} is empty (0 bytes); {hint}")
+        raise error(f"{name}: the file is empty (0 bytes); {hint}")
     try:
         return av.open(path, metadata_errors="ignore")
     except av.FFmpegError as failure:
         raise error(
-            f"{name}: {path!r} could not be read as audio or video ({failure.strerror}): it is not a media file, or it "
+            f"{name}: the file could not be read as audio or video ({failure.strerror}): it is not a media file, or it "
             f"is damaged; {hint}"
         ) from failure
 
@@ -77,12 +77,12 @@ def decode_native(
     with open_media(path, name) as container:
         if not container.streams.audio:
             raise AudioInputError(
-                f"{name}: {path!r} ({container.format.name}) has no audio stream; upload a file that contains sound"
+                f"{name}: the file ({container.format.name}) has no audio stream; upload a file that contains sound"
             )
         stream = container.streams.audio[0]
         if stream.rate <= 0 or stream.channels <= 0:
             raise AudioInputError(
-                f"{name}: the audio stream of {path!r} has no valid sample rate or channel count; "
+                f"{name}: the file's audio stream has no valid sample rate or channel count; "
                 "the file is corrupt, re-export it"
             )
         declared = _declared_seconds(container, stream)
@@ -90,7 +90,7 @@ def decode_native(
             raise _too_long(name, declared, max_seconds)
         if _wav_is_cut_short(path):
             raise AudioInputError(
-                f"{name}: the wav file {path!r} is truncated (its header declares more audio than the file holds); "
+                f"{name}: the wav file is truncated (its header declares more audio than the file holds); "
                 "re-export or re-upload it"
             )
         codec = stream.codec_context.codec.canonical_name
@@ -104,10 +104,10 @@ def decode_native(
         if problem := cut_short(container, data_end):
             raise _corrupt(name, codec, path, problem)
     if not chunks:
-        raise AudioInputError(f"{name}: {path!r} contains no audio samples; upload a file with sound in it")
+        raise AudioInputError(f"{name}: the file contains no audio samples; upload a file with sound in it")
     samples = np.concatenate(chunks, axis=1)
     if not np.isfinite(samples).all():
-        raise AudioInputError(f"{name}: {path!r} contains NaN or infinite samples; re-export it as ordinary audio")
+        raise AudioInputError(f"{name}: the file contains NaN or infinite samples; re-export it as ordinary audio")
     return samples, sample_rate
 
 
@@ -159,7 +159,7 @@ def _wav_is_cut_short(path: str) -> bool:
 
 def _corrupt(name: str, codec: str, path: str, detail: str) -> AudioInputError:
     return AudioInputError(
-        f"{name}: the {codec} audio in {path!r} could not be decoded cleanly ({detail}); "
+        f"{name}: the {codec} audio in the file could not be decoded cleanly ({detail}); "
         "the file is truncated or corrupt, re-export or re-upload it"
     )
 

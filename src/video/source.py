@@ -56,7 +56,7 @@ def read_video(
     with open_media(path, name, VIDEO_HINT, VideoInputError) as container:
         if not container.streams.video:
             kind = container.format.name
-            raise VideoInputError(f"{name}: {path!r} ({kind}) has no video stream; {VIDEO_HINT}")
+            raise VideoInputError(f"{name}: the file ({kind}) has no video stream; {VIDEO_HINT}")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: decoding order and output are unchanged
         source = _decoded_frames(container, stream, name, path)
@@ -78,7 +78,7 @@ def video_audio(
     with open_media(path, name, VIDEO_HINT, VideoInputError) as container:
         if not container.streams.audio:
             raise VideoInputError(
-                f"{name}: {os.fspath(path)!r} has no sound to dub from; upload a video with an audio track, or give "
+                f"{name}: the video has no sound to dub from; upload a video with an audio track, or give "
                 "the audio as a separate file"
             )
     return load_audio(path, TARGET_SAMPLE_RATE, name=name, max_seconds=max_seconds)
@@ -151,12 +151,12 @@ def _stack(chosen: Iterator[np.ndarray], name: str, path: str, max_bytes: int) -
             )
         if images and image.shape != images[0].shape:
             raise VideoInputError(
-                f"{name}: the frame size of {path!r} changes from {images[0].shape[1]}x{images[0].shape[0]} to "
+                f"{name}: the frame size of the video changes from {images[0].shape[1]}x{images[0].shape[0]} to "
                 f"{image.shape[1]}x{image.shape[0]} at frame {len(images)}; re-export the video at one size"
             )
         images.append(image)
     if not images:
-        raise VideoInputError(f"{name}: {path!r} contains no video frames; {VIDEO_HINT}")
+        raise VideoInputError(f"{name}: the file contains no video frames; {VIDEO_HINT}")
     frames = np.empty((len(images), *images[0].shape), np.uint8)
     for index in range(len(images)):
         frames[index], images[index] = images[index], None  # each decoded frame freed as it is copied: no 2x peak
@@ -165,6 +165,6 @@ def _stack(chosen: Iterator[np.ndarray], name: str, path: str, max_bytes: int) -
 
 def _corrupt(name: str, path: str, detail: str) -> VideoInputError:
     return VideoInputError(
-        f"{name}: the video in {path!r} could not be decoded cleanly ({detail}); the file is truncated or corrupt, "
+        f"{name}: the video could not be decoded cleanly ({detail}); the file is truncated or corrupt, "
         "re-export or re-upload it"
     )

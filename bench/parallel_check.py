@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from wan import configs
-from wan.generation.backend import ClipInputs, guidance_branches
+from wan.generation.backend import ClipInputs
+from wan.generation.sampling import guidance_branches
 from wan.runtime.schedule import Schedule, Split, choose_schedule, describe, valid_splits
 from wan.runtime.workers import WorkerGroup, WorkerOptions
 
@@ -56,7 +57,7 @@ def conditioning(config: configs.DiTConfig, clip: ClipShape, speakers: int) -> t
 
 def step_velocities(group: WorkerGroup, schedule: Schedule, cond: ClipInputs, latent, passes: int) -> dict:
     group.use_schedule(schedule)
-    return group.velocities(latent, TIMESTEP, guidance_branches(TEXT_SCALE[passes]))
+    return group.velocities(latent, TIMESTEP, guidance_branches(TEXT_SCALE[passes], 4.0))
 
 
 def largest_difference(velocities: dict, truth: dict) -> float:

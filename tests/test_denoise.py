@@ -6,7 +6,8 @@ import torch
 
 from wan import GuidanceOptions
 from wan.generation import sampling
-from wan.generation.backend import ClipInputs, guidance_branches
+from wan.generation.backend import ClipInputs
+from wan.generation.sampling import guidance_branches
 from wan.generation.denoise import GuidedVelocity
 
 
@@ -14,9 +15,12 @@ def guided(text_scale: float, audio_scale: float, use_apg: bool = False) -> Guid
     return GuidedVelocity(None, text_scale, audio_scale, GuidanceOptions(use_apg=use_apg))
 
 
-def test_guidance_branches_follow_the_text_scale():
-    assert guidance_branches(1.0) == ("cond", "drop_audio")
-    assert guidance_branches(5.0) == ("cond", "drop_text", "uncond")
+def test_guidance_branches_follow_the_scales():
+    assert guidance_branches(1.0, 4.0) == ("cond", "drop_audio")
+    assert guidance_branches(5.0, 4.0) == ("cond", "drop_text", "uncond")
+    # A scale of exactly 1 adds nothing: the pass its contrast needs is dropped.
+    assert guidance_branches(5.0, 1.0) == ("cond", "drop_text")
+    assert guidance_branches(1.0, 1.0) == ("cond",)
 
 
 def test_branch_inputs():

@@ -101,7 +101,8 @@ def plain(cond, latent, t, branches, teacache=None):
 
 
 def combine(velocities: dict, text_scale: float, audio_scale: float) -> torch.Tensor:
-    """The guided velocity the driver makes of the passes (plain CFG)."""
+    """The guided velocity the driver makes of the passes (plain CFG; cond and drop_audio: text guidance off)."""
+    text_scale = 1.0 if "drop_audio" in velocities else text_scale
     return GuidedVelocity(None, text_scale, audio_scale, GuidanceOptions()).combine(velocities)
 
 

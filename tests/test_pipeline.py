@@ -12,6 +12,8 @@ from PIL import Image
 from support.golden import golden_parts, load_case
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
 from wan.generation.plan import ClipPlan, pad_audio, plan_clips
+from wan.generation import pipeline as pipeline_module
+from wan.generation.denoise import GuidedVelocity
 from wan.runtime.local import LocalDiT
 
 BUCKET = {"0.67": [32, 48]}
@@ -194,6 +196,38 @@ def test_three_pass_and_two_pass_guidance(pipeline):
     _generate(pipeline, 9, speakers=2, text_scale=1.0)
     calls = pipeline.dit.module.calls
     assert len(calls) == 2 * 2 and [(c["speakers"], c["sound"]) for c in calls[:2]] == [(2, True), (1, False)]
+
+
+@pytest.mark.parametrize(
+    "scales, needed",
+    [
+        ((3.0, 1.0), ("cond", "drop_text")),  # audio scale 1: no uncond pass
+        ((1.0, 1.0), ("cond",)),  # both 1: the conditional pass alone
+        ((1.0, 2.0), ("cond", "drop_audio")),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("use_apg", [False, True], ids=["cfg", "apg"])
+def test_a_guidance_scale_of_one_drops_its_pass_and_changes_nothing(pipeline, monkeypatch, scales, needed, use_apg):
+    """The passes a unit scale makes redundant are not run; run anyway, they give the very same video."""
+    text_scale, audio_scale = scales
+    settings = dict(text_scale=text_scale, audio_scale=audio_scale, guidance=GuidanceOptions(use_apg=use_apg))
+    dropped = _generate(pipeline, 14, speakers=2, **settings)  # three clips of two steps
+    calls = pipeline.dit.module.calls
+    assert len(calls) == 3 * 2 * len(needed)
+    assert [(c["speakers"], c["sound"]) for c in calls[: len(needed)]] == [
+        (1, False) if branch == "drop_audio" else (2, True) for branch in needed
+    ]
+
+    class EveryPass(GuidedVelocity):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.branches = ("cond", "drop_text", "uncond", "drop_audio")
+
+    monkeypatch.setattr(pipeline_module, "GuidedVelocity", EveryPass)
+    run_anyway = _generate(pipeline, 14, speakers=2, **settings)
+    assert len(pipeline.dit.module.calls) == 3 * 2 * 4
+    assert torch.equal(run_anyway, dropped)
 
 
 def test_teacache_branch_per_pass_and_fresh_per_clip(pipeline):

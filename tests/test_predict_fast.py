@@ -35,6 +35,9 @@ def test_fast_mode_merges_the_lora_runs_two_passes_per_step_and_restores_exactly
         )
         assert torch.equal(merged["blocks.0.self_attn.q.bias"], by_hand)
         calls.clear()
+        _predict(runner, fast=True, audio_guidance_scale=1.0)
+        assert len(calls) == 4 * 1  # text and audio guidance 1: the conditional pass alone
+        calls.clear()
         _predict(runner, turbo=False, sampling_steps=2)
         assert len(calls) == 2 * 3  # quality preset: 3 passes per step
     finally:

@@ -15,8 +15,9 @@ from wan.generation.sampling import (
     euler_step,
     guide,
     guide_apg,
-    guide_apg_audio_only,
+    guide_apg_one,
     guide_audio_only,
+    guide_text_only,
     passes_per_step,
     timesteps,
 )
@@ -50,10 +51,11 @@ def test_euler_step_and_add_noise_by_hand() -> None:
 
 
 def test_passes_per_step() -> None:
-    assert passes_per_step(1.0) == 2
-    assert passes_per_step(1.0 + 1e-12) == 2
-    assert passes_per_step(5.0) == 3
-    assert passes_per_step(1.1) == 3
+    assert passes_per_step(1.0, 4.0) == 2
+    assert passes_per_step(1.0 + 1e-12, 4.0) == 2
+    assert passes_per_step(5.0, 4.0) == 3
+    assert passes_per_step(1.1, 4.0) == 3
+    assert passes_per_step(5.0, 1.0) == 2 and passes_per_step(1.0, 1.0) == 1
 
 
 def test_guidance_formulas_by_hand() -> None:
@@ -64,6 +66,8 @@ def test_guidance_formulas_by_hand() -> None:
     assert guide_audio_only(cond, torch.tensor([1.0]), 4.0).item() == pytest.approx(5.0)
     # scales of 1 leave the conditional prediction
     assert guide(cond, drop_text, uncond, 1.0, 1.0).item() == pytest.approx(2.0)
+    # audio scale 1: 1.5 + 5·(2 - 1.5) = 4
+    assert guide_text_only(cond, drop_text, 5.0).item() == pytest.approx(4.0)
 
 
 def _vec(*values: float) -> torch.Tensor:
@@ -104,7 +108,7 @@ def test_apg_guidance_forms_by_hand() -> None:
     out = guide_apg(cond, drop_text, uncond, 5.0, 4.0, MomentumBuffer(-0.75), MomentumBuffer(-0.75))
     expected = _vec(3.0 + 4 * 0.64 + 3 * -0.96, 4.0 + 4 * -0.48 + 3 * 0.72)
     assert torch.allclose(out, expected, atol=1e-6)
-    out = guide_apg_audio_only(cond, drop_text, 4.0, MomentumBuffer(-0.75))
+    out = guide_apg_one(cond, drop_text, 4.0, MomentumBuffer(-0.75))
     assert torch.allclose(out, _vec(3.0 + 3 * 0.64, 4.0 + 3 * -0.48), atol=1e-6)
 
 

@@ -43,11 +43,6 @@ class TeaCacheSettings:
     size_bucket: str  # a published bucket table: it picks TeaCache's rescale polynomial
 
 
-def guidance_branches(text_scale: float) -> tuple[str, ...]:
-    """The DiT passes of one step: (cond, drop_audio) without text guidance, else (cond, drop_text, uncond)."""
-    return ("cond", "drop_audio") if sampling.passes_per_step(text_scale) == 2 else ("cond", "drop_text", "uncond")
-
-
 def branch_velocity(
     dit: Callable[..., torch.Tensor],
     latent: torch.Tensor,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from . import sampling
-from .backend import DiTBackend, guidance_branches
+from .backend import DiTBackend
 from .clip_condition import MotionLatent
 from .request import GuidanceOptions
 
@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 class GuidedVelocity:
     """The guided velocity of one clip. Three passes a step (cond, drop_text, uncond) combine text and audio guidance;
-    with text scale 1, two (cond, drop_audio). The passes run on the `dit` backend; APG momentum lives here, so it
-    starts fresh every clip."""
+    a scale of exactly 1 drops the pass its contrast needs (`sampling.guidance_branches`), and the velocity is then
+    computed without it whatever was run, so dropping the pass changes nothing. The passes run on the `dit` backend;
+    APG momentum lives here, so it starts fresh every clip."""
 
     def __init__(
         self,
@@ -31,23 +32,29 @@ class GuidedVelocity:
         self.dit = dit
         self.text_scale, self.audio_scale = text_scale, audio_scale
         self.norm_threshold = guidance.apg_norm_threshold
-        self.branches = guidance_branches(text_scale)
-        self.buffers = None
+        self.needed = sampling.guidance_branches(text_scale, audio_scale)
+        self.branches = self.needed  # the passes run: the needed ones
+        self.buffers = None  # APG's, one per contrast that guides
         if guidance.use_apg:
-            self.buffers = [sampling.MomentumBuffer(guidance.apg_momentum) for _ in self.branches[1:]]
+            self.buffers = [sampling.MomentumBuffer(guidance.apg_momentum) for _ in self.needed[1:]]
 
     def velocities(self, latent: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each pass's velocity, by branch name."""
         return self.dit.velocities(latent, t, self.branches)
 
     def combine(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The guided velocity from the passes' velocities (plain CFG, or APG)."""
-        if "drop_audio" in v:
+        """The guided velocity from the passes' velocities (plain CFG, or APG), using only the passes this clip's
+        scales need (`self.needed`), whatever else ran."""
+        if self.needed == ("cond",):
+            return v["cond"]
+        if len(self.needed) == 2:
+            dropped = self.needed[1]
+            scale = self.audio_scale if dropped == "drop_audio" else self.text_scale
             if self.buffers:
-                return sampling.guide_apg_audio_only(
-                    v["cond"], v["drop_audio"], self.audio_scale, self.buffers[0], self.norm_threshold
-                )
-            return sampling.guide_audio_only(v["cond"], v["drop_audio"], self.audio_scale)
+                return sampling.guide_apg_one(v["cond"], v[dropped], scale, self.buffers[0], self.norm_threshold)
+            if dropped == "drop_audio":
+                return sampling.guide_audio_only(v["cond"], v["drop_audio"], self.audio_scale)
+            return sampling.guide_text_only(v["cond"], v["drop_text"], self.text_scale)
         if self.buffers:
             return sampling.guide_apg(
                 v["cond"],

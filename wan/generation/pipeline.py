@@ -132,7 +132,7 @@ class Pipeline:
         self.stream(request, options, _discard, progress=False, clock=clock)
         seconds = clock.seconds
         costs = Costs(
-            pass_seconds=seconds[DIT] / sampling.passes_per_step(options.text_scale),
+            pass_seconds=seconds[DIT] / sampling.passes_per_step(options.text_scale, options.audio_scale),
             tokens=tokens_of(frame_num, height, width),
             clip_seconds=sum(seconds[stage] for stage in CLIP_STAGES),
             pixels=height * width,

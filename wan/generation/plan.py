@@ -80,7 +80,7 @@ def plan_generation(
         source_frames=1 if options.model == "multitalk" else clips.total,
         steps=options.steps,
         computed_steps=computed_steps,
-        passes_per_step=sampling.passes_per_step(options.text_scale),
+        passes_per_step=sampling.passes_per_step(options.text_scale, options.audio_scale),
     )
 
 

@@ -51,9 +51,22 @@ def add_noise(latent: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float
     return (1 - sigma) * latent + sigma * noise
 
 
-def passes_per_step(text_scale: float) -> int:
-    """Model calls per step: 2 (cond, drop_audio) when text guidance is off, else 3 (cond, drop_text, uncond)."""
-    return 2 if math.isclose(text_scale, 1.0) else 3
+def is_unit(scale: float) -> bool:
+    """A guidance scale of 1: its contrast adds nothing, so the pass it needs is not run."""
+    return math.isclose(scale, 1.0)
+
+
+def guidance_branches(text_scale: float, audio_scale: float) -> tuple[str, ...]:
+    """The DiT passes of one step. Both scales guide: cond, drop_text, uncond. Text scale 1: cond, drop_audio (the
+    reference's mode for step-distilled LoRAs). Audio scale 1: cond, drop_text. Both 1: cond alone."""
+    if is_unit(text_scale):
+        return ("cond",) if is_unit(audio_scale) else ("cond", "drop_audio")
+    return ("cond", "drop_text") if is_unit(audio_scale) else ("cond", "drop_text", "uncond")
+
+
+def passes_per_step(text_scale: float, audio_scale: float) -> int:
+    """Model calls per step (`guidance_branches`)."""
+    return len(guidance_branches(text_scale, audio_scale))
 
 
 def guide(
@@ -66,6 +79,11 @@ def guide(
 def guide_audio_only(v_cond: torch.Tensor, v_drop_audio: torch.Tensor, audio_scale: float) -> torch.Tensor:
     """Two-pass CFG (text scale 1): audio guidance between cond and drop_audio."""
     return v_drop_audio + audio_scale * (v_cond - v_drop_audio)
+
+
+def guide_text_only(v_cond: torch.Tensor, v_drop_text: torch.Tensor, text_scale: float) -> torch.Tensor:
+    """Two-pass CFG (audio scale 1): text guidance between cond and drop_text."""
+    return v_drop_text + text_scale * (v_cond - v_drop_text)
 
 
 class MomentumBuffer:
@@ -124,17 +142,18 @@ def guide_apg(
     return v_cond + (text_scale - 1) * text + (audio_scale - 1) * audio
 
 
-def guide_apg_audio_only(
+def guide_apg_one(
     v_cond: torch.Tensor,
-    v_drop_audio: torch.Tensor,
-    audio_scale: float,
-    audio_buffer: MomentumBuffer,
+    v_dropped: torch.Tensor,
+    scale: float,
+    buffer: MomentumBuffer,
     norm_threshold: float = 55.0,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """Two-pass APG guidance (text scale 1)."""
-    audio = apg_direction(v_cond - v_drop_audio, v_cond, audio_buffer, norm_threshold, eta)
-    return v_cond + (audio_scale - 1) * audio
+    """Two-pass APG guidance along one contrast: cond against drop_audio (text scale 1) or drop_text (audio scale
+    1)."""
+    direction = apg_direction(v_cond - v_dropped, v_cond, buffer, norm_threshold, eta)
+    return v_cond + (scale - 1) * direction
 
 
 def _polyval(coefficients: list[float], x: float) -> float:

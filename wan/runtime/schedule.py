@@ -1,6 +1,6 @@
 """How N GPUs share the guidance passes of a sampling step.
 
-A step runs the DiT 2 or 3 times (`wan.generation.denoise.guidance_branches`) and combines the velocities. On one GPU
+A step runs the DiT 1 to 3 times (`wan.generation.sampling.guidance_branches`) and combines the velocities. On one GPU
 the passes run one after the other. On N GPUs a step runs in rounds (a `Schedule`): in each round the workers form
 `Split.groups` groups of `Split.degree` GPUs, and each group runs one of the step's passes, sequence-parallel over its
 GPUs, all groups at the same time; the driver combines the velocities and sends the next latent to every worker.

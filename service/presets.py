@@ -27,34 +27,34 @@ class Preset:
     lora: str | None = None  # FAST_LORA, merged while the preset runs
 
 
+# Shift per resolution, as both reference CLIs set it when none is given (7 at 480p, 11 at 720p).
+_REFERENCE_SHIFT = {"480p": 7.0, "720p": 11.0}
+
 _MULTITALK = {
-    # The reference CLI recipe: 40 steps, 3 passes each, no caching; shift 7 at 480p and 11 at 720p (both CLIs).
-    "quality": Preset(
-        steps=40, shift={"480p": 7.0, "720p": 11.0}, text_scale=5.0, audio_scale=4.0, teacache_thresh=None
-    ),
-    # cog-MultiTalk's turbo guidance and shift; TeaCache at the top of the reference README's useful range (0.2-0.5)
-    # instead of cog-MultiTalk's 0.8, which skips so many steps that lips lose sync.
-    "turbo": Preset(
-        steps=40,
-        shift={"480p": 5.0, "720p": 5.0},
-        text_scale=3.0,
-        audio_scale=3.0,
-        teacache_thresh=0.5,
-        vae_dtype=torch.bfloat16,
-    ),
-    # The step-distilled LoRA (4 steps): text guidance off (2 passes per step), light audio guidance.
-    "fast": Preset(
-        steps=4,
-        shift={"480p": 5.0, "720p": 5.0},
-        text_scale=1.0,
-        audio_scale=2.0,
-        teacache_thresh=None,
-        vae_dtype=torch.bfloat16,
-        lora=FAST_LORA,
-    ),
-}
-# InfiniteTalk runs MultiTalk's recipes over its own audio layers.
-PRESETS: dict[Model, dict[str, Preset]] = {"multitalk": _MULTITALK, "infinitetalk": _MULTITALK}
+    # The reference CLI recipe (generate_multitalk.py): 40 steps, text 5 and audio 4, 3 passes each, no caching.
+    "quality": Preset(steps=40, shift=_REFERENCE_SHIFT, text_scale=5.0, audio_scale=4.0, teacache_thresh=None),
+    # zsxkib/cog-MultiTalk's turbo guidance (3/3) and its shift 5 at 480p (11 at 720p, the reference's); TeaCache at
+    # the top of the reference README's useful range (0.2-0.5) instead of cog-MultiTalk's 0.8, which skips so many
+    # steps that lips lose sync.
+    "turbo": Preset(steps=40, shift={"480p": 5.0, "720p": 11.0}, text_scale=3.0, audio_scale=3.0,
+                    teacache_thresh=0.5, vae_dtype=torch.bfloat16),
+    # lightx2v's step-distilled LoRA: 4 steps, text guidance off (2 passes a step), audio 2 (the reference README's
+    # values after a LoRA); shift 5 at 480p (lightx2v's own Wan configs), 11 at 720p (the reference's).
+    "fast": Preset(steps=4, shift={"480p": 5.0, "720p": 11.0}, text_scale=1.0, audio_scale=2.0, teacache_thresh=None,
+                   vae_dtype=torch.bfloat16, lora=FAST_LORA),
+}  # fmt: skip
+_INFINITETALK = {
+    # InfiniteTalk's CLI recipe (generate_infinitetalk.py): 40 steps, text 5 and audio 4, shift 7 / 11, no caching.
+    "quality": Preset(steps=40, shift=_REFERENCE_SHIFT, text_scale=5.0, audio_scale=4.0, teacache_thresh=None),
+    # The CLI recipe with its --use_teacache at the CLI's own threshold, 0.2.
+    "turbo": Preset(steps=40, shift=_REFERENCE_SHIFT, text_scale=5.0, audio_scale=4.0, teacache_thresh=0.2,
+                    vae_dtype=torch.bfloat16),
+    # Its LoRA recipe (README: lightx2v takes 4 steps; text 1 and audio 2 after a LoRA; the app runs LoRAs at the
+    # CLI's shift, 7 / 11).
+    "fast": Preset(steps=4, shift=_REFERENCE_SHIFT, text_scale=1.0, audio_scale=2.0, teacache_thresh=None,
+                   vae_dtype=torch.bfloat16, lora=FAST_LORA),
+}  # fmt: skip
+PRESETS: dict[Model, dict[str, Preset]] = {"multitalk": _MULTITALK, "infinitetalk": _INFINITETALK}
 PRESET_NAMES = tuple(_MULTITALK)
 
 

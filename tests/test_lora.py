@@ -241,6 +241,22 @@ def test_mismatching_loras_raise_listing_keys_and_leave_the_model_untouched(gold
     _assert_lora_error(model, base, [({}, 1.0)], "no tensors")
 
 
+def test_modulation_deltas_the_reference_skips_are_skipped_and_named(golden_weights, caplog):
+    """Kijai's I2V lightx2v LoRA carries `diffusion_model.blocks.N.diff_m`, which the reference does not apply: the
+    rest merges, and one log line names what was left out."""
+    gen = torch.Generator().manual_seed(5)
+    model = tiny_dit(golden_weights, torch.float32)
+    good, _ = reference_format_lora(gen, golden_weights)
+    modulation = {f"diffusion_model.blocks.{i}.diff_m": torch.randn(1, 6, 64, generator=gen) for i in range(2)}
+    expected = tiny_dit(golden_weights, torch.float32)
+    merge_loras(expected, [(good, 1.0)])
+    with caplog.at_level("INFO", logger="wan.loading.lora"):
+        merge_loras(model, [(good | modulation, 1.0)])
+    assert all(torch.equal(p, dict(expected.named_parameters())[n]) for n, p in model.named_parameters())
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "2 keys" in line and "diffusion_model.blocks.0.diff_m" in line and "diffusion_model.blocks.1.diff_m" in line
+
+
 def test_unreadable_files_raise_lora_error(tmp_path):
     with pytest.raises(LoRAError, match="not found"):
         load_lora_file(tmp_path / "missing.safetensors")

@@ -100,10 +100,3 @@ def test_gpus_default_to_every_visible_one_and_the_setting_takes_fewer():
     for bad in ("5", "0", "two"):
         with pytest.raises(ValueError, match=f"{GPUS_ENV}='{bad}'.*1 to 4"):
             Settings.from_env({GPUS_ENV: bad}).gpus_to_use(4)
-
-
-def test_the_speed_presets_decode_in_bfloat16_and_quality_as_the_reference():
-    import torch
-
-    dtypes = {name: sampling_options(recipe(name), None, 0).vae_dtype for name in ("fast", "turbo", "quality")}
-    assert dtypes == {"fast": torch.bfloat16, "turbo": torch.bfloat16, "quality": torch.float32}

@@ -2,11 +2,13 @@
 
 Formats: the reference's `diffusion_model.<module>.lora_down/lora_up` (+ `.alpha`, `.diff`, `.diff_b`), kohya
 `lora_unet_<module_with_underscores>.*`, and PEFT/diffusers `lora_A/lora_B` on Wan or diffusers module names
-(`transformer.`, `diffusion_model.` or `base_model.model.` prefix). A key that fits no parameter is an error.
+(`transformer.`, `diffusion_model.` or `base_model.model.` prefix). A key that fits no parameter is an error, except
+the kinds the reference does not apply either (`.diff_m`), which are skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,6 +48,9 @@ _DIFFUSERS_BLOCK = {
 }  # fmt: skip
 _DIFFUSERS_MARKER = re.compile(r"(^|\.)(attn1|attn2|condition_embedder|proj_out|scale_shift_table|ffn\.net)(\.|$)")
 _LISTED = 5
+_REFERENCE_SKIPS = (".diff_m",)
+
+log = logging.getLogger(__name__)
 
 
 class LoRAError(ValueError):
@@ -110,7 +115,15 @@ def normalize_lora_keys(
     targets = {n.rsplit(".", 1)[0] for n in names if n.endswith((".weight", ".bias"))}
     targets |= {n for n in names if not n.endswith((".weight", ".bias"))}  # bare parameters such as `modulation`
     split = {key: _split_key(key) for key in state_dict}
-    problems = [f"{key} (unknown key format)" for key, parts in split.items() if parts is None]
+    # Kijai's LoRAs carry `.diff_m` modulation deltas, which the reference passes over (it applies only the suffixes it
+    # knows); so do we, saying so. Any other unknown key is an error: a full weight, say, means no LoRA file.
+    skipped = sorted(key for key, parts in split.items() if parts is None and key.endswith(_REFERENCE_SKIPS))
+    if skipped:
+        listed = ", ".join(skipped[:_LISTED]) + (
+            f" and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""
+        )
+        log.info("LoRA %s: %d keys the reference does not apply either are skipped: %s", source, len(skipped), listed)
+    problems = [f"{key} (unknown key format)" for key, parts in split.items() if parts is None and key not in skipped]
     # A file uses diffusers module names or Wan ones, never a mix; decide once so `blocks.0.norm2` is unambiguous.
     diffusers_names = any(_DIFFUSERS_MARKER.search(parts[0]) for parts in split.values() if parts)
     # kohya's `blocks_0_self_attn_q` is looked up among the model's own paths, never split by guessing (None: ambiguous)

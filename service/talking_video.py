@@ -29,7 +29,7 @@ from src.audio import (
     video_frame_count,
 )
 from src.video import Mp4Writer, SourceVideo, read_video
-from wan import GenerationPlan, GenerationRequest, load_pipeline
+from wan import GenerationPlan, GenerationRequest, SamplingOptions, load_pipeline
 from wan.configs import FPS
 from wan.generation.timing import StageClock
 from wan.loading.audio_layers import infinitetalk_set
@@ -37,9 +37,9 @@ from wan.loading.lora import LoRAError
 from wan.runtime.compile_cache import compile_cache_file, recording_compiles
 from wan.runtime.placement import plan_for_device
 
-from .presets import FAST_LORA, PRESETS, Recipe, sampling_options
+from .presets import FAST_LORA, PRESET_NAMES, PRESETS, Recipe, sampling_options
 from .settings import MEMORY_PLAN_ENV, Settings
-from .time_limit import check_time
+from .time_limit import Budget, check_time
 from .weights import fetch_lora, resolve_fast_lora, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ class TalkingVideoService:
             self.warm_up()
             self.pipeline.dit.save_compile_cache()
         self.max_seconds = settings.max_request_seconds
+        self.switches = WeightSwitches()
         # Both go away with the service (cog never deletes outputs; each request removes the previous one).
         self._outputs = tempfile.TemporaryDirectory(prefix="multitalk-outputs-")
         self._lora_cache = tempfile.TemporaryDirectory(prefix="multitalk-loras-")
@@ -184,20 +185,29 @@ class TalkingVideoService:
         started = time.monotonic()
         clock = StageClock(self.pipeline.device)
         request, recipe, boxes = self._validate(request)
+        loras = self._loras(request, recipe)
         seed = secrets.randbelow(100_000_000) if request.seed is None else request.seed
         options = sampling_options(recipe, request.num_frames or MAX_FRAMES, seed)
         for old in self.outputs.iterdir():
             old.unlink()
         with clock.stage(DECODE):
             media = decode_media(request)
-            plan = self.pipeline.plan(media.speech_frames, media.source_hw, options)
+            audio_layers = infinitetalk_set(len(media.tracks)) if request.model == "infinitetalk" else "multitalk"
+            plan = self._plan(request, media, options, loras)
             if request.video is not None and plan.source_frames > len(media.source.frames):
                 source = read_video(request.video, max_frames=plan.source_frames, timing="timestamps")
                 media = Media(media.picture, source, media.tracks, media.mix)
-        check_time(self.costs, plan, media.source_hw, recipe, options, self.max_seconds, self.pipeline.computed_steps)
+        budget = Budget(self.max_seconds, self.switches.seconds(self.pipeline.dit, audio_layers, loras))
+        presets = [
+            name for name in PRESET_NAMES if self.fast_lora is not None or PRESETS[request.model][name].lora is None
+        ]
+        check_time(self.costs, plan, media.source_hw, recipe, options, budget,
+                   lambda other: self.pipeline.computed_steps(other, loras), presets)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="multitalk-") as work:
             soundtrack = Path(work) / "soundtrack.wav"
-            generation = self._prepare(request, recipe, media, plan, boxes, soundtrack, clock)
+            generation = self._prepare(request, media, plan, boxes, soundtrack, clock)
+            with clock.stage(WEIGHTS):
+                self.switches.timed(self.pipeline, audio_layers, loras, request)
             path = self.outputs / f"{request.model}-{seed}-{int(time.time())}.mp4"
             # Each clip is encoded while the next one is generated; what is left after the last is the mp4 stage.
             with Mp4Writer(path, plan.frames, soundtrack, fps=FPS) as writer:
@@ -213,6 +223,21 @@ class TalkingVideoService:
             clock.summary(),
         )
         return TalkingVideo(path, plan.frames, plan.width, plan.height)
+
+    def _loras(self, request: TalkingVideoRequest, recipe: Recipe) -> list[tuple[Path, float]]:
+        """The LoRAs the request runs with: its preset's, then the user's (downloaded and checked here)."""
+        loras = [(self.fast_lora, 1.0)] if recipe.settings.lora == FAST_LORA else []
+        if request.lora_url:
+            loras.append((fetch_lora(request.lora_url, self.lora_cache), request.lora_scale))
+        return loras
+
+    def _plan(
+        self, request: TalkingVideoRequest, media: Media, options: SamplingOptions, loras: list[tuple[Path, float]]
+    ) -> GenerationPlan:
+        try:
+            return self.pipeline.plan(media.speech_frames, media.source_hw, options, loras)
+        except LoRAError as error:  # TeaCache's prediction reads the LoRAs: one that does not fit fails here
+            raise ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}") from error
 
     def _validate(self, request: TalkingVideoRequest) -> tuple[TalkingVideoRequest, Recipe, tuple]:
         """The request with its aliases resolved, its sampling recipe and the speakers' boxes, or a ValueError naming
@@ -257,15 +282,13 @@ class TalkingVideoService:
     def _prepare(
         self,
         request: TalkingVideoRequest,
-        recipe: Recipe,
         media: Media,
         plan: GenerationPlan,
         boxes: tuple,
         soundtrack: Path,
         clock: StageClock,
     ) -> GenerationRequest:
-        """The soundtrack and the embeddings of the audio the clips read (not the whole file), then the weights the
-        recipe needs: swapping them is the first expensive step, so it comes after every input is known good."""
+        """The soundtrack and the embeddings of the audio the clips read (not the whole file)."""
         samples = plan.audio_samples(TARGET_SAMPLE_RATE)
         soundfile.write(soundtrack, media.mix[:samples], TARGET_SAMPLE_RATE)
         with clock.stage(WAV2VEC2):
@@ -275,15 +298,6 @@ class TalkingVideoService:
                 )
                 for track in media.tracks
             )
-        loras = [(self.fast_lora, 1.0)] if recipe.settings.lora == FAST_LORA else []
-        if request.lora_url:
-            loras.append((fetch_lora(request.lora_url, self.lora_cache), request.lora_scale))
-        audio_layers = infinitetalk_set(len(embeddings)) if request.model == "infinitetalk" else "multitalk"
-        with clock.stage(WEIGHTS):
-            try:
-                self.pipeline.set_weights(audio_layers, loras)  # touches only what changes
-            except LoRAError as error:
-                raise ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}") from error
         return GenerationRequest(
             prompt=request.prompt,
             image=media.picture,
@@ -292,6 +306,36 @@ class TalkingVideoService:
             negative_prompt=request.negative_prompt,
             video=None if media.source is None else torch.from_numpy(media.source.frames),
         )
+
+
+@dataclass
+class WeightSwitches:
+    """What changing the DiT's weights costs here, for the time estimate: the last measured switch of each kind (an
+    audio-layer set, which also takes the LoRAs off and on again; LoRAs alone), a prior before the first. The prior
+    is the slowest switch measured on a GPU (bench/RESULTS.md: 34.9 s for InfiniteTalk's layers and a LoRA)."""
+
+    audio_layers_seconds: float = 40.0
+    loras_seconds: float = 40.0
+
+    def seconds(self, dit, audio_layers: str, loras: list[tuple[Path, float]]) -> float:
+        wanted = tuple((str(path), float(scale)) for path, scale in loras)
+        if dit.active_audio_layers not in (None, audio_layers):
+            return self.audio_layers_seconds
+        return self.loras_seconds if wanted != dit.active_loras else 0.0
+
+    def timed(self, pipeline, audio_layers: str, loras: list[tuple[Path, float]], request: TalkingVideoRequest) -> None:
+        """Put the weights in place (only what changes is touched), timing the switch for the next estimates.
+        Swapping them is the first expensive step: it comes after every input is known good."""
+        kind = "audio_layers_seconds" if pipeline.dit.active_audio_layers not in (None, audio_layers) else None
+        if kind is None and tuple((str(p), float(s)) for p, s in loras) != pipeline.dit.active_loras:
+            kind = "loras_seconds"
+        started = time.monotonic()
+        try:
+            pipeline.set_weights(audio_layers, loras)
+        except LoRAError as error:
+            raise ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}") from error
+        if kind is not None:
+            setattr(self, kind, time.monotonic() - started)
 
 
 def decode_media(request: TalkingVideoRequest) -> Media:

@@ -77,10 +77,13 @@ def test_user_lora_from_url_and_a_mismatching_one(runner, loopback):
     expected = (base["blocks.1.ffn.0.weight"].float() + 0.5 * up @ down).to(weight.dtype)
     torch.testing.assert_close(dit.state_dict()["blocks.1.ffn.0.weight"], expected, rtol=0, atol=1e-6)
 
+    merged = {k: v.clone() for k, v in dit.state_dict().items()}
     with pytest.raises(ValueError, match="lora_url.*blocks.7.nothing"):
         _predict(runner, lora_url=wrong)
     with pytest.raises(ValueError, match="lora_url"):
         _predict(runner, lora_url=f"{loopback.base}/files/missing.safetensors")
-    # A failed merge leaves the base model, and the runner keeps working.
-    assert all(torch.equal(base[k], v) for k, v in dit.state_dict().items())
+    # A LoRA that does not fit fails before any weight moves (the plan reads it), and the runner keeps working: the
+    # next request runs on the base model.
+    assert all(torch.equal(merged[k], v) for k, v in dit.state_dict().items())
     assert _predict(runner).exists()
+    assert all(torch.equal(base[k], v) for k, v in dit.state_dict().items())

@@ -2,13 +2,16 @@
 runner refusing before any model work."""
 
 import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from support.cog_inputs import run_inputs
 from service.presets import Recipe, sampling_options
 from service.settings import GPUS_ENV, Settings
-from service.time_limit import check_time
+from service.talking_video import WeightSwitches
+from service.time_limit import Budget, check_time
 from wan.generation.estimate import Costs, estimate_seconds, tokens_of
 from wan.generation.plan import plan_generation
 
@@ -43,12 +46,26 @@ def test_a_request_over_the_limit_is_refused_with_what_fits():
     with pytest.raises(ValueError) as refused:
         check_time(H200, plan(options), WIDE, recipe("quality"), options)
     message = str(refused.value)
-    # The length, the estimate (5 x (4.56 + 120 x 3.23) s = 33 min), the limit and what fits.
-    for part in ("10.0 s of video", "about 33 min", "30 min limit", "the fast preset", "at most 8 s of audio"):
+    # The length, the estimate with its margin (5 x (4.56 + 120 x 3.23) s = 1961 s; x 1.1 + 60 s = 37 min), the limit
+    # and what fits: 8 s are 4 clips, 1569 s; x 1.1 + 60 s = 1786 s.
+    for part in ("10.0 s of video", "about 37 min", "30 min limit", "the fast preset", "at most 8 s of audio"):
         assert part in message, message
     fast = sampling_options(recipe("fast"), 1000, 1)
     assert check_time(H200, plan(fast), WIDE, recipe("fast"), fast) == pytest.approx(152.11, abs=0.01)
-    assert check_time(H200, plan(options), WIDE, recipe("quality"), options, limit=2000) < 2000
+    assert check_time(H200, plan(options), WIDE, recipe("quality"), options, Budget(2300)) < 2300
+    with pytest.raises(ValueError, match="about 37 min"):
+        check_time(H200, plan(options), WIDE, recipe("quality"), options, Budget(2200))  # 2217 s needed
+
+
+def test_a_weight_switch_counts_and_advice_names_only_what_the_runner_can_run():
+    fast = sampling_options(recipe("fast"), 1000, 1)  # 152.1 s x 1.1 + 60 s = 227.3 s
+    assert check_time(H200, plan(fast), WIDE, recipe("fast"), fast, Budget(260)) == pytest.approx(152.11, abs=0.01)
+    with pytest.raises(ValueError, match="about 4 min"):  # + 35 s to switch the weights: 262.3 s
+        check_time(H200, plan(fast), WIDE, recipe("fast"), fast, Budget(260, switch_seconds=35))
+    quality = sampling_options(recipe("quality"), 1000, 1)
+    with pytest.raises(ValueError) as refused:  # without the fast LoRA there is no fast preset to advise
+        check_time(H200, plan(quality), WIDE, recipe("quality"), quality, presets=("quality", "turbo"))
+    assert "fast" not in str(refused.value) and "at most 8 s of audio" in str(refused.value)
 
 
 def test_teacache_skips_known_ahead_are_taken_off_the_estimate():
@@ -60,7 +77,7 @@ def test_teacache_skips_known_ahead_are_taken_off_the_estimate():
     assert check_time(H200, plan(turbo, computed_steps=skips(turbo)), WIDE, recipe("turbo"), turbo) == pytest.approx(
         0.0886 + 5 * (4.559 + 18 * 3 * 3.2307)
     )
-    with pytest.raises(ValueError, match="about 33 min"):
+    with pytest.raises(ValueError, match="about 37 min"):
         check_time(H200, plan(turbo), WIDE, recipe("turbo"), turbo)
     # A quality request over the limit is pointed to turbo as well as fast; each preset's steps are asked for once,
     # however many lengths the advice tries.
@@ -100,3 +117,16 @@ def test_gpus_default_to_every_visible_one_and_the_setting_takes_fewer():
     for bad in ("5", "0", "two"):
         with pytest.raises(ValueError, match=f"{GPUS_ENV}='{bad}'.*1 to 4"):
             Settings.from_env({GPUS_ENV: bad}).gpus_to_use(4)
+
+
+def test_a_switch_is_counted_when_the_request_needs_other_weights(runner):
+    switches = WeightSwitches(audio_layers_seconds=30.0, loras_seconds=5.0)
+    dit = SimpleNamespace(active_audio_layers="multitalk", active_loras=())
+    assert switches.seconds(dit, "multitalk", []) == 0.0
+    assert switches.seconds(dit, "multitalk", [(Path("a.safetensors"), 1.0)]) == 5.0
+    assert switches.seconds(dit, "infinitetalk-single", []) == 30.0
+    # The runner replaces the prior by what its switches take.
+    service = runner.service
+    prior = service.switches.loras_seconds
+    runner.run(**run_inputs(image="examples/two_people.png", audio="examples/person1.wav", fast=True, num_frames=5))
+    assert service.switches.loras_seconds != prior and service.switches.loras_seconds < prior

@@ -72,14 +72,22 @@ class DiTBackend(Protocol):
         """The audio-layer set the DiT holds (`multitalk`, `infinitetalk-single`, `infinitetalk-multi`)."""
         ...
 
+    @property
+    def active_loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs merged into the DiT, as (file, scale)."""
+        ...
+
     def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str | Path, float]]) -> None:
         """The audio-layer set (None: unchanged) and the merged LoRAs ((file, scale) pairs); only what changes is
         touched, exactly."""
         ...
 
-    def teacache_steps(self, timesteps: torch.Tensor, settings: TeaCacheSettings) -> int:
+    def teacache_steps(
+        self, timesteps: torch.Tensor, settings: TeaCacheSettings, loras: Sequence[tuple[str | Path, float]] | None
+    ) -> int:
         """How many of `timesteps` (`[steps, 1]`) run the blocks under TeaCache (`sampling.teacache_computed_steps`
-        over the DiT's time embedding)."""
+        over the DiT's time embedding; with `loras`, over the time embedding those LoRAs would give it, the DiT
+        left as it is)."""
         ...
 
     def begin_clip(self, inputs: ClipInputs, passes: int, teacache: TeaCacheSettings | None) -> None:

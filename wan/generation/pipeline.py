@@ -142,18 +142,26 @@ class Pipeline:
         log.info("warm-up: %s", costs.describe())
         return costs
 
-    def plan(self, speech_frames: int, source_hw: tuple[int, int], options: SamplingOptions) -> GenerationPlan:
+    def plan(
+        self,
+        speech_frames: int,
+        source_hw: tuple[int, int],
+        options: SamplingOptions,
+        loras: Sequence[tuple[str | Path, float]] | None = None,
+    ) -> GenerationPlan:
         """The request's plan before any model work, for `speech_frames` frames of person 1's audio and a source
-        (image or video frame) of `source_hw` pixels: clips, size, the audio and source frames read, the passes."""
-        return plan_generation(speech_frames, source_hw, options, self.computed_steps(options))
+        (image or video frame) of `source_hw` pixels: clips, size, the audio and source frames read, the passes.
+        `loras`: the LoRAs the request will run with (None: those merged now)."""
+        return plan_generation(speech_frames, source_hw, options, self.computed_steps(options, loras))
 
-    def computed_steps(self, options: SamplingOptions) -> int:
-        """The steps of each clip whose DiT passes run: all of them, less those TeaCache will skip (it decides from the
-        time embedding alone, so this is exact before any clip runs, for the weights the DiT holds now)."""
+    def computed_steps(self, options: SamplingOptions, loras: Sequence[tuple[str | Path, float]] | None = None) -> int:
+        """The steps of each clip whose DiT passes run: all of them, less those TeaCache will skip. TeaCache decides
+        from the time embedding alone, so this is exact before any clip runs, for the weights the DiT will hold:
+        with `loras` merged (None: as it is now), which need not be merged for it."""
         if not options.guidance.use_teacache:
             return options.steps
         steps = sampling.timesteps(options.steps, options.shift)[:-1].view(-1, 1)
-        return self.dit.teacache_steps(steps, _teacache_settings(options))
+        return self.dit.teacache_steps(steps, _teacache_settings(options), loras)
 
     @torch.inference_mode()
     def generate(

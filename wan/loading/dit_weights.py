@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from ..model.dit import TIME_EMBEDDING_PREFIXES
 from .audio_layers import AudioLayers
 from .lora import LoraSet
 
@@ -32,3 +35,11 @@ class DiTWeights:
             self.loras.set([])
             self.audio_layers.use(audio_layers)
         self.loras.set(loras)
+
+    def time_embedding_with(self, loras: Sequence[tuple[str | Path, float]]) -> dict[str, torch.Tensor] | None:
+        """The time embedding's parameters as `set_weights(_, loras)` would leave them, the DiT untouched; None when
+        they would stay as they are. (The audio layers play no part in it.)"""
+        if [(str(path), float(scale)) for path, scale in loras] == self.loras.active:
+            return None
+        names = [name for name, _ in self.loras.model.named_parameters() if name.startswith(TIME_EMBEDDING_PREFIXES)]
+        return self.loras.values_with(loras, names)

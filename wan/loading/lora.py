@@ -199,6 +199,31 @@ def _delta(entry: LoRAEntry, bias: bool, scale: float, alpha_mode: str, param: t
     return delta
 
 
+Contributions = dict[str, list[tuple[float, LoRAEntry, bool]]]  # parameter -> (scale, entry, is its bias)
+
+
+def _contributions(params: Mapping[str, torch.Tensor], loras: Sequence[tuple[LoRASource, float]]) -> Contributions:
+    """Every LoRA read and checked against the model's parameters, before any weight changes."""
+    contributions: Contributions = defaultdict(list)
+    for index, (source, scale) in enumerate(loras):
+        label = str(source) if isinstance(source, (str, Path)) else f"state dict #{index}"
+        state_dict = load_lora_file(source) if isinstance(source, (str, Path)) else source
+        entries = normalize_lora_keys(state_dict, params, label)
+        _raise_if([problem for entry in entries for problem in _shape_problems(entry, params)], label)
+        for entry in entries:
+            if entry.up is not None or entry.diff is not None:
+                contributions[entry.param_name].append((scale, entry, False))
+            if entry.diff_b is not None:
+                contributions[entry.bias_name].append((scale, entry, True))
+    return contributions
+
+
+def _merged_value(param: torch.Tensor, contributions: list, alpha_mode: str) -> torch.Tensor:
+    """A parameter's deltas summed in float32 and added to it, rounded to its dtype once."""
+    delta = sum(_delta(entry, bias, scale, alpha_mode, param) for scale, entry, bias in contributions)
+    return (param.float() + delta).to(param.dtype)
+
+
 @dataclass
 class MergedLoRA:
     """Merged LoRAs; `restore()` puts back the exact original values of the parameters they touched.
@@ -262,17 +287,7 @@ def merge_loras(
         raise ValueError(f"alpha_mode must be 'standard' or 'reference', got {alpha_mode!r}")
     params = _weights(model)
     fp8 = _fp8_weights(model)
-    contributions: dict[str, list[tuple[float, LoRAEntry, bool]]] = defaultdict(list)  # param -> (scale, entry, bias)
-    for index, (source, scale) in enumerate(loras):
-        label = str(source) if isinstance(source, (str, Path)) else f"state dict #{index}"
-        state_dict = load_lora_file(source) if isinstance(source, (str, Path)) else source
-        entries = normalize_lora_keys(state_dict, params, label)
-        _raise_if([problem for entry in entries for problem in _shape_problems(entry, params)], label)
-        for entry in entries:
-            if entry.up is not None or entry.diff is not None:
-                contributions[entry.param_name].append((scale, entry, False))
-            if entry.diff_b is not None:
-                contributions[entry.bias_name].append((scale, entry, True))
+    contributions = _contributions(params, loras)
     touched = list(contributions)
     if reload is None and fp8.keys() & contributions.keys():
         raise LoRAError("LoRA on fp8 weights: the bf16 originals are not in memory; merge with `reload` (checkpoint)")
@@ -280,8 +295,7 @@ def merge_loras(
     for name in touched:
         # An fp8 weight merges into its bf16 original, read again, and is quantised anew.
         param = reload(name) if name in fp8 else params[name]
-        delta = sum(_delta(entry, bias, scale, alpha_mode, param) for scale, entry, bias in contributions[name])
-        merged = (param.float() + delta).to(param.dtype)
+        merged = _merged_value(param, contributions[name], alpha_mode)
         if name in fp8:
             fp8[name].set_weight(merged)
         else:
@@ -310,3 +324,22 @@ class LoraSet:
         if wanted:
             self._merged = merge_loras(self.model, wanted, alpha_mode=self.alpha_mode, reload=self.reload)
             self.active = wanted
+
+    @torch.no_grad()
+    def values_with(self, loras: Sequence[tuple[str | Path, float]], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """What the (non-fp8) parameters `names` would hold after `set(loras)`, computed as the merge computes them;
+        the model keeps what it holds."""
+        wanted = [(str(path), float(scale)) for path, scale in loras]
+        params = dict(self.model.named_parameters())
+        contributions = _contributions(_weights(self.model), wanted) if wanted != self.active else {}
+        values = {}
+        for name in names:
+            if wanted == self.active:
+                values[name] = params[name]
+                continue
+            base = params[name]
+            if self._merged is not None and name in self._merged.param_names:  # the current set touched it
+                original = self.reload(name) if self.reload is not None else self._merged.originals[name]
+                base = original.to(base.device, base.dtype)
+            values[name] = _merged_value(base, contributions[name], self.alpha_mode) if name in contributions else base
+        return values

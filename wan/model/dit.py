@@ -8,12 +8,13 @@ parameters the model is an exact float32 port.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 from einops import rearrange
 
 from .attention import attention
@@ -373,13 +374,21 @@ class MultiTalkDiT(nn.Module):
         """What runs the block stack: `runner(blocks, tokens, block_kwargs)` -> tokens (`run_blocks` unless set)."""
         self.run_blocks = runner
 
-    def time_embeddings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(e `[1, dim]` for the head, e0 `[1, 6, dim]` for the blocks' modulation) of timestep t `[1]`."""
+    def time_embeddings(
+        self, t: torch.Tensor, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e `[1, dim]` for the head, e0 `[1, 6, dim]` for the blocks' modulation) of timestep t `[1]`. `weights`:
+        other values for `time_embedding.*` / `time_projection.*` (e.g. a request's LoRAs merged), the DiT's own
+        left as they are."""
         # t stays float32 whatever the activation dtype (the reference's timesteps are float32 tensors); the sinusoid
         # is taken in float64. Rounding t to bf16 would merge neighbouring steps at high shift.
         sinusoid = sinusoidal_embedding(t.to(self.patch_embedding.weight.device, torch.float32), self.config.freq_dim)
-        e = self.time_embedding(sinusoid)
-        return e, self.time_projection(e).unflatten(1, (6, self.config.dim))
+        if weights is None:
+            e = self.time_embedding(sinusoid)
+            return e, self.time_projection(e).unflatten(1, (6, self.config.dim))
+        e = functional_call(self.time_embedding, _under(weights, "time_embedding."), (sinusoid,), strict=True)
+        e0 = functional_call(self.time_projection, _under(weights, "time_projection."), (e,), strict=True)
+        return e, e0.unflatten(1, (6, self.config.dim))
 
     def block_code(self) -> str:
         """What the blocks' compiled code depends on besides tensors' shapes and dtypes: the classes of a block's
@@ -400,3 +409,11 @@ class MultiTalkDiT(nn.Module):
         """`[1, L, prod(patch) * out_dim]` -> `[out_dim, T*p_t, N_h*p_h, N_w*p_w]`."""
         (f, h, w), (p, q, r) = grid, self.config.patch_size
         return rearrange(x[0], "(f h w) (p q r c) -> c (f p) (h q) (w r)", f=f, h=h, w=w, p=p, q=q, r=r)
+
+
+# The parameters of the time embedding and its projection: what TeaCache's decisions depend on.
+TIME_EMBEDDING_PREFIXES = ("time_embedding.", "time_projection.")
+
+
+def _under(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(prefix): value for name, value in weights.items() if name.startswith(prefix)}

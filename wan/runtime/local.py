@@ -40,12 +40,22 @@ class LocalDiT:
     def active_audio_layers(self) -> str | None:
         return self.weights.active_audio_layers
 
+    @property
+    def active_loras(self) -> tuple[tuple[str, float], ...]:
+        return tuple(self.weights.loras.active)
+
     def set_weights(self, audio_layers: str | None, loras: Sequence[tuple[str | Path, float]]) -> None:
         self.weights.set_weights(audio_layers, loras)
 
     @torch.inference_mode()
-    def teacache_steps(self, timesteps: torch.Tensor, settings: TeaCacheSettings) -> int:
-        e0s = (self.module.time_embeddings(t)[1] for t in timesteps)
+    def teacache_steps(
+        self,
+        timesteps: torch.Tensor,
+        settings: TeaCacheSettings,
+        loras: Sequence[tuple[str | Path, float]] | None = None,
+    ) -> int:
+        weights = None if loras is None else self.weights.time_embedding_with(loras)
+        e0s = (self.module.time_embeddings(t, weights)[1] for t in timesteps)
         return sampling.teacache_computed_steps(e0s, settings.thresh, settings.size_bucket)
 
     def begin_clip(self, inputs: ClipInputs, passes: int, teacache: TeaCacheSettings | None) -> None:

@@ -146,6 +146,7 @@ class _EndClip:
 class _TeaCacheSteps:
     timesteps: torch.Tensor  # CPU, [steps, 1]
     settings: TeaCacheSettings
+    loras: tuple[tuple[str, float], ...] | None
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,10 @@ class WorkerGroup:
     @property
     def size(self) -> int:
         return len(self.devices)
+
+    @property
+    def active_loras(self) -> tuple[tuple[str, float], ...]:
+        return self.loras
 
     @property
     def running(self) -> bool:
@@ -308,11 +313,17 @@ class WorkerGroup:
             raise WorkerError(f"no worker returned the branches {sorted(missing)} (schedule {describe(self.schedule)})")
         return {branch: found[branch].to(latent.device) for branch in branches}
 
-    def teacache_steps(self, timesteps: torch.Tensor, settings: TeaCacheSettings) -> int:
-        """`wan.generation.sampling.teacache_computed_steps` over the workers' DiT (the first worker answers);
-        starts the group if it is not running."""
+    def teacache_steps(
+        self,
+        timesteps: torch.Tensor,
+        settings: TeaCacheSettings,
+        loras: Sequence[tuple[str | Path, float]] | None = None,
+    ) -> int:
+        """`wan.generation.sampling.teacache_computed_steps` over the workers' DiT (the first worker answers; with
+        `loras`, over the time embedding they would give it); starts the group if it is not running."""
         self.start()
-        return self._request(_TeaCacheSteps(timesteps.cpu(), settings))[0]
+        wanted = None if loras is None else tuple((str(path), float(scale)) for path, scale in loras)
+        return self._request(_TeaCacheSteps(timesteps.cpu(), settings, wanted))[0]
 
     def end_clip(self) -> float | None:
         """Drop the clip's tensors in the workers; returns the share of DiT passes TeaCache skipped (None without
@@ -500,8 +511,9 @@ class _Worker:
         if isinstance(command, _TeaCacheSteps):
             if self.rank:
                 return None
+            weights = None if command.loras is None else self.weights.time_embedding_with(command.loras)
             with torch.inference_mode():
-                e0s = (self.dit.time_embeddings(t.to(self.device))[1] for t in command.timesteps)
+                e0s = (self.dit.time_embeddings(t.to(self.device), weights)[1] for t in command.timesteps)
                 return sampling.teacache_computed_steps(e0s, command.settings.thresh, command.settings.size_bucket)
         if isinstance(command, _SaveCompileCache):
             save_compile_cache(self.compile_cache)

@@ -72,7 +72,9 @@ class Runner(BaseRunner):
             description="Step-distilled lightx2v LoRA: 4 steps of 2 passes, ~10x faster than turbo. Overrides turbo.",
         ),
         lora_url: Optional[str] = Input(
-            default=None, description="URL of your own Wan 2.1 14B LoRA (.safetensors), merged into the model."
+            default=None,
+            description="Your own Wan 2.1 14B LoRA (.safetensors, at most 4 GiB), merged into the model: an http(s) "
+            "URL, or a Hugging Face file as owner/repo/file.safetensors.",
         ),
         lora_scale: float = Input(default=1.0, ge=0.0, le=4.0, description="Strength of the LoRA from lora_url."),
         text_guidance_scale: Optional[float] = Input(

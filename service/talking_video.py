@@ -147,6 +147,7 @@ class TalkingVideoService:
             self.warm_up()
             self.pipeline.dit.save_compile_cache()
         self.max_seconds = settings.max_request_seconds
+        self.hf_endpoint = settings.hf_endpoint
         self.switches = WeightSwitches()
         # Both go away with the service (cog never deletes outputs; each request removes the previous one).
         self._outputs = tempfile.TemporaryDirectory(prefix="multitalk-outputs-")
@@ -228,7 +229,9 @@ class TalkingVideoService:
         """The LoRAs the request runs with: its preset's, then the user's (downloaded and checked here)."""
         loras = [(self.fast_lora, 1.0)] if recipe.settings.lora == FAST_LORA else []
         if request.lora_url:
-            loras.append((fetch_lora(request.lora_url, self.lora_cache), request.lora_scale))
+            loras.append(
+                (fetch_lora(request.lora_url, self.lora_cache, hf_endpoint=self.hf_endpoint), request.lora_scale)
+            )
         return loras
 
     def _plan(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import urllib.error
@@ -48,6 +50,11 @@ HUB_REPOS = {
 FAST_LORA_REPO = "Kijai/WanVideo_comfy"  # where lightx2v's step-distillation LoRA is published
 HASH_CHUNK = 16 << 20
 LORA_CACHE_BYTES = 8 << 30  # user LoRAs kept between requests
+LORA_MAX_BYTES = 4 << 30  # one user LoRA: a rank-256 LoRA of the 14B DiT in fp16 is ~2.4 GB
+SAFETENSORS_HEADER_MAX = 100 << 20
+HF_ENDPOINT = "https://huggingface.co"
+# owner/repo[@revision]/path/in/the/repo
+HF_REFERENCE = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w.-]+))?/(?P<path>[\w./-]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,11 +201,33 @@ def resolve_fast_lora(paths: WeightPaths) -> Path:
     return path
 
 
-def fetch_lora(url: str, cache: Path, max_bytes: int = LORA_CACHE_BYTES) -> Path:
-    """A user's LoRA file from an http(s) URL, downloaded once into `cache` (named after the URL's hash). The cache
-    keeps at most `max_bytes`: the least recently used files go first (the one just asked for always stays)."""
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"lora_url: expected an http(s) URL of a .safetensors file, got {url!r}")
+def lora_url(reference: str, hf_endpoint: str = HF_ENDPOINT) -> str:
+    """The URL of a user's LoRA: an http(s) URL as it is; a Hugging Face file as `hf://owner/repo/path` or
+    `owner/repo/path.safetensors` (its main revision; `owner/repo@revision/path` names another)."""
+    text = reference.strip()
+    if text.startswith(("http://", "https://")):
+        return text
+    match = HF_REFERENCE.fullmatch(text.removeprefix("hf://"))
+    if match is None or not (text.startswith("hf://") or text.endswith(".safetensors")):
+        raise ValueError(
+            f"lora_url: {reference!r} is neither an http(s) URL nor a Hugging Face file; give a URL of a .safetensors "
+            "file, or owner/repo/file.safetensors (hf://owner/repo/file.safetensors)"
+        )
+    return f"{hf_endpoint.rstrip('/')}/{match['repo']}/resolve/{match['revision'] or 'main'}/{match['path']}"
+
+
+def fetch_lora(
+    reference: str,
+    cache: Path,
+    max_bytes: int = LORA_CACHE_BYTES,
+    file_limit: int = LORA_MAX_BYTES,
+    hf_endpoint: str = HF_ENDPOINT,
+) -> Path:
+    """A user's LoRA (`lora_url`), downloaded once into `cache` (named after the URL's hash). A file over
+    `file_limit` bytes is refused from its headers or, without them, as soon as it grows past; a file that is not
+    safetensors is refused before anything reads its tensors; nothing is left behind. The cache keeps at most
+    `max_bytes`: the least recently used files go first (the one just asked for always stays)."""
+    url = lora_url(reference, hf_endpoint)
     target = cache / f"lora-{hashlib.sha256(url.encode()).hexdigest()[:16]}.safetensors"
     if target.is_file():
         os.utime(target)  # recently used
@@ -206,13 +235,34 @@ def fetch_lora(url: str, cache: Path, max_bytes: int = LORA_CACHE_BYTES) -> Path
         cache.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
         try:
-            _download(url, partial)
-        except (urllib.error.URLError, OSError) as error:
+            _download(url, partial, file_limit)
+            check_safetensors(partial)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
             partial.unlink(missing_ok=True)
-            raise ValueError(f"lora_url: cannot download {url} ({error})") from error
+            reason = error.reason if isinstance(error, urllib.error.URLError) else error
+            raise ValueError(f"lora_url: cannot use {reference} ({reason})") from error
         partial.rename(target)
     evict_least_recently_used(cache, max_bytes, keep=target)
     return target
+
+
+def check_safetensors(path: Path) -> None:
+    """A ValueError unless `path` is a whole safetensors file: a JSON header of tensors whose data fills the rest."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 2 <= length <= min(size - 8, SAFETENSORS_HEADER_MAX):
+            raise ValueError("not a safetensors file: no header at its start")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"not a safetensors file: its header is no JSON ({error})") from None
+    tensors = (
+        {name: entry for name, entry in header.items() if name != "__metadata__"} if isinstance(header, dict) else {}
+    )
+    ends = [entry.get("data_offsets", [0, 0])[1] for entry in tensors.values() if isinstance(entry, dict)]
+    if not tensors or len(ends) != len(tensors) or max(ends) != size - 8 - length:
+        raise ValueError("not a whole safetensors file: its tensors do not fill it (truncated?)")
 
 
 def evict_least_recently_used(cache: Path, max_bytes: int, keep: Path) -> None:
@@ -247,8 +297,9 @@ def fetch_tar(url: str, root: Path) -> Path:
     return target
 
 
-def _download(url: str, path: Path) -> None:
-    """Fetch `url` into `path`, resuming from what a previous attempt left there when the server allows ranges."""
+def _download(url: str, path: Path, limit: int | None = None) -> None:
+    """Fetch `url` into `path`, resuming from what a previous attempt left there when the server allows ranges;
+    more than `limit` bytes in all, as declared or as read, is a ValueError."""
     done = path.stat().st_size if path.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     log.info("downloading %s to %s%s", url, path, f" (resuming at {done} bytes)" if done else "")
@@ -259,4 +310,12 @@ def _download(url: str, path: Path) -> None:
             return
         raise
     with response, open(path, "ab" if done and response.status == 206 else "wb") as f:
-        shutil.copyfileobj(response, f, HASH_CHUNK)
+        written = f.tell()
+        declared = response.headers.get("Content-Length")
+        if limit is not None and declared is not None and written + int(declared) > limit:
+            raise ValueError(f"{written + int(declared)} bytes, over the {limit / 2**30:g} GiB a file may have")
+        while chunk := response.read(HASH_CHUNK):
+            written += len(chunk)
+            if limit is not None and written > limit:
+                raise ValueError(f"over the {limit / 2**30:g} GiB a file may have")
+            f.write(chunk)

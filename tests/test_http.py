@@ -82,7 +82,7 @@ class CogServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, loopback):
     work = tmp_path_factory.mktemp("cog-http")
     weights = work / "tiny-weights"
     subprocess.run([sys.executable, "-m", "wan.testing.tiny", str(weights)], cwd=REPO, check=True, capture_output=True)
@@ -94,6 +94,7 @@ def server(tmp_path_factory):
         "PORT": str(port),
         "COG_PREDICT_TYPE_STUB": "predict.py:Runner",
         "COG_WEIGHTS": str(weights),
+        "HF_ENDPOINT": loopback.base,  # `owner/repo/file` LoRAs come from the loopback server
         # coglet starts its worker with the `python` found on PATH: it must be this venv's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "TMPDIR": str(tmpdir),
@@ -270,6 +271,20 @@ def test_a_path_on_the_server_is_refused(server, media, name, value):
     assert response.status_code == 200 and body["status"] == "failed", response.text
     assert f"{name}: {value!r} is not a file this model was sent" in body["error"], body["error"]
     assert "send the file itself" in body["error"] and body.get("output") is None
+    _wait_ready(server)
+
+
+def test_lora_url_takes_a_hugging_face_file_and_refuses_what_is_no_safetensors(server, media, loopback, tmp_path):
+    lora = next((server.tmpdir.parent / "tiny-weights" / "loras").iterdir()).read_bytes()  # fits the tiny DiT
+    loopback.files["me/loras/resolve/main/style.safetensors"] = lora
+    inputs = {"image": media["image_uri"], "audio": media["audio_uri"], **TINY}
+    response = server.predict({**inputs, "lora_url": "me/loras/style.safetensors", "lora_scale": 0.5})
+    _check_video(response.json(), tmp_path, CLIP_SECONDS)
+    page = loopback.url("page.safetensors", b"<html>Not the file</html>" * 10)
+    body = server.predict({**inputs, "lora_url": page}).json()
+    assert body["status"] == "failed", body
+    assert "lora_url: cannot use" in body["error"] and "not a safetensors file" in body["error"], body["error"]
+    assert body["error"].count("lora_url:") == 1 and str(server.tmpdir) not in body["error"]
     _wait_ready(server)
 
 

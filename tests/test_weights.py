@@ -12,10 +12,12 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
+import torch
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+from safetensors.torch import save
 
 from service.settings import WEIGHTS_ENV, Settings
-from service.weights import HUB_REPOS, WeightPaths, fetch_lora, resolve_weights
+from service.weights import HUB_REPOS, WeightPaths, fetch_lora, lora_url, resolve_weights
 
 FOLDERS = list(HUB_REPOS)
 
@@ -211,16 +213,68 @@ def test_tar_url_is_downloaded_once_and_extracted_under_root(tiny_weights, tmp_p
     assert resolve_weights(url, root) == paths
 
 
+def safetensors_bytes(fill: int, count: int = 250) -> bytes:
+    return save({"x": torch.full((count,), float(fill))})
+
+
 def test_lora_cache_keeps_the_recently_used_within_its_budget(tmp_path, loopback):
-    urls = [loopback.url(f"lora{k}.safetensors", bytes([k]) * 1000) for k in range(3)]
+    urls = [loopback.url(f"lora{k}.safetensors", safetensors_bytes(k)) for k in range(3)]
+    size = len(safetensors_bytes(0))
     cache = tmp_path / "cache"
-    first = fetch_lora(urls[0], cache, max_bytes=2500)
-    second = fetch_lora(urls[1], cache, max_bytes=2500)
+    first = fetch_lora(urls[0], cache, max_bytes=int(2.5 * size))
+    second = fetch_lora(urls[1], cache, max_bytes=int(2.5 * size))
     os.utime(first, (1, 1))  # used long ago
     os.utime(second, (2, 2))
-    assert fetch_lora(urls[0], cache, max_bytes=2500) == first  # a hit: no download, now the most recent
-    third = fetch_lora(urls[2], cache, max_bytes=2500)
+    assert fetch_lora(urls[0], cache, max_bytes=int(2.5 * size)) == first  # a hit: no download, now the most recent
+    third = fetch_lora(urls[2], cache, max_bytes=int(2.5 * size))
     assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, third.name])  # `second` was evicted
-    assert third.read_bytes() == bytes([2]) * 1000
-    assert fetch_lora(urls[1], cache, max_bytes=500).read_bytes() == bytes([1]) * 1000  # alone over budget: kept
+    assert third.read_bytes() == safetensors_bytes(2)
+    assert fetch_lora(urls[1], cache, max_bytes=size // 2).read_bytes() == safetensors_bytes(1)  # alone over: kept
     assert [p.name for p in cache.iterdir()] == [second.name]
+
+
+def test_lora_references_are_urls_or_hugging_face_files(tmp_path):
+    assert lora_url("https://x.org/a.safetensors") == "https://x.org/a.safetensors"
+    hub = "https://huggingface.co/Kijai/WanVideo_comfy/resolve/main/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
+    assert lora_url("Kijai/WanVideo_comfy/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors") == hub
+    assert lora_url("hf://Kijai/WanVideo_comfy/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors") == hub
+    assert lora_url("me/loras@v2/wan/style.safetensors", "http://hub.local") == (
+        "http://hub.local/me/loras/resolve/v2/wan/style.safetensors"
+    )
+    for bad in ("style.safetensors", "/etc/passwd", "file:///etc/x.safetensors", "me/loras/notes.txt", "ftp://x/y"):
+        with pytest.raises(ValueError, match="lora_url: .* neither an http.s. URL nor a Hugging Face file"):
+            lora_url(bad)
+    with pytest.raises(ValueError, match="lora_url: cannot use http://127.0.0.1:9/a b.safetensors"):
+        fetch_lora("http://127.0.0.1:9/a b.safetensors", tmp_path)
+
+
+def test_a_hugging_face_reference_downloads_from_the_hub(tmp_path, loopback):
+    loopback.files["me/loras/resolve/main/style.safetensors"] = safetensors_bytes(7)
+    path = fetch_lora("hf://me/loras/style.safetensors", tmp_path / "cache", hf_endpoint=loopback.base)
+    assert path.read_bytes() == safetensors_bytes(7)
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["declared", "streamed"])
+def test_a_lora_over_the_size_limit_is_refused_and_nothing_stays(tmp_path, loopback, sized):
+    url = loopback.url(f"big-{sized}.safetensors", safetensors_bytes(1, count=4000))  # 16 kB
+    if not sized:
+        loopback.unsized.add(f"big-{sized}.safetensors")
+    with pytest.raises(ValueError, match=r"lora_url: cannot use .*over the .* GiB a file may have"):
+        fetch_lora(url, tmp_path / "cache", file_limit=10_000)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"<html>not found</html>" * 20, "no header at its start"),
+        (safetensors_bytes(3)[:-40], "do not fill it"),  # truncated
+        ((20).to_bytes(8, "little") + b"{not json at all....", "no JSON"),
+    ],
+    ids=["html", "truncated", "bad-header"],
+)
+def test_a_file_that_is_not_safetensors_is_refused_before_any_merge(tmp_path, loopback, content, reason):
+    url = loopback.url(f"{reason.replace(' ', '-')}.safetensors", content)
+    with pytest.raises(ValueError, match=f"lora_url: cannot use .*{reason}"):
+        fetch_lora(url, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -8,12 +8,14 @@ import threading
 
 
 class Loopback(http.server.ThreadingHTTPServer):
-    """A local HTTP server: GET /files/<name> serves `files[name]` (bytes), POST /webhook/<key> records the JSON
+    """A local HTTP server: GET /files/<name> (or any other path, e.g. a Hub-style `/owner/repo/resolve/...`) serves
+    `files[name]` (bytes; without a Content-Length for the names in `unsized`), POST /webhook/<key> records the JSON
     body under `events[key]`."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _LoopbackHandler)
         self.files: dict[str, bytes] = {}
+        self.unsized: set[str] = set()
         self.events: dict[str, list[dict]] = {}
         self.lock = threading.Lock()
         self.base = f"http://127.0.0.1:{self.server_address[1]}"
@@ -27,12 +29,17 @@ class _LoopbackHandler(http.server.BaseHTTPRequestHandler):
     server: Loopback
 
     def do_GET(self):
-        data = self.server.files.get(self.path.removeprefix("/files/"))
+        name = self.path.removeprefix("/files/").removeprefix("/")
+        data = self.server.files.get(name)
         if data is None:
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
+        if name in self.server.unsized:
+            self.send_header("Connection", "close")  # the body ends when the connection does
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 

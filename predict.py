@@ -60,7 +60,8 @@ class Runner(BaseRunner):
             default=None,
             ge=5,
             le=MAX_FRAMES,
-            description=f"Frames at 25 fps. Default: as long as the audio (at most {MAX_FRAMES}).",
+            description="Frames at 25 fps. Default: as long as the audio (up to 10 min), as far as the 30-minute "
+            "limit allows: a request that would take longer is refused, naming the longest audio that fits.",
         ),
         resolution: str = Input(default="480p", choices=list(RESOLUTIONS), description="Output resolution bucket."),
         sampling_steps: Optional[int] = Input(

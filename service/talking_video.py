@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from src.audio import (
+    DEFAULT_MAX_SECONDS,
     TARGET_SAMPLE_RATE,
     audio_prepare_multi,
     audio_prepare_single,
@@ -28,7 +29,7 @@ from src.audio import (
     load_wav2vec,
     video_frame_count,
 )
-from src.video import Mp4Writer, SourceVideo, read_video
+from src.video import Mp4Writer, read_frames
 from wan import GenerationPlan, GenerationRequest, SamplingOptions, load_pipeline
 from wan.configs import FPS
 from wan.generation.timing import StageClock
@@ -44,7 +45,8 @@ from .weights import fetch_lora, resolve_fast_lora, resolve_weights
 
 log = logging.getLogger(__name__)
 
-MAX_FRAMES = 1000  # 40 s at 25 fps, the reference's streaming cap
+# A video is as long as its audio, which may be up to 10 min: the time limit decides what is served.
+MAX_FRAMES = round(DEFAULT_MAX_SECONDS * FPS)
 RESOLUTIONS = ("480p", "720p")
 MODELS = ("multitalk", "infinitetalk")
 # The service's stages, beside the generation's own (`wan.generation.timing`).
@@ -90,7 +92,7 @@ class Media:
     """A request's decoded media: the picture (or a video's frames), the speakers' tracks and their mix."""
 
     picture: Image.Image | None
-    source: SourceVideo | None  # frames read so far: the first, until the plan says how many the clips use
+    source: dict[int, np.ndarray] | None  # a video's frames by index: the first, then those the clips start on
     tracks: list[np.ndarray]  # 16 kHz mono, person 1 first
     mix: np.ndarray  # the soundtrack
 
@@ -102,7 +104,7 @@ class Media:
     def source_hw(self) -> tuple[int, int]:
         """The size of what the first clip is conditioned on: a video's first frame, else the picture."""
         if self.source is not None:
-            return tuple(self.source.frames.shape[1:3])
+            return tuple(self.source[0].shape[:2])
         return self.picture.height, self.picture.width
 
 
@@ -188,16 +190,15 @@ class TalkingVideoService:
         request, recipe, boxes = self._validate(request)
         loras = self._loras(request, recipe)
         seed = secrets.randbelow(100_000_000) if request.seed is None else request.seed
-        options = sampling_options(recipe, request.num_frames or MAX_FRAMES, seed)
+        options = sampling_options(recipe, request.num_frames, seed)
         for old in self.outputs.iterdir():
             old.unlink()
         with clock.stage(DECODE):
             media = decode_media(request)
             audio_layers = infinitetalk_set(len(media.tracks)) if request.model == "infinitetalk" else "multitalk"
             plan = self._plan(request, media, options, loras)
-            if request.video is not None and plan.source_frames > len(media.source.frames):
-                source = read_video(request.video, max_frames=plan.source_frames, timing="timestamps")
-                media = Media(media.picture, source, media.tracks, media.mix)
+            if request.video is not None and plan.source_frames != (0,):  # InfiniteTalk: each clip on its own frame
+                media = dataclasses.replace(media, source=read_frames(request.video, plan.source_frames))
         budget = Budget(self.max_seconds, self.switches.seconds(self.pipeline.dit, audio_layers, loras))
         presets = [
             name for name in PRESET_NAMES if self.fast_lora is not None or PRESETS[request.model][name].lora is None
@@ -307,7 +308,7 @@ class TalkingVideoService:
             audio=embeddings,
             boxes=tuple(box for box in boxes if box) or None,
             negative_prompt=request.negative_prompt,
-            video=None if media.source is None else torch.from_numpy(media.source.frames),
+            video=None if media.source is None else {k: torch.from_numpy(v) for k, v in media.source.items()},
         )
 
 
@@ -344,7 +345,7 @@ class WeightSwitches:
 def decode_media(request: TalkingVideoRequest) -> Media:
     """The picture, a video's first frame and the speech tracks (a video without separate audio speaks for itself)."""
     picture = load_image(request.image) if request.image is not None else None
-    source = read_video(request.video, max_frames=1, timing="timestamps") if request.video is not None else None
+    source = read_frames(request.video, [0]) if request.video is not None else None
     speech = request.audio if request.audio is not None else request.video
     if request.second_audio is None:
         track = audio_prepare_single(speech, TARGET_SAMPLE_RATE, name="audio" if request.audio is not None else "video")

@@ -59,8 +59,8 @@ class RecordingDiT(torch.nn.Module):
         )
         return out
 
-    def time_embeddings(self, t):
-        return self.dit.time_embeddings(t)
+    def time_embeddings(self, t, weights=None):
+        return self.dit.time_embeddings(t, weights)
 
 
 class RecordingVAE:

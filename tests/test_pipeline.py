@@ -32,8 +32,8 @@ class CountingDiT(torch.nn.Module):
         self.calls.append(dict(t=float(t), speakers=audio.shape[0], sound=bool(audio.any()), cache=cache, x=x.clone()))
         return self.dit(x, t, context, clip_fea, y, audio, masks, cache=cache)
 
-    def time_embeddings(self, t):
-        return self.dit.time_embeddings(t)
+    def time_embeddings(self, t, weights=None):
+        return self.dit.time_embeddings(t, weights)
 
 
 class RecordingVAE:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from src.video import SourceVideo, VideoInputError, read_video, video_audio
+from src.video import SourceVideo, VideoInputError, read_frames, read_video, video_audio
 from support.synthetic_media import frame_number, numbered_frames, write_media
 
 HEIGHT, WIDTH = 64, 96
@@ -87,6 +87,19 @@ def test_max_frames_stops_decoding_early(tmp_path: Path, timing: str) -> None:
     assert numbers(read_video(tmp_path / "cut.mkv", max_frames=5, timing=timing)) == expected[:5]
     with pytest.raises(VideoInputError, match="^video: .*truncated or corrupt"):
         read_video(tmp_path / "cut.mkv", timing=timing)
+
+
+@pytest.mark.parametrize("timing", ["reference", "timestamps"])
+def test_read_frames_keeps_only_the_frames_asked_for(tmp_path: Path, timing: str) -> None:
+    """The anchors of clips starting at 0, 72 and 144 in a 30 fps source of 100 frames: the frames `read_video`
+    would give at those indices, the last frame past the end, and nothing else."""
+    source = write_media(tmp_path / "v.mp4", frames=numbered_frames(100, HEIGHT, WIDTH), fps=30)
+    every = numbers(read_video(source, timing=timing))
+    frames = read_frames(source, [144, 0, 72], timing=timing)
+    assert list(frames) == [0, 72, 144]
+    assert {k: frame_number(v) for k, v in frames.items()} == {0: every[0], 72: every[72], 144: every[-1]}
+    with pytest.raises(ValueError, match="indices must be frame numbers"):
+        read_frames(source, [])
 
 
 def test_odd_frame_size(tmp_path: Path) -> None:

@@ -2,6 +2,15 @@
 (`source`), and the generated video written as an H.264 + AAC mp4 while it is made (`mp4`)."""
 
 from .mp4 import Mp4Writer, probe_video, write_mp4
-from .source import SourceVideo, VideoInputError, read_video, video_audio
+from .source import SourceVideo, VideoInputError, read_frames, read_video, video_audio
 
-__all__ = ["Mp4Writer", "SourceVideo", "VideoInputError", "probe_video", "read_video", "video_audio", "write_mp4"]
+__all__ = [
+    "Mp4Writer",
+    "SourceVideo",
+    "VideoInputError",
+    "probe_video",
+    "read_frames",
+    "read_video",
+    "video_audio",
+    "write_mp4",
+]

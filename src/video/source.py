@@ -13,7 +13,8 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator, Literal
+from collections.abc import Collection, Iterator
+from typing import Literal
 
 import av
 import numpy as np
@@ -65,6 +66,37 @@ def read_video(
         frames = _stack(chosen, name, path, max_bytes)
         has_audio, fps = bool(container.streams.audio), stream.average_rate
     return SourceVideo(frames=frames, has_audio=has_audio, source_fps=Fraction(fps) if fps else None)
+
+
+def read_frames(
+    path: str | os.PathLike, indices: Collection[int], timing: FrameTiming = "timestamps", name: str = "video"
+) -> dict[int, np.ndarray]:
+    """The frames of `path` at these output-frame indices (on the 25 fps timeline, as `read_video`), each index past
+    the video's end getting its last frame (the reference's `extract_specific_frames`). Every frame up to the last
+    index is decoded, but only these are kept: memory stays flat however long the video."""
+    wanted = sorted(set(indices))
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"indices must be frame numbers >= 0, got {list(indices)[:5]}")
+    path = os.fspath(path)
+    kept: dict[int, np.ndarray] = {}
+    last: np.ndarray | None = None
+    with open_media(path, name, VIDEO_HINT, VideoInputError) as container:
+        if not container.streams.video:
+            raise VideoInputError(f"{name}: the file ({container.format.name}) has no video stream; {VIDEO_HINT}")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        source = _decoded_frames(container, stream, name, path)
+        chosen = _by_index(source, wanted[-1] + 1) if timing == "reference" else _by_time(source, wanted[-1] + 1)
+        keep = set(wanted)
+        for index, image in enumerate(chosen):
+            if last is not None and image.shape != last.shape:
+                raise VideoInputError(f"{name}: the frame size of the video changes at frame {index}; re-export it")
+            last = image
+            if index in keep:
+                kept[index] = image
+    if last is None:
+        raise VideoInputError(f"{name}: the file contains no video frames; {VIDEO_HINT}")
+    return {index: kept.get(index, last) for index in wanted}
 
 
 def video_audio(

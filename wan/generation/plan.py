@@ -43,7 +43,7 @@ class GenerationPlan:
     width: int
     speech_frames: int  # person 1's audio, in frames at 25 fps
     embedded_frames: int  # the frames of it the clips read (the rest needs no wav2vec2)
-    source_frames: int  # frames of a source video the clips read
+    source_frames: tuple[int, ...]  # the frames of a source video the clips are anchored on
     steps: int
     computed_steps: int  # steps of a clip whose DiT passes run: TeaCache's skips taken off
     passes_per_step: int
@@ -76,8 +76,8 @@ def plan_generation(
         speech_frames=speech_frames,
         embedded_frames=min(speech_frames, frames_read(clips)),
         # MultiTalk takes a video's first frame for the image; InfiniteTalk anchors every clip on the frame at its
-        # start, all of them before the video's end.
-        source_frames=1 if options.model == "multitalk" else clips.total,
+        # start.
+        source_frames=(0,) if options.model == "multitalk" else clips.starts,
         steps=options.steps,
         computed_steps=computed_steps,
         passes_per_step=sampling.passes_per_step(options.text_scale, options.audio_scale),

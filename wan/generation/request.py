@@ -65,30 +65,39 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One video's content. `image`: the picture to animate; or `video`: uint8 `[frames, H, W, 3]` RGB at 25 fps, the
-    video to dub (its frame 0 stands in for the image). `audio`: one wav2vec2 embedding `[frames, layers, channels]`
-    per speaker (1 or 2, person 1 first, 25 frames a second); `boxes`: one box per speaker, or None for the
-    left/right halves."""
+    """One video's content. `image`: the picture to animate; or `video`, the video to dub (its frame 0 stands in for
+    the image): uint8 `[frames, H, W, 3]` RGB at 25 fps, or only the frames the clips are anchored on (those at the
+    clips' starts, `GenerationPlan.clips.starts`) as {frame index: `[H, W, 3]`}, so that a long video costs no more
+    memory than a short one. `audio`: one wav2vec2 embedding `[frames, layers, channels]` per speaker (1 or 2,
+    person 1 first, 25 frames a second); `boxes`: one box per speaker, or None for the left/right halves."""
 
     prompt: str
     image: Image.Image | None
     audio: tuple[torch.Tensor, ...]
     boxes: tuple[Box, ...] | None = None
     negative_prompt: str = ""  # empty: the model's default
-    video: torch.Tensor | None = None
+    video: torch.Tensor | Mapping[int, torch.Tensor] | None = None
 
     def source_frame(self, index: int) -> Image.Image:
         """The source at frame `index`: the image, or the video's frame (its last frame past the end, as the
         reference's `extract_specific_frames`)."""
         if self.video is None:
             return self.image.convert("RGB")
+        if isinstance(self.video, Mapping):
+            if index not in self.video:
+                raise ValueError(f"video: no source frame for frame {index}; give the frames at the clips' starts")
+            return Image.fromarray(self.video[index].numpy())
         return Image.fromarray(self.video[min(index, self.video.shape[0] - 1)].numpy())
 
     def __post_init__(self) -> None:
         if self.image is None and self.video is None:
             raise ValueError("image: give an image to animate, or a video to dub")
-        if self.video is not None and (self.video.ndim != 4 or self.video.shape[-1] != 3 or not len(self.video)):
-            raise ValueError(f"video: expected uint8 [frames, H, W, 3] frames, got {tuple(self.video.shape)}")
+        frames = list(self.video.values()) if isinstance(self.video, Mapping) else self.video
+        if isinstance(self.video, Mapping) and 0 not in self.video:
+            raise ValueError("video: the frames of a video to dub start with frame 0")
+        if frames is not None and (not len(frames) or any(f.ndim != 3 or f.shape[-1] != 3 for f in frames)):
+            shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else [tuple(f.shape) for f in frames[:3]]
+            raise ValueError(f"video: expected uint8 [frames, H, W, 3] frames, got {shape}")
         if not 1 <= len(self.audio) <= 2:
             raise ValueError(f"cond_audio: MultiTalk drives 1 or 2 speakers, got {len(self.audio)}")
         for k, embedding in enumerate(self.audio):

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -412,3 +413,23 @@ def test_ten_predictions_leave_one_output_and_do_not_grow_memory(server, media, 
     # Retaining one tiny output video per prediction (5 x 640 x 640 x 3 float32 = 25 MB) would add 170 MB here.
     growth = rss[10] - rss[3]
     assert growth < 100 * 2**20, f"worker RSS grew {growth / 2**20:.0f} MiB: {[round(v / 2**20) for v in rss.values()]}"
+
+
+def test_the_readme_curl_snippet_writes_the_video_only_when_the_prediction_succeeds(server, tmp_path):
+    (block,) = re.findall(r"```bash\n(curl .*?)```", (REPO / "README.md").read_text(), re.S)
+    block = block.replace("http://127.0.0.1:5000", server.url)
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    shutil.copy(REPO / "examples" / "person1.wav", examples)
+    shutil.copy(REPO / "examples" / "two_people.png", examples)
+    _wait_ready(server)
+    ok = subprocess.run(["bash", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0 and ok.stdout.startswith("succeeded"), ok.stdout + ok.stderr
+    video = (tmp_path / "talking.mp4").read_bytes()
+    assert mp4_tracks(tmp_path / "talking.mp4")["vide"]["codec"] == "avc1"
+    (examples / "two_people.png").write_bytes(b"not a picture" * 50)
+    _wait_ready(server)
+    failed = subprocess.run(["bash", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1 and failed.stdout.startswith("failed") and "image:" in failed.stdout, failed.stdout
+    assert (tmp_path / "talking.mp4").read_bytes() == video  # the earlier video is not overwritten
+    _wait_ready(server)

@@ -72,7 +72,7 @@ WAN_VAE = VaeDims(dim=96)
 EXAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data" / "examples"
 EXAMPLE_IMAGE = EXAMPLES / "multi" / "1" / "multi1.png"
 STAGES = re.compile(r"^wrote (\d+) frames (\d+)x(\d+) in ([\d.]+)s \((.*)\)$")
-ESTIMATE = re.compile(r"^estimate: (\d+) s")
+ESTIMATE = re.compile(r"^estimate: ([\d.]+) s")
 
 
 class Log(logging.Handler):

@@ -58,7 +58,7 @@ def check_time(
     this one (`computed_steps`: the steps of a clip whose passes run, asked once per preset; default: every step)."""
     seconds = estimate_seconds(costs, plan)
     switch = f" + {budget.switch_seconds:.0f} s to switch weights" if budget.switch_seconds else ""
-    log.info("estimate: %.0f s%s for %.1f s of video (%s)", seconds, switch, plan.frames / FPS, recipe.preset)
+    log.info("estimate: %.1f s%s for %.1f s of video (%s)", seconds, switch, plan.frames / FPS, recipe.preset)
     if budget.fits(seconds):
         return seconds
 

@@ -64,38 +64,49 @@ DIT_PROBE = textwrap.dedent("""
 """)
 
 
-def probe(mode: str, cache_file, inductor_dir, script: str = PROBE, *args) -> dict:
+def start_probe(mode: str, cache_file, inductor_dir, script: str = PROBE, *args) -> subprocess.Popen:
     """A new process (a new container: its own empty inductor cache) compiling one small function (or `script`)."""
     env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
-    done = subprocess.run([sys.executable, "-c", script, mode, str(cache_file), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600, check=True, cwd=REPO_ROOT)  # fmt: skip
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", script, mode, str(cache_file), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)  # fmt: skip
+
+
+def result(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def probe(*args) -> dict:
+    return result(start_probe(*args))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="CPU inductor needs a C++ compiler")
 def test_a_new_process_with_the_file_skips_the_compile(tmp_path):
     cache = tmp_path / "keep" / "inductor.bin"
-    first = probe("save", cache, tmp_path / "container1")
+    saving, without = start_probe("save", cache, tmp_path / "container1"), start_probe("none", cache, tmp_path / "c3")
+    first = result(saving)  # (the two at once: neither reads what the other writes)
     assert first["fxgraph_cache_miss"] == 1 and cache.is_file()
     assert [p.name for p in cache.parent.iterdir()] == ["inductor.bin"], "no partial file left behind"
     second = probe("load", cache, tmp_path / "container2")
     assert second["loaded"] and second.get("fxgraph_cache_hit") == 1 and "fxgraph_cache_miss" not in second
-    without = probe("none", cache, tmp_path / "container3")
-    assert without["fxgraph_cache_miss"] == 1
+    assert result(without)["fxgraph_cache_miss"] == 1
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="CPU inductor needs a C++ compiler")
 def test_a_new_process_traces_nothing_but_never_takes_another_plans_graphs(tmp_path, tiny_weights):
     base = tmp_path / "keep" / "inductor.bin"
-    first = probe("resident", base, tmp_path / "container1", DIT_PROBE, tiny_weights)
+    resident = start_probe("resident", base, tmp_path / "container1", DIT_PROBE, tiny_weights)
+    fp8_first = start_probe("fp8", base, tmp_path / "container3", DIT_PROBE, tiny_weights)  # at once: own file names
+    first = result(resident)
     assert first["traced"] >= 1 and first["loaded"] == 0 and first["error"] < 1e-6
     assert Path(first["file"]).is_file() and Path(first["file"]).parent == base.parent
+    fp8 = result(fp8_first)
     second = probe("resident", base, tmp_path / "container2", DIT_PROBE, tiny_weights)
     assert second["traced"] == 0 and second["loaded"] >= 1, "the graphs come from the file: dynamo traces nothing"
     assert second["error"] < 1e-6
-    fp8 = probe("fp8", base, tmp_path / "container3", DIT_PROBE, tiny_weights)
     assert fp8["file"] != first["file"] and fp8["loaded"] == 0 and fp8["traced"] >= 1
     # On the CPU the fp8 plan differs from the resident one by its attention kernel alone (4.5e-5 here): with the
     # resident graphs it would be that far from its eager self.

@@ -32,7 +32,7 @@ def live_tensor_bytes() -> int:
                 if isinstance(obj, torch.Tensor) and not obj.is_meta:
                     storage = obj.untyped_storage()
                     storages[storage.data_ptr()] = storage.nbytes()
-            except ReferenceError:  # a dead weak proxy
+            except (ReferenceError, RuntimeError):  # a dead weak proxy; a compile's fake tensor without storage
                 continue
     return sum(storages.values())
 
@@ -41,12 +41,13 @@ def test_a_long_video_streams_in_flat_memory(runner, tmp_path, monkeypatch):
     t = np.arange(int(SECONDS * 16000)) / 16000
     speech = (0.3 * np.sin(2 * np.pi * 200 * t) * np.sin(np.pi * 3 * t) ** 2).astype(np.float32)
     soundfile.write(tmp_path / "speech.wav", speech, 16000)
-    samples = []  # (live tensor bytes, resident set size) as each clip reaches the mp4
+    samples = []  # (live tensor bytes at clips 3, 10 and 20, resident set size) as each clip reaches the mp4
     write = Mp4Writer.write
 
     def measured(self, video):
         write(self, video)
-        samples.append((live_tensor_bytes(), psutil.Process().memory_info().rss))
+        clip = len(samples) + 1
+        samples.append((live_tensor_bytes() if clip in (3, 10, 20) else None, psutil.Process().memory_info().rss))
 
     monkeypatch.setattr(Mp4Writer, "write", measured)
     inputs = run_inputs(image="examples/two_people.png", audio=str(tmp_path / "speech.wav"), fast=True, seed=3)
@@ -55,5 +56,6 @@ def test_a_long_video_streams_in_flat_memory(runner, tmp_path, monkeypatch):
     assert mp4_tracks(output)["vide"]["samples"] == round(SECONDS * 25)  # no 1000-frame cap
     assert len(samples) == 20
     tensors, rss = zip(*samples[2:])  # from the third clip on, every buffer has its size
+    tensors = [b for b in tensors if b is not None]
     assert max(tensors) - min(tensors) < 2**20, [round(b / 2**20, 1) for b in tensors]  # nothing held per clip
     assert max(rss) - rss[0] < 64 * 2**20, [round(b / 2**20) for b in rss]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from support.golden import cases_with_prefix, golden_parts, load_case
 from PIL import Image
 
@@ -169,6 +170,26 @@ def test_teacache_steps_come_from_the_workers_dit(group):
             )
         assert group.teacache_steps(timesteps, TeaCacheSettings(thresh, "multitalk-480")) == expected
     assert expected == 5  # only the warm-up steps: the prediction is not constant
+
+
+def test_teacache_steps_for_a_requests_loras_come_from_the_workers_too(group, tmp_path):
+    """With the LoRAs a request will run with, the first worker predicts as the in-process DiT, unmerged."""
+    timesteps = sampling.timesteps(24, shift=5.0)[:-1].view(-1, 1)
+    weight = golden_model().time_projection[1].weight
+    generator = torch.Generator().manual_seed(3)
+    save_file(
+        {
+            "diffusion_model.time_projection.1.lora_up.weight": 0.5 * torch.randn(weight.shape[0], 2, generator=generator),
+            "diffusion_model.time_projection.1.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator),
+        },
+        tmp_path / "time.safetensors",
+    )  # fmt: skip
+    lora = [(str(tmp_path / "time.safetensors"), 1.0)]
+    settings = TeaCacheSettings(3e5, "multitalk-480")
+    local = LocalDiT(load_case("dit_1p").dit())
+    assert group.teacache_steps(timesteps, settings, lora) == local.teacache_steps(timesteps, settings, lora)
+    assert group.teacache_steps(timesteps, settings, lora) != group.teacache_steps(timesteps, settings)
+    assert group.active_loras == ()  # nothing was merged for it
 
 
 def test_killed_worker_fails_the_request_and_the_next_request_restarts(group):

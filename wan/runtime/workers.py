@@ -46,6 +46,7 @@ from ..loading.dit_weights import DiTWeights
 from ..loading.lora import LoraSet
 from ..model.dit import MultiTalkDiT
 from ..model.sequence_parallel import SequenceParallel
+from .local import LocalDiT
 from .compile_cache import inductor_cache_counts, load_compile_cache, save_compile_cache, worker_cache_file
 from .placement import load_dit_for_plan
 from .plans import RESIDENT, MemoryPlan
@@ -511,10 +512,9 @@ class _Worker:
         if isinstance(command, _TeaCacheSteps):
             if self.rank:
                 return None
-            weights = None if command.loras is None else self.weights.time_embedding_with(command.loras)
-            with torch.inference_mode():
-                e0s = (self.dit.time_embeddings(t.to(self.device), weights)[1] for t in command.timesteps)
-                return sampling.teacache_computed_steps(e0s, command.settings.thresh, command.settings.size_bucket)
+            # The worker's DiT as the one in a single process: its prediction is the same code's.
+            local = LocalDiT(self.dit, self.weights)
+            return local.teacache_steps(command.timesteps.to(self.device), command.settings, command.loras)
         if isinstance(command, _SaveCompileCache):
             save_compile_cache(self.compile_cache)
             return inductor_cache_counts()

@@ -141,6 +141,7 @@ class TalkingVideoService:
                 device=device,
                 compile=on_gpu,
                 memory_plan=memory_plan,
+                worker_plan=memory_plan if settings.memory_plan else None,  # else each worker's own card's
                 gpus=gpus,
                 compile_cache=compile_cache,
             )

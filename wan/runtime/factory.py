@@ -41,6 +41,7 @@ def load_pipeline(
     fp8: bool = False,
     memory_plan: MemoryPlan | None = None,
     gpus: int = 1,
+    worker_plan: MemoryPlan | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
     compile_cache: Path | None = None,
@@ -58,8 +59,9 @@ def load_pipeline(
     first (`wan.runtime.compile_cache`).
 
     `gpus` > 1: the DiT runs in one worker process per GPU (`wan.runtime.workers`), each streaming the weights from
-    the same files; the text and image encoders stay here, on `device`, and the VAE splits each frame into bands of
-    rows over the GPUs (untiled plans; `wan.runtime.vae_bands`).
+    the same files and placing them by `worker_plan` (None: the plan for its own card); the text and image encoders
+    stay here, on `device`, and the VAE splits each frame into bands of rows over the GPUs (untiled plans;
+    `wan.runtime.vae_bands`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = memory_plan or (FP8 if fp8 else RESIDENT)
@@ -75,7 +77,7 @@ def load_pipeline(
     )
     if gpus > 1:
         dit: DiTBackend = start_workers(
-            files, multitalk_dir, infinitetalk_dir, plan, dtype, compile, gpus, loras, compile_cache
+            files, multitalk_dir, infinitetalk_dir, worker_plan, dtype, compile, gpus, loras, compile_cache
         )
     else:
         dit = load_local_dit(files, multitalk_dir, infinitetalk_dir, plan, dtype, device, compile, loras, compile_cache)
@@ -125,18 +127,19 @@ def start_workers(
     files: WanFiles,
     multitalk_dir,
     infinitetalk_dir,
-    plan: MemoryPlan,
+    worker_plan: MemoryPlan | None,
     dtype: torch.dtype,
     compile: bool,
     gpus: int,
     loras: Sequence[tuple[str | Path, float]],
     compile_cache: Path | None = None,
 ) -> WorkerGroup:
-    """One DiT worker process per GPU (cuda:0 .. cuda:gpus-1), each streaming the weights from the same files."""
+    """One DiT worker process per GPU (cuda:0 .. cuda:gpus-1), each streaming the weights from the same files and
+    placing them by `worker_plan` (None: the plan for its own card)."""
     if len(visible_devices()) < gpus:
         raise ValueError(f"gpus={gpus}, but only {len(visible_devices())} GPUs are visible")
     source = CheckpointSource(files.root, multitalk_dir, infinitetalk_dir, dtype)
-    options = WorkerOptions(compile=compile, memory_plan=plan, compile_cache=compile_cache)
+    options = WorkerOptions(compile=compile, memory_plan=worker_plan, compile_cache=compile_cache)
     workers = WorkerGroup(source, visible_devices()[:gpus], options)
     workers.set_weights(None, loras)
     workers.start()

@@ -13,10 +13,11 @@ AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 
 
 def self_attention_kernel(plan: MemoryPlan, device: str | torch.device) -> AttentionKernel:
-    """fp8 DiTs: cuDNN's fp8 attention on Hopper and newer (on a CPU its emulation); otherwise FlashAttention 4
-    where it is installed and the card runs it, else SDPA (`wan.model.attention.attention`)."""
+    """fp8 DiTs on Hopper: cuDNN's fp8 attention (on a CPU its emulation). Otherwise, fp8 linears on Ada and Blackwell
+    included (cuDNN's fp8 attention is built and measured for Hopper alone): FlashAttention 4 where it is installed
+    and passes its check on the card (Hopper, Blackwell), else SDPA (`wan.model.attention.attention`)."""
     device = torch.device(device)
-    if plan.dit_weights == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)):
+    if plan.dit_weights == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] == 9):
         from ..model.fp8 import fp8_attention  # imports Triton
 
         return fp8_attention

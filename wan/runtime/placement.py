@@ -3,14 +3,25 @@ text encoder resident or parked, the VAE tiled or whole; and the plan for a devi
 
 from __future__ import annotations
 
+import functools
 import logging
 
+import psutil
 import torch
 
 from ..loading.checkpoints import load_dit
 from ..model.dit import MultiTalkDiT
 from .kernels import self_attention_kernel
-from .plans import GIB, RESIDENT, VAE_TILE_PX, VAE_TILE_STRIDE_PX, MemoryPlan, choose_memory_plan
+from .plans import (
+    GIB,
+    RESIDENT,
+    VAE_TILE_PX,
+    VAE_TILE_STRIDE_PX,
+    Card,
+    MemoryPlan,
+    choose_memory_plan,
+    plan_for_card,
+)
 from .streaming import HostWeights, ParkedWeights, attach_streamer, module_tensors
 
 log = logging.getLogger(__name__)
@@ -26,22 +37,63 @@ def free_gpu_bytes(device: str | torch.device) -> int:
     return min(free, int(fraction * total) - torch.cuda.memory_reserved(index))
 
 
+def card_of(device: str | torch.device) -> Card:
+    """What the plan depends on for a CUDA `device`: its name, compute capability, free memory (and the host's)
+    and whether fp8 matrix products run on it (a probe, once per device)."""
+    device = torch.device(device)
+    capability = torch.cuda.get_device_capability(device)
+    return Card(
+        name=torch.cuda.get_device_name(device),
+        capability=capability,
+        gpu_gib=free_gpu_bytes(device) / GIB,
+        host_gib=available_host_gib(),
+        fp8_linears=capability >= (8, 9) and fp8_linears_work(device.index or 0),
+    )
+
+
+def available_host_gib() -> float:
+    """Host memory available to this process now (the kernel's MemAvailable), in GiB."""
+    return psutil.virtual_memory().available / GIB
+
+
+@functools.cache
+def fp8_linears_work(device_index: int) -> bool:
+    """Whether the fp8 linear layers (`Fp8Linear`: row-scaled `torch._scaled_mm`) run on this card, correctly: a
+    card or a torch build without them must leave the service its bf16 plans, not fail a request."""
+    from ..model.fp8 import Fp8Linear  # imports Triton
+
+    generator = torch.Generator(f"cuda:{device_index}").manual_seed(0)
+    linear = torch.nn.Linear(64, 32, device=generator.device, dtype=torch.bfloat16)
+    x = torch.randn(16, 64, generator=generator, device=generator.device, dtype=torch.bfloat16)
+    try:
+        with torch.no_grad():
+            error = (Fp8Linear(linear)(x).float() - linear(x).float()).norm() / linear(x).float().norm()
+    except Exception as exception:  # an unsupported scaling mode or kernel on this card
+        log.warning("fp8 linear layers do not run on cuda:%d (%s); the bf16 plans serve", device_index, exception)
+        return False
+    if not error < 0.1:  # e4m3 keeps 3 mantissa bits: a few percent
+        log.warning("fp8 linear layers are %.2f from bf16 on cuda:%d; the bf16 plans serve", error, device_index)
+        return False
+    return True
+
+
 def plan_for_device(
     device: str | torch.device, override: str | None = None, setting: str = "memory_plan"
 ) -> MemoryPlan:
-    """The plan for `device`, from its free memory or the plan `override` names (`setting`: where the user named it),
-    logged once here; a CPU runs `resident` unless told otherwise."""
+    """The plan for `device`, from what its card computes and its free memory, or the plan `override` names
+    (`setting`: where the user named it), logged once here; a CPU runs `resident` unless told otherwise. Raises
+    `UnsupportedCard` for a card that cannot serve the model."""
     device = torch.device(device)
     if device.type != "cuda":
         plan = choose_memory_plan(0, override, setting) if override else RESIDENT
         log.info("%s", plan.describe("CPU"))
         return plan
-    free = free_gpu_bytes(device)
-    plan = choose_memory_plan(free, override, setting)
+    card = card_of(device)
+    plan = plan_for_card(card, override, setting)
     source = f"{setting}={override}" if override else "chosen"
-    log.info("%s; %s with %.1f GiB free on %s", plan.describe(), source, free / GIB, torch.cuda.get_device_name(device))
-    if free < plan.gpu_gib * GIB:
-        log.warning("plan %r needs %.1f GiB but only %.1f GiB are free", plan.name, plan.gpu_gib, free / GIB)
+    log.info("%s; %s for %s with %.1f GiB free", plan.describe(), source, card.name, card.gpu_gib)
+    if card.gpu_gib < plan.gpu_gib:
+        log.warning("plan %r needs %.1f GiB but only %.1f GiB are free", plan.name, plan.gpu_gib, card.gpu_gib)
     return plan
 
 

@@ -1,13 +1,16 @@
-"""Memory plans: where the model's weights live, chosen once from the GPU's free memory. Pure arithmetic (no torch):
-`wan.runtime.placement` puts a plan in place.
+"""Memory plans: where the model's weights live, chosen once from what the GPU can compute and its free memory.
+Pure arithmetic (no torch): `wan.runtime.placement` reads the card and puts a plan in place.
 
-    resident   everything on the GPU in the published precision (80 GB cards)
-    fp8        DiT blocks in e4m3 on the GPU; the text encoder comes onto the GPU only while it encodes (40-48 GB)
-    streamed   fp8 DiT blocks in pinned host memory, each copied to the GPU just before it runs; text encoder as
-               in fp8; tiled VAE (24 GB)
+    resident        everything on the GPU in the published precision (80 GB cards)
+    fp8             DiT blocks in e4m3 on the GPU; the text encoder comes onto the GPU only while it encodes
+                    (40-48 GB cards that compute fp8: Ada, Hopper, Blackwell)
+    streamed        fp8 DiT blocks in pinned host memory, each copied to the GPU just before it runs; text encoder
+                    as in fp8; tiled VAE (24 GB fp8 cards)
+    streamed_bf16   the same with the blocks in bf16, for cards without fp8 (Ampere: 24-48 GB)
 
-A named plan (resident|fp8|streamed) overrides the choice. The arithmetic behind the thresholds is below; every figure
-is a measured or counted size, in GiB.
+A named plan overrides the choice. The arithmetic behind the thresholds is below; every figure is a measured or
+counted size, in GiB. A card that cannot serve the model at all (no bfloat16, or too little memory for every plan it
+can compute) is refused with what it lacks and the smallest card that works.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ DIT_BF16_GIB = 35.17  # 18.88 B parameters in bf16
 DIT_FP8_GIB = 18.19  # block linears in e4m3 plus float32 row scales; norms, biases, non-block layers stay bf16
 DIT_OUTSIDE_BLOCKS_GIB = 0.59  # embeddings, time projection, head, audio projection: always on the GPU
 DIT_FP8_BLOCK_GIB = 0.44  # one of the 40 blocks in fp8: the size of a streaming slot
+DIT_BF16_BLOCK_GIB = round((DIT_BF16_GIB - DIT_OUTSIDE_BLOCKS_GIB) / 40, 3)  # 0.865: one block in bf16
 STREAMING_SLOTS = 2  # the block that runs and the one being copied in
 TEXT_ENCODER_GIB = 10.58  # umT5-XXL encoder, 5.68 B parameters in bf16
 IMAGE_ENCODER_GIB = 1.18  # CLIP ViT-H/14 visual tower in fp16
@@ -39,7 +43,7 @@ VAE_TILE_STRIDE_PX = 448  # 64 px of overlap blended between tiles, as diffusers
 VAE_TILED_DECODE_GIB = VAE_DECODE_GIB * VAE_TILE_PX**2 / (448 * 896)
 MARGIN_GIB = 2.0  # allocator fragmentation, cuBLAS/cuDNN workspaces, the text encoder's own activations (~0.1)
 
-PlanName = Literal["resident", "fp8", "streamed"]
+PlanName = Literal["resident", "fp8", "streamed", "streamed_bf16"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,13 +117,71 @@ STREAMED = MemoryPlan(
     ),
     host_gib=round(DIT_FP8_GIB - DIT_OUTSIDE_BLOCKS_GIB + TEXT_ENCODER_GIB, 2),
 )
-PLANS: dict[str, MemoryPlan] = {plan.name: plan for plan in (RESIDENT, FP8, STREAMED)}
+# Streamed bf16: 0.59 + 2 x 0.865 + 2.24 = 4.56 stay; phases as streamed: 4.56 + 10.58 + 2.0 = 17.14 GiB. Host: the
+# 40 blocks in bf16 (34.58) and the text encoder.
+STREAMED_BF16 = MemoryPlan(
+    name="streamed_bf16",
+    dit_weights="bf16",
+    dit_placement="streamed",
+    text_encoder="while_encoding",
+    vae_tiled=True,
+    gpu_gib=_needs(
+        DIT_OUTSIDE_BLOCKS_GIB + STREAMING_SLOTS * DIT_BF16_BLOCK_GIB + _ALWAYS,
+        (TEXT_ENCODER_GIB, DIT_PASS_GIB, VAE_TILED_DECODE_GIB),
+    ),
+    host_gib=round(DIT_BF16_GIB - DIT_OUTSIDE_BLOCKS_GIB + TEXT_ENCODER_GIB, 2),
+)
+PLANS: dict[str, MemoryPlan] = {plan.name: plan for plan in (RESIDENT, FP8, STREAMED, STREAMED_BF16)}
+# The smallest card that serves the model: what the smallest plan needs on each side.
+SMALLEST_CARD = (
+    f"a card of compute capability 8.0+ (Ampere or newer: e.g. RTX 3090, A10, L4) with {STREAMED_BF16.gpu_gib:.0f} "
+    f"GiB free ({STREAMED.gpu_gib:.0f} with fp8: Ada or newer) and {STREAMED_BF16.host_gib:.0f} GiB of host memory "
+    f"({STREAMED.host_gib:.0f} with fp8)"
+)
 
 
-def choose_memory_plan(free_bytes: int, override: str | None = None, setting: str = "memory_plan") -> MemoryPlan:
-    """The fastest plan that fits `free_bytes` of free GPU memory, or the plan `override` names (resident, fp8 or
-    streamed; empty or None means choose). Raises ValueError for an unknown name or too little memory; `setting`
-    names where the user sets the override, for those messages."""
+class UnsupportedCard(ValueError):
+    """A card that cannot serve the model; the message names the card, what it lacks and the smallest card that
+    works."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """What the plan depends on: the card's compute capability and the memory free for the model (GPU and host)."""
+
+    name: str
+    capability: tuple[int, int]
+    gpu_gib: float  # GPU memory free for the model
+    host_gib: float | None = None  # host memory available (None: not checked)
+    fp8_linears: bool | None = None  # whether fp8 matrix products run (None: by the capability, 8.9+)
+
+    @property
+    def bf16(self) -> bool:
+        return self.capability >= (8, 0)
+
+    @property
+    def fp8(self) -> bool:
+        return self.capability >= (8, 9) if self.fp8_linears is None else self.fp8_linears
+
+    @property
+    def family(self) -> str:
+        major, minor = self.capability
+        if major >= 10:
+            return "Blackwell"
+        return {9: "Hopper", 8: "Ada" if minor >= 9 else "Ampere", 7: "Volta/Turing"}.get(major, "pre-Volta")
+
+
+def plan_for_card(card: Card, override: str | None = None, setting: str = "memory_plan") -> MemoryPlan:
+    """The fastest plan the card can compute and hold, or the plan `override` names (checked against what the card
+    computes). Raises `UnsupportedCard` for a card that cannot serve the model, ValueError for a bad override;
+    `setting` names where the user sets the override, for the messages."""
+    described = f"{card.name} ({card.family}, compute capability {card.capability[0]}.{card.capability[1]})"
+    if not card.bf16:
+        raise UnsupportedCard(
+            f"{described} cannot serve this model: it has no bfloat16 arithmetic, which the weights need; the "
+            f"smallest card that works is {SMALLEST_CARD}"
+        )
+    computable = [plan for plan in PLANS.values() if plan.dit_weights == "bf16" or card.fp8]
     if override is not None and override.strip():
         name = override.strip().lower()
         if name not in PLANS:
@@ -127,11 +189,39 @@ def choose_memory_plan(free_bytes: int, override: str | None = None, setting: st
                 f"{setting}={override!r} is not a memory plan; use one of {', '.join(PLANS)}, or unset it to choose "
                 f"from the free GPU memory"
             )
+        if PLANS[name] not in computable:
+            raise ValueError(
+                f"{setting}={name}: memory plan {name!r} keeps the DiT in fp8, which {described} cannot compute "
+                "(needs compute capability 8.9+, e.g. L4, L40S, RTX 4090, H100); use streamed_bf16 or resident"
+            )
         return PLANS[name]
-    for plan in (RESIDENT, FP8, STREAMED):
-        if free_bytes >= plan.gpu_gib * GIB:
-            return plan
-    raise ValueError(
-        f"{free_bytes / GIB:.1f} GiB of free GPU memory is less than the smallest memory plan needs "
-        f"({STREAMED.gpu_gib:.2f} GiB, plan 'streamed'); free the GPU, or set {setting}=streamed to try anyway"
-    )
+    order = [RESIDENT, FP8, STREAMED] if card.fp8 else [RESIDENT, STREAMED_BF16]
+    fitting = [plan for plan in order if card.gpu_gib >= plan.gpu_gib]
+    if not fitting:
+        smallest = order[-1]
+        raise UnsupportedCard(
+            f"{described} has {card.gpu_gib:.1f} GiB of free GPU memory, less than the smallest memory plan it can "
+            f"compute needs ({smallest.gpu_gib:.2f} GiB, plan {smallest.name!r}); free the GPU, or set "
+            f"{setting}={smallest.name} to try anyway; the smallest card that works is {SMALLEST_CARD}"
+        )
+    plan = fitting[0]
+    if card.host_gib is not None and card.host_gib < plan.host_gib:
+        raise UnsupportedCard(
+            f"{described}: memory plan {plan.name!r} keeps {plan.host_gib:.1f} GiB of weights in host memory, and "
+            f"{card.host_gib:.1f} GiB are available; give the container more memory (the smallest card that works "
+            f"is {SMALLEST_CARD})"
+        )
+    return plan
+
+
+def choose_memory_plan(free_bytes: int, override: str | None = None, setting: str = "memory_plan") -> MemoryPlan:
+    """The fastest plan that fits `free_bytes` of free GPU memory on a card that computes fp8, or the plan `override`
+    names (empty or None means choose); see `plan_for_card`."""
+    card = Card("this GPU", (9, 0), free_bytes / GIB)
+    try:
+        return plan_for_card(card, override, setting)
+    except UnsupportedCard:
+        raise ValueError(
+            f"{free_bytes / GIB:.1f} GiB of free GPU memory is less than the smallest memory plan needs "
+            f"({STREAMED.gpu_gib:.2f} GiB, plan 'streamed'); free the GPU, or set {setting}=streamed to try anyway"
+        ) from None

@@ -48,7 +48,7 @@ from ..model.dit import MultiTalkDiT
 from ..model.sequence_parallel import SequenceParallel
 from .local import LocalDiT
 from .compile_cache import inductor_cache_counts, load_compile_cache, save_compile_cache, worker_cache_file
-from .placement import load_dit_for_plan
+from .placement import load_dit_for_plan, plan_for_device
 from .plans import RESIDENT, MemoryPlan
 from .schedule import Schedule, Split, choose_schedule, describe, schedule_rounds, valid_splits
 
@@ -111,7 +111,8 @@ class CheckpointSource:
 @dataclass(frozen=True)
 class WorkerOptions:
     compile: bool = False  # regional compilation of the blocks
-    memory_plan: MemoryPlan = RESIDENT  # each worker's DiT is placed as the in-process one would be
+    # How each worker's DiT is placed (as the in-process one would be); None: by the worker's own card.
+    memory_plan: MemoryPlan | None = None
     # The single-process compile cache file (`wan.runtime.compile_cache`): each worker loads its own file next to it before
     # compiling, and saves it on `WorkerGroup.save_compile_cache()`.
     compile_cache: Path | None = None
@@ -473,7 +474,7 @@ class _Worker:
             rank=rank,
             world_size=world,
         )
-        self.dit = source.build(device, options.memory_plan)
+        self.dit = source.build(device, options.memory_plan or plan_for_device(device))
         self.compile_cache = worker_cache_file(options.compile_cache, rank, world) if options.compile else None
         self.compile_cache_loaded = load_compile_cache(self.compile_cache)
         if options.compile:

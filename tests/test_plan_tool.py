@@ -40,6 +40,7 @@ def test_a_described_card_gets_the_plan_setup_would_choose(capsys, name, capabil
         result["plan"] == chosen.name and result["gpu_gib"] == chosen.gpu_gib and result["host_gib"] == chosen.host_gib
     )
     assert result["figures"] == ("measured" if name == "NVIDIA H100 80GB HBM3" else "scaled")
+    assert run(capsys, "--name", "NVIDIA H200", "--capability", "9.0", "--memory", "141")["figures"] == "measured"
 
 
 def test_the_measured_card_gets_its_measured_pass_and_others_scale_by_their_rate(capsys):

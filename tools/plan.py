@@ -36,6 +36,7 @@ PUBLISHED_TFLOPS: dict[str, tuple[float, float | None]] = {
     "NVIDIA GeForce RTX 4090": (165.2, 330.3),
 }
 REFERENCE_CARD = "NVIDIA H100 80GB HBM3"
+MEASURED_CARDS = {REFERENCE_CARD, "NVIDIA H200"}  # whole requests were measured on both (the same rates)
 # Measured there (bench/RESULTS.md; 2 speakers, 81 frames at 448x896, compiled): a DiT pass in bf16 (cuDNN
 # attention) and in fp8; a 10 s clip's VAE in bf16 and the rest of a request (both from the H200, same rates).
 MEASURED_PASS_SECONDS = {"bf16": 3.274, "fp8": 2.518}
@@ -83,7 +84,7 @@ def report(card: Card, count: int = 1) -> CardReport:
         # Several GPUs share a step's passes (one pass per GPU at best).
         fast = PASSES_10S["fast"] * per_pass / min(count, 2) + rest
         turbo = PASSES_10S["turbo"] * per_pass / min(count, 3) + rest
-        figures = "measured" if card.name == REFERENCE_CARD else "scaled"
+        figures = "measured" if card.name in MEASURED_CARDS else "scaled"
     reason = f"the fastest plan {card.name} computes and holds ({plan.describe()})"
     return CardReport(card.name, capability, count, True, plan.name, plan.dit_weights, plan.dit_placement, plan.gpu_gib,
                       plan.host_gib, reason, per_pass, fast, turbo, figures)  # fmt: skip

@@ -126,7 +126,8 @@ class TalkingVideoService:
         on_gpu = torch.cuda.is_available()
         device = torch.device("cuda" if on_gpu else "cpu")
         # Every model on the GPU for the runner's life where it fits (80 GB cards), fp8 and parked or streamed weights
-        # on smaller ones: chosen from the free memory (or MULTITALK_MEMORY_PLAN) and logged once, here.
+        # on smaller ones, bf16 streamed where the card has no fp8: chosen from the card (or MULTITALK_MEMORY_PLAN) and
+        # logged once, here.
         memory_plan = plan_for_device(device, settings.memory_plan, MEMORY_PLAN_ENV)
         # With more than one GPU the DiT runs in a worker process per GPU.
         gpus = settings.gpus_to_use(torch.cuda.device_count()) if on_gpu else 1

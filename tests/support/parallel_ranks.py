@@ -1,4 +1,4 @@
-"""Run a function on N CPU processes joined in a gloo process group (tests of `wan.parallel`)."""
+"""Run a function on N CPU processes joined in a gloo process group (tests of the sequence-parallel DiT)."""
 
 from __future__ import annotations
 

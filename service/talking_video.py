@@ -243,7 +243,7 @@ class TalkingVideoService:
         try:
             return self.pipeline.plan(media.speech_frames, media.source_hw, options, loras)
         except LoRAError as error:  # TeaCache's prediction reads the LoRAs: one that does not fit fails here
-            raise ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}") from error
+            raise lora_input_error(request, error) from error
 
     def _validate(self, request: TalkingVideoRequest) -> tuple[TalkingVideoRequest, Recipe, tuple]:
         """The request with its aliases resolved, its sampling recipe and the speakers' boxes, or a ValueError naming
@@ -324,24 +324,34 @@ class WeightSwitches:
     loras_seconds: float = 40.0
 
     def seconds(self, dit, audio_layers: str, loras: list[tuple[Path, float]]) -> float:
-        wanted = tuple((str(path), float(scale)) for path, scale in loras)
-        if dit.active_audio_layers not in (None, audio_layers):
-            return self.audio_layers_seconds
-        return self.loras_seconds if wanted != dit.active_loras else 0.0
+        kind = _switch(dit, audio_layers, loras)
+        return 0.0 if kind is None else getattr(self, kind)
 
     def timed(self, pipeline, audio_layers: str, loras: list[tuple[Path, float]], request: TalkingVideoRequest) -> None:
         """Put the weights in place (only what changes is touched), timing the switch for the next estimates.
         Swapping them is the first expensive step: it comes after every input is known good."""
-        kind = "audio_layers_seconds" if pipeline.dit.active_audio_layers not in (None, audio_layers) else None
-        if kind is None and tuple((str(p), float(s)) for p, s in loras) != pipeline.dit.active_loras:
-            kind = "loras_seconds"
+        kind = _switch(pipeline.dit, audio_layers, loras)
         started = time.monotonic()
         try:
             pipeline.set_weights(audio_layers, loras)
         except LoRAError as error:
-            raise ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}") from error
+            raise lora_input_error(request, error) from error
         if kind is not None:
             setattr(self, kind, time.monotonic() - started)
+
+
+def _switch(dit, audio_layers: str, loras: list[tuple[Path, float]]) -> str | None:
+    """Which `WeightSwitches` figure holding `audio_layers` and `loras` costs the DiT now; None: nothing changes."""
+    if dit.active_audio_layers not in (None, audio_layers):
+        return "audio_layers_seconds"
+    if tuple((str(path), float(scale)) for path, scale in loras) != dit.active_loras:
+        return "loras_seconds"
+    return None
+
+
+def lora_input_error(request: TalkingVideoRequest, error: LoRAError) -> ValueError:
+    """A LoRA that does not fit, named by the input it came from."""
+    return ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}")
 
 
 def decode_media(request: TalkingVideoRequest) -> Media:

@@ -14,7 +14,7 @@ from support.golden import load_case
 from wan import GenerationRequest, SamplingOptions, load_pipeline
 from wan.model.attention import attention
 from wan.model.fp8 import fp8_attention
-from wan.runtime import kernels
+from wan.runtime import kernels, placement
 from wan.runtime.plans import (
     FP8,
     RESIDENT,
@@ -125,3 +125,13 @@ def test_the_bf16_streamed_plan_gives_the_resident_video(tiny_weights):
         return pipeline.generate(request, options, progress=False)
 
     assert torch.equal(video(dataclasses.replace(STREAMED_BF16, vae_tiled=False)), video(RESIDENT))
+
+
+def test_the_loader_refuses_a_plan_the_card_cannot_compute(monkeypatch):
+    """`load_dit_for_plan` on a card checks the plan as `setup()` checks a named one."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A40")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    placement.check_device_supports(STREAMED_BF16, "cuda:0")
+    with pytest.raises(ValueError, match="memory plan 'fp8' keeps the DiT in fp8, which NVIDIA A40 .* cannot compute"):
+        placement.check_device_supports(FP8, "cuda:0")
+    placement.check_device_supports(FP8, "cpu")  # the CPU emulates it

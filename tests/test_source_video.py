@@ -1,4 +1,4 @@
-"""Source-video decoding for dubbing: synthetic videos whose frames carry their own index (tests/support/synthetic_media.py),
+"""Source-video decoding for dubbing: synthetic videos whose frames show their own index (tests/support/synthetic_media.py),
 so each test reads back which source frame landed on which output frame and compares with the hand-computed rule.
 
 The rules (src/video/source.py): "reference" (InfiniteTalk's decord `vr[k]`): output frame k = source frame k.

@@ -9,6 +9,7 @@ decoded directly. docs/design.md says how the reference picks its frames and why
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -47,23 +48,13 @@ def read_video(
     max_bytes: int = MAX_DECODED_BYTES,
 ) -> SourceVideo:
     """The first video stream of `path` as at most `max_frames` frames (None: all) on the 25 fps output timeline
-    (see the module docstring for the two timing rules). Decoding stops once `max_frames` frames are chosen, so a long source
-    costs only what is used. Corrupt, cut-short or non-video files raise `VideoInputError` naming `name`."""
-    if timing not in ("reference", "timestamps"):
-        raise ValueError(f"timing {timing!r} is not supported; use 'reference' or 'timestamps'")
+    (see the module docstring for the two timing rules). Decoding stops once `max_frames` frames are chosen, so a
+    long source costs only what is used. Corrupt, cut-short or non-video files raise `VideoInputError` naming
+    `name`."""
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
-    path = os.fspath(path)
-    with open_media(path, name, VIDEO_HINT, VideoInputError) as container:
-        if not container.streams.video:
-            kind = container.format.name
-            raise VideoInputError(f"{name}: the file ({kind}) has no video stream; {VIDEO_HINT}")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame and slice threads: decoding order and output are unchanged
-        source = _decoded_frames(container, stream, name, path)
-        limit = max_frames or math.inf
-        chosen = _by_index(source, limit) if timing == "reference" else _by_time(source, limit)
-        frames = _stack(chosen, name, path, max_bytes)
+    with _output_frames(path, timing, name, max_frames or math.inf) as (chosen, container, stream):
+        frames = _stack(chosen, name, os.fspath(path), max_bytes)
         has_audio, fps = bool(container.streams.audio), stream.average_rate
     return SourceVideo(frames=frames, has_audio=has_audio, source_fps=Fraction(fps) if fps else None)
 
@@ -77,17 +68,10 @@ def read_frames(
     wanted = sorted(set(indices))
     if not wanted or wanted[0] < 0:
         raise ValueError(f"indices must be frame numbers >= 0, got {list(indices)[:5]}")
-    path = os.fspath(path)
     kept: dict[int, np.ndarray] = {}
     last: np.ndarray | None = None
-    with open_media(path, name, VIDEO_HINT, VideoInputError) as container:
-        if not container.streams.video:
-            raise VideoInputError(f"{name}: the file ({container.format.name}) has no video stream; {VIDEO_HINT}")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        source = _decoded_frames(container, stream, name, path)
-        chosen = _by_index(source, wanted[-1] + 1) if timing == "reference" else _by_time(source, wanted[-1] + 1)
-        keep = set(wanted)
+    keep = set(wanted)
+    with _output_frames(path, timing, name, wanted[-1] + 1) as (chosen, _, _):
         for index, image in enumerate(chosen):
             if last is not None and image.shape != last.shape:
                 raise VideoInputError(f"{name}: the frame size of the video changes at frame {index}; re-export it")
@@ -97,6 +81,24 @@ def read_frames(
     if last is None:
         raise VideoInputError(f"{name}: the file contains no video frames; {VIDEO_HINT}")
     return {index: kept.get(index, last) for index in wanted}
+
+
+@contextlib.contextmanager
+def _output_frames(
+    path: str | os.PathLike, timing: FrameTiming, name: str, limit: float
+) -> Iterator[tuple[Iterator[np.ndarray], av.container.InputContainer, av.VideoStream]]:
+    """The first video stream of `path` as frames on the 25 fps output timeline, at most `limit` of them, decoded as
+    they are taken; with the open container and stream."""
+    if timing not in ("reference", "timestamps"):
+        raise ValueError(f"timing {timing!r} is not supported; use 'reference' or 'timestamps'")
+    path = os.fspath(path)
+    with open_media(path, name, VIDEO_HINT, VideoInputError) as container:
+        if not container.streams.video:
+            raise VideoInputError(f"{name}: the file ({container.format.name}) has no video stream; {VIDEO_HINT}")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame and slice threads: decoding order and output are unchanged
+        source = _decoded_frames(container, stream, name, path)
+        yield (_by_index(source, limit) if timing == "reference" else _by_time(source, limit)), container, stream
 
 
 def video_audio(

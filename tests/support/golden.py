@@ -44,7 +44,7 @@ class GoldenCase:
 
     def file(self, key: str, part: str | None = None) -> Path:
         """A file named in case.json's `files` (e.g. `weights`, or `weights`/`dit` where it is a mapping), resolved
-        against the case folder. Entries may carry a note after the path ("x.safetensors (only the ... keys)")."""
+        against the case folder. Entries may have a note after the path ("x.safetensors (only the ... keys)")."""
         entry = self.meta["files"][key]
         entry = entry[part] if part is not None else entry
         return (self.folder / entry.split()[0]).resolve()

@@ -61,7 +61,7 @@ def write_media(
 
 
 def numbered_frames(count: int, height: int, width: int) -> np.ndarray:
-    """uint8 [count, height, width, 3] grey frames that carry their index (< 256): the left half's level is
+    """uint8 [count, height, width, 3] grey frames that show their index (< 256): the left half's level is
     `16 + LEVEL_STEP * (index // 16)`, the right half's `16 + LEVEL_STEP * (index % 16)`. Flat areas come back from
     any lossy codec within a few levels, far less than LEVEL_STEP / 2."""
     frames = np.empty((count, height, width, 3), np.uint8)

@@ -115,7 +115,7 @@ def normalize_lora_keys(
     targets = {n.rsplit(".", 1)[0] for n in names if n.endswith((".weight", ".bias"))}
     targets |= {n for n in names if not n.endswith((".weight", ".bias"))}  # bare parameters such as `modulation`
     split = {key: _split_key(key) for key in state_dict}
-    # Kijai's LoRAs carry `.diff_m` modulation deltas, which the reference passes over (it applies only the suffixes it
+    # Kijai's LoRAs hold `.diff_m` modulation deltas, which the reference passes over (it applies only the suffixes it
     # knows); so do we, saying so. Any other unknown key is an error: a full weight, say, means no LoRA file.
     skipped = sorted(key for key, parts in split.items() if parts is None and key.endswith(_REFERENCE_SKIPS))
     if skipped:
@@ -278,7 +278,7 @@ def merge_loras(
 ) -> MergedLoRA:
     """Add `scale · delta` of each (file or state dict, scale) to the model's weights in place, on their device.
 
-    alpha_mode "standard": up@down times alpha/rank where the LoRA stores `.alpha` (PEFT files carry none: ratio 1);
+    alpha_mode "standard": up@down times alpha/rank where the LoRA stores `.alpha` (PEFT files hold none: ratio 1);
     "reference": alpha ignored, like the reference's WanLoraWrapper. Every LoRA is read and checked before any weight
     changes; a parameter's deltas are summed in float32 and rounded to its dtype once. Two files with the same stem
     are two list items, each applied once (the reference applied the first one twice).
@@ -331,12 +331,11 @@ class LoraSet:
         the model keeps what it holds."""
         wanted = [(str(path), float(scale)) for path, scale in loras]
         params = dict(self.model.named_parameters())
-        contributions = _contributions(_weights(self.model), wanted) if wanted != self.active else {}
+        if wanted == self.active:
+            return {name: params[name] for name in names}
+        contributions = _contributions(_weights(self.model), wanted)
         values = {}
         for name in names:
-            if wanted == self.active:
-                values[name] = params[name]
-                continue
             base = params[name]
             if self._merged is not None and name in self._merged.param_names:  # the current set touched it
                 original = self.reload(name) if self.reload is not None else self._merged.originals[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import psutil
 import torch
@@ -98,15 +99,12 @@ def plan_for_device(
 
 
 def check_device_supports(plan: MemoryPlan, device) -> None:
-    """fp8 linears need `torch._scaled_mm` on e4m3, i.e. compute capability 8.9 (Ada) or newer."""
+    """A ValueError unless the card computes what `plan` keeps the DiT in (fp8 needs compute capability 8.9+), as
+    `plan_for_card` checks a named plan; a CPU computes every plan."""
     device = torch.device(device)
-    if plan.dit_weights == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(
-            f"memory plan {plan.name!r} keeps the DiT in fp8, which {name} cannot compute (needs compute capability "
-            f"8.9+, e.g. L4, L40S, RTX 4090, H100); choose the resident plan on a card with "
-            f"{RESIDENT.gpu_gib:.0f} GiB free"
-        )
+    if device.type == "cuda":
+        card = Card(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), math.inf)
+        plan_for_card(card, plan.name)
 
 
 def prepare_dit_block(block, plan: MemoryPlan, device):

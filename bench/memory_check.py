@@ -1,12 +1,14 @@
-"""The memory plans on one GPU: the full 14B DiT with random weights, run resident in bf16, then as the 46 GiB plan
-(fp8 resident) and the 24 GiB plan (fp8 blocks streamed from page-locked host memory), each under
-`torch.cuda.set_per_process_memory_fraction` at its cap.
+"""The memory plans on one GPU: the full 14B DiT with random weights, run resident in bf16, then streamed in bf16
+from page-locked host memory under 24 GiB with fp8 kept off (the plan of Ampere cards), then as the 46 GiB plan (fp8
+resident) and the 24 GiB plan (fp8 blocks streamed), each under `torch.cuda.set_per_process_memory_fraction` at its
+cap.
 
     python -m bench.memory_check --out results/memory.json         # ~5 min on an H200
     python -m bench.memory_check --tiny --out /tmp/memory.json     # the script itself, on the CPU, seconds
 
-One set of weights throughout: built in bf16 on the GPU, quantised in place for fp8, then each block moved to
-page-locked host memory for streaming (no pageable copy). Per plan: seconds per DiT pass (81 frames at 448x896, 2
+The same weights throughout (one seed per tensor): built in bf16 on the GPU, moved block by block to page-locked host
+memory for the bf16 streamed plan, built again, quantised in place for fp8, then each block moved to page-locked host
+memory for streaming (no pageable copy). Per plan: seconds per DiT pass (81 frames at 448x896, 2
 speakers; one warm-up, which compiles, then the median of 3), peak GPU memory of a pass, the text encoder's round
 trip (a stand-in with umT5-XXL's tensor shapes, parked in host memory, brought in and released), peak host RSS
 (VmHWM, reset per plan through /proc/self/clear_refs), and the output's distance from the resident bf16 pass. A fast
@@ -35,15 +37,16 @@ from wan.configs import FPS
 from wan.model import dit as dit_module
 from wan.runtime import streaming
 from wan.runtime.placement import free_gpu_bytes, place_dit
-from wan.runtime.plans import FP8, RESIDENT, STREAMED, choose_memory_plan
+from wan.runtime.plans import FP8, RESIDENT, STREAMED, STREAMED_BF16, Card, choose_memory_plan, plan_for_card
 
 from . import GIB, build_random, environment, full_config, relative_error, tiny_config
 from .bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
 
-CAPS_GIB = {"fp8": 46.0, "streamed": 24.0}
+CAPS_GIB = {"fp8": 46.0, "streamed": 24.0, "streamed_bf16": 24.0}
 FAST_REQUEST_SECONDS, FRAME_NUM, MOTION_FRAME = 10, 81, 25
 HOST_RSS_TARGET_BYTES = 40e9  # the issue's 40 GB for the 24 GiB plan
 RATIO_TARGETS = {"fp8": 1.1, "streamed": 2.0}  # per fast request, against the resident fp8 DiT
+BF16_STREAMED_TARGET = 1.3  # a bf16 streamed pass, against the resident bf16 pass
 # umT5-XXL encoder tensors (5.68 B parameters): the embedding, then per layer q, k, v, o and the gated FFN.
 UMT5_XXL_SHAPES = [(256384, 4096)] + [(4096, 4096)] * 4 * 24 + [(10240, 4096)] * 2 * 24 + [(4096, 10240)] * 24
 TINY_TEXT_SHAPES = [(256, 32), (32, 32), (64, 32)]
@@ -83,6 +86,12 @@ def set_cap(device: torch.device, cap_gib: float | None) -> None:
     free_gpu(device)
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(1.0 if cap_gib is None else min(1.0, cap_gib * GIB / total), device)
+
+
+def weight_sums(model) -> torch.Tensor:
+    """Each parameter's sum (float64): enough to tell two builds of the random weights apart."""
+    with torch.no_grad():
+        return torch.stack([param.double().sum() for param in model.parameters()]).cpu()
 
 
 def time_passes(model, inputs: dict, device: torch.device, repeats: int) -> dict:
@@ -199,23 +208,85 @@ def main(argv: list[str] | None = None) -> None:
             f"{free / GIB:.1f} GiB free before loading",
         )
 
+    def build() -> dit_module.MultiTalkDiT:
+        """The bf16 DiT, the same weights at every call (each tensor drawn from its own seeded stream)."""
+        model = build_random(lambda: dit_module.MultiTalkDiT(config), device, dtype, generator, seed=args.seed)
+        place_dit(model, RESIDENT, device)
+        return model
+
+    def stream(model, plan) -> dict:
+        """Move the blocks to page-locked host memory for `plan`; what the move cost and where the blocks went."""
+        started = time.perf_counter()
+        place_dit(model, plan, device)
+        pin_s = time.perf_counter() - started
+        streamer = model.run_blocks
+        host_gib = sum(host.nbytes for host in streamer.host_blocks) / GIB
+        if device.type == "cuda":
+            locked = all(host.buffer.is_pinned() for host in streamer.host_blocks)
+            check(
+                f"{plan.name} blocks page-locked",
+                locked,
+                f"{len(streamer.host_blocks)} buffers, {host_gib:.2f} GiB, moved in "
+                f"{pin_s:.1f} s ({pin_s / host_gib:.2f} s/GiB)",
+            )
+        return dict(pin_s=pin_s, host_blocks_GiB=host_gib, slot_GiB=streamer.slot_bytes / GIB)
+
+    def run_streamed(name: str, model) -> tuple[dict, torch.Tensor]:
+        """Eager passes (the blocks may still hold another placement's compiled wrappers), then compiled ones."""
+        with torch.compiler.set_stance("force_eager"):
+            eager = run_plan(f"{name} eager", model, {})
+        eager_out = eager.pop("out")
+        if not compile_blocks:
+            return eager, eager_out
+        recompile(model)
+        compiled = run_plan(f"{name} compiled", model, {})
+        compiled["eager_s_per_pass"] = eager["s_per_pass"]
+        out = compiled.pop("out")
+        # Compiled and eager kernels round differently (fp8 rows amplify it): recorded, not a check.
+        compiled["compiled_vs_eager"] = relative_error(out, eager_out)
+        return compiled, out
+
     # 1. Resident bf16: the reference output. The whole card.
     results["host_peak_reset"] = reset_peak_rss()  # False: VmHWM is the peak since start
     started = time.perf_counter()
-    model = build_random(lambda: dit_module.MultiTalkDiT(config), device, dtype, generator)
-    place_dit(model, RESIDENT, device)
+    model = build()
     print(
         f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in "
         f"{time.perf_counter() - started:.1f} s; self-attention {model.blocks[0].self_attn.attend.__name__}",
         flush=True,
     )
     recompile(model)
+    first_weights = weight_sums(model)
     bf16 = run_plan("resident bf16", model, {})
     reference = bf16.pop("out")
     results["plans"]["resident_bf16"] = bf16
 
-    # 2. fp8 resident: quantised in place; the text encoder parked in host memory. Under the 46 GiB cap.
-    torch._dynamo.reset()  # the bf16 graphs would keep the replaced bf16 weights alive
+    # 2. Streamed bf16, as a card without fp8 runs it (Ampere): the bf16 blocks in page-locked host memory. Under the
+    # 24 GiB cap; then the model is built again on the GPU for the fp8 plans.
+    if device.type == "cuda":
+        ampere = Card("Ampere stand-in", (8, 6), CAPS_GIB["streamed_bf16"], host_gib=None, fp8_linears=False)
+        check("plan choice (24 GiB, no fp8)", plan_for_card(ampere).name == "streamed_bf16", "")
+    torch._dynamo.reset()
+    results["host_peak_reset"] = reset_peak_rss()
+    moved = stream(model, STREAMED_BF16)
+    set_cap(device, None if args.tiny else CAPS_GIB["streamed_bf16"])
+    streamed_bf16, streamed_bf16_out = run_streamed("streamed bf16 (24 GiB)", model)
+    streamed_bf16.update(moved, cap_GiB=CAPS_GIB["streamed_bf16"])
+    streamed_bf16["vs_bf16"] = relative_error(streamed_bf16_out, reference)
+    results["plans"]["streamed_bf16"] = streamed_bf16
+    check(
+        "streamed bf16 output == resident bf16 output",
+        streamed_bf16["vs_bf16"]["rel"] < 1e-3,
+        f"rel {streamed_bf16['vs_bf16']['rel']:.2e}",
+    )
+    del model
+    torch._dynamo.reset()
+    set_cap(device, None)
+    model = build()
+    rebuilt = weight_sums(model)
+    check("the same weights again", torch.equal(rebuilt, first_weights), f"{len(rebuilt)} tensors' sums")
+
+    # 3. fp8 resident: quantised in place; the text encoder parked in host memory. Under the 46 GiB cap.
     started = time.perf_counter()
     place_dit(model, FP8, device)
     quantise_s = time.perf_counter() - started
@@ -236,41 +307,15 @@ def main(argv: list[str] | None = None) -> None:
     fp8["vs_bf16"] = relative_error(fp8_out, reference)
     results["plans"]["fp8"] = fp8
 
-    # 3. Streamed: every block moved to page-locked host memory. Under the 24 GiB cap.
+    # 4. Streamed: every block moved to page-locked host memory. Under the 24 GiB cap.
     set_cap(device, None)
     results["host_peak_reset"] = reset_peak_rss()
-    started = time.perf_counter()
-    place_dit(model, STREAMED, device)  # the blocks are fp8 already: this only moves them
-    pin_s = time.perf_counter() - started
-    streamer = model.run_blocks
-    host_gib = sum(host.nbytes for host in streamer.host_blocks) / GIB
-    if device.type == "cuda":
-        locked = all(host.buffer.is_pinned() for host in streamer.host_blocks)
-        check(
-            "blocks page-locked",
-            locked,
-            f"{len(streamer.host_blocks)} buffers, {host_gib:.2f} GiB, moved in "
-            f"{pin_s:.1f} s ({pin_s / host_gib:.2f} s/GiB)",
-        )
+    moved = stream(model, STREAMED)  # the blocks are fp8 already: this only moves them
     set_cap(device, None if args.tiny else CAPS_GIB["streamed"])
     if device.type == "cuda":
         check("plan choice (24 GiB)", choose_memory_plan(int(CAPS_GIB["streamed"] * GIB)).name == "streamed", "")
-    with torch.compiler.set_stance("force_eager"):  # the blocks still hold the fp8 plan's compiled wrappers
-        eager = run_plan("streamed eager (24 GiB)", model, {})
-    eager_out = eager.pop("out")
-    streamed = eager
-    if compile_blocks:
-        recompile(model)
-        streamed = run_plan("streamed compiled (24 GiB)", model, {})
-        streamed["eager_s_per_pass"] = eager["s_per_pass"]
-        streamed_out = streamed.pop("out")
-        # Compiled and eager kernels round differently (fp8 rows amplify it): recorded, not a check.
-        streamed["compiled_vs_eager"] = relative_error(streamed_out, eager_out)
-    else:
-        streamed_out = eager_out
-    streamed.update(
-        cap_GiB=CAPS_GIB["streamed"], pin_s=pin_s, host_blocks_GiB=host_gib, slot_GiB=streamer.slot_bytes / GIB
-    )
+    streamed, streamed_out = run_streamed("streamed (24 GiB)", model)
+    streamed.update(moved, cap_GiB=CAPS_GIB["streamed"])
     streamed["text_encoder"] = time_round_trip(parked, device)
     streamed["vs_bf16"] = relative_error(streamed_out, reference)
     streamed["vs_fp8"] = relative_error(streamed_out, fp8_out)
@@ -281,14 +326,15 @@ def main(argv: list[str] | None = None) -> None:
         streamed["vs_fp8"]["rel"] < 1e-3,
         f"bit-equal {streamed['bit_equal_to_fp8']}, rel {streamed['vs_fp8']['rel']:.2e}",
     )
-    for name, record in (("resident_bf16", bf16), ("fp8", fp8), ("streamed", streamed)):
+    plans = (("resident_bf16", bf16), ("streamed_bf16", streamed_bf16), ("fp8", fp8), ("streamed", streamed))
+    for name, record in plans:
         check(f"{name} output finite", record["finite"], "")
 
-    # 4. Against the targets: per pass and per fast request (passes + the text encoder's round trip).
+    # 5. Against the targets: per pass and per fast request (passes + the text encoder's round trip).
     passes = fast_request_passes()
     base = fp8["s_per_pass"] * passes
     summary = {}
-    for name, record in (("resident_bf16", bf16), ("fp8", fp8), ("streamed", streamed)):
+    for name, record in plans:
         trip = record.get("text_encoder", {}).get("round_trip_s", 0.0)
         request_s = record["s_per_pass"] * passes + trip
         summary[name] = dict(
@@ -315,6 +361,17 @@ def main(argv: list[str] | None = None) -> None:
                 summary[name]["peak_GPU_GiB"] <= CAPS_GIB[name],
                 f"peak {summary[name]['peak_GPU_GiB']:.1f} GiB of {CAPS_GIB[name]:.0f}",
             )
+        ratio = streamed_bf16["s_per_pass"] / bf16["s_per_pass"]
+        check(
+            "streamed_bf16 plan speed",
+            ratio <= BF16_STREAMED_TARGET,
+            f"{ratio:.3f}x the resident bf16 pass (target <= {BF16_STREAMED_TARGET})",
+        )
+        check(
+            "streamed_bf16 plan fits its cap",
+            summary["streamed_bf16"]["peak_GPU_GiB"] <= CAPS_GIB["streamed_bf16"],
+            f"peak {summary['streamed_bf16']['peak_GPU_GiB']:.1f} GiB of {CAPS_GIB['streamed_bf16']:.0f}",
+        )
         check(
             "streamed plan host RSS",
             streamed["host"]["peak"] <= HOST_RSS_TARGET_BYTES,

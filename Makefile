@@ -33,6 +33,7 @@ serve: install $(TINY)
 
 $(TINY): | install
 	$(PY) -m wan.testing.tiny $(TINY)
+	$(PY) -m src.audio.tiny $(TINY)
 
 install: $(STAMP)
 

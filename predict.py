@@ -6,6 +6,7 @@ from typing import Optional
 from cog import BaseRunner, Input, Path, current_scope
 
 from service.talking_video import MAX_FRAMES, MODELS, RESOLUTIONS, TalkingVideoRequest, TalkingVideoService
+from src.audio import DEFAULT_VOICES, VOICES
 from wan.configs import FPS
 
 
@@ -26,7 +27,7 @@ class Runner(BaseRunner):
         audio: Optional[Path] = Input(
             default=None,
             description="Speech of person 1: any audio file, or a video to take the sound from. Optional with a "
-            "video: its own soundtrack is used.",
+            "video: its own soundtrack is used. Leave it out with text.",
         ),
         video: Optional[Path] = Input(
             default=None,
@@ -34,6 +35,20 @@ class Runner(BaseRunner):
             "with multitalk its first frame stands in for the image. Any container and codec, read at 25 fps.",
         ),
         second_audio: Optional[Path] = Input(default=None, description="Speech of person 2 (optional)."),
+        text: Optional[str] = Input(
+            default=None,
+            description="Words to speak instead of audio (Kokoro-82M, English): person 1's text, or a dialogue with "
+            "every turn marked, '(s1) Hello! (s2) Hi, how are you?', spoken by voice and second_voice in turn. "
+            "Newlines split it into paragraphs. The video is as long as the speech.",
+        ),
+        voice: str = Input(
+            default=DEFAULT_VOICES[0],
+            choices=list(VOICES),
+            description="Kokoro voice of person 1 for text: a/b = American/British English, f/m = female/male.",
+        ),
+        second_voice: str = Input(
+            default=DEFAULT_VOICES[1], choices=list(VOICES), description="Kokoro voice of person 2 in a dialogue."
+        ),
         model: str = Input(
             default="multitalk",
             choices=list(MODELS),
@@ -109,6 +124,9 @@ class Runner(BaseRunner):
                 audio=audio,
                 video=video,
                 second_audio=second_audio,
+                text=text,
+                voice=voice,
+                second_voice=second_voice,
                 model=model,
                 prompt=prompt,
                 negative_prompt=negative_prompt,

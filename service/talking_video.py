@@ -6,6 +6,7 @@ validate -> decode the media -> plan -> check the time -> prepare (trim, wav2vec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -22,13 +23,17 @@ from PIL import Image
 
 from src.audio import (
     DEFAULT_MAX_SECONDS,
+    DEFAULT_VOICES,
     TARGET_SAMPLE_RATE,
     audio_prepare_multi,
     audio_prepare_single,
     get_embedding,
+    load_speech,
     load_wav2vec,
+    read_script,
     video_frame_count,
 )
+from src.audio.speech import Script, Speech
 from src.video import Mp4Writer, read_frames
 from wan import GenerationPlan, GenerationRequest, SamplingOptions, load_pipeline
 from wan.configs import FPS
@@ -37,11 +42,12 @@ from wan.loading.audio_layers import infinitetalk_set
 from wan.loading.lora import LoRAError
 from wan.runtime.compile_cache import compile_cache_file, recording_compiles
 from wan.runtime.placement import plan_for_device
+from wan.runtime.streaming import ParkedWeights
 
 from .presets import FAST_LORA, PRESET_NAMES, PRESETS, Recipe, sampling_options
 from .settings import MEMORY_PLAN_ENV, Settings
 from .time_limit import Budget, check_time
-from .weights import fetch_lora, resolve_fast_lora, resolve_weights
+from .weights import fetch_lora, resolve_fast_lora, resolve_speech, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ MAX_FRAMES = round(DEFAULT_MAX_SECONDS * FPS)
 RESOLUTIONS = ("480p", "720p")
 MODELS = ("multitalk", "infinitetalk")
 # The service's stages, beside the generation's own (`wan.generation.timing`).
-DECODE, WAV2VEC2, WEIGHTS, MP4 = "decode", "wav2vec2", "weights", "mp4"
+SPEECH, DECODE, WAV2VEC2, WEIGHTS, MP4 = "speech", "decode", "wav2vec2", "weights", "mp4"
 
 
 # Media inputs arrive as files cog made from an upload, a data URI or a URL; a bare string is a path the client named.
@@ -67,6 +73,9 @@ class TalkingVideoRequest:
     video: MediaInput = None
     second_audio: MediaInput = None
     first_audio: MediaInput = None  # zsxkib/cog-MultiTalk's name for `audio`
+    text: str | None = None  # speech to synthesise instead of `audio`: person 1's words, or a (s1)/(s2) dialogue
+    voice: str = DEFAULT_VOICES[0]
+    second_voice: str = DEFAULT_VOICES[1]
     model: str = "multitalk"
     prompt: str = ""
     negative_prompt: str = ""
@@ -162,6 +171,11 @@ class TalkingVideoService:
         except Exception as error:  # the base model still works; only `fast` needs this file
             self.fast_lora, self.fast_lora_error = None, f"{type(error).__name__}: {error}"
             log.warning("fast mode unavailable: %s", self.fast_lora_error)
+        try:  # the `text` input; every other input works without it
+            self.speech, self.speech_error = SpeakerOnDevice(load_speech_weights(paths), device), None
+        except Exception as error:
+            self.speech, self.speech_error = None, f"{type(error).__name__}: {error}"
+            log.warning("text input unavailable: %s", self.speech_error)
 
     def warm_up(self, size_bucket=None) -> None:
         """Compile every shape a request can take and measure the costs the time estimate uses (the start's last
@@ -189,14 +203,16 @@ class TalkingVideoService:
     def run(self, request: TalkingVideoRequest) -> TalkingVideo:
         started = time.monotonic()
         clock = StageClock(self.pipeline.device)
-        request, recipe, boxes = self._validate(request)
+        request, recipe, boxes, script = self._validate(request)
         loras = self._loras(request, recipe)
         seed = secrets.randbelow(100_000_000) if request.seed is None else request.seed
         options = sampling_options(recipe, request.num_frames, seed)
         for old in self.outputs.iterdir():
             old.unlink()
+        with clock.stage(SPEECH):  # before the plan: only the speech says how long the video is
+            spoken = self.speech.say(script) if script is not None else None
         with clock.stage(DECODE):
-            media = decode_media(request)
+            media = decode_media(request, spoken)
             audio_layers = infinitetalk_set(len(media.tracks)) if request.model == "infinitetalk" else "multitalk"
             plan = self._plan(request, media, options, loras)
             if request.video is not None and plan.source_frames != (0,):  # InfiniteTalk: each clip on its own frame
@@ -245,9 +261,9 @@ class TalkingVideoService:
         except LoRAError as error:  # TeaCache's prediction reads the LoRAs: one that does not fit fails here
             raise lora_input_error(request, error) from error
 
-    def _validate(self, request: TalkingVideoRequest) -> tuple[TalkingVideoRequest, Recipe, tuple]:
-        """The request with its aliases resolved, its sampling recipe and the speakers' boxes, or a ValueError naming
-        the input, before any work."""
+    def _validate(self, request: TalkingVideoRequest) -> tuple[TalkingVideoRequest, Recipe, tuple, Script | None]:
+        """The request with its aliases resolved, its sampling recipe, the speakers' boxes and the script to speak
+        (None: recorded speech), or a ValueError naming the input, before any work."""
         for name in MEDIA_INPUTS:
             value = getattr(request, name)
             if value is not None and not isinstance(value, PathLike):
@@ -263,12 +279,20 @@ class TalkingVideoService:
             raise ValueError("image: give an image to animate, or a video to dub (video)")
         if request.image is not None and request.video is not None:
             raise ValueError("image, video: give one of them: a video's frames stand in for the image")
-        if request.audio is None and request.video is None:
-            raise ValueError("audio: give the speech of person 1 (or a video with sound as `video`)")
+        script = self._script(request)
+        if request.audio is None and request.video is None and script is None:
+            raise ValueError(
+                "audio: give the speech of person 1: a recording as audio, the words as text, or a video with sound as "
+                "video"
+            )
+        two_speakers = request.second_audio is not None or (script is not None and script.speakers == 2)
         boxes = (parse_bbox(request.person1_bbox, "person1_bbox"), parse_bbox(request.person2_bbox, "person2_bbox"))
-        if request.second_audio is None and boxes[1] is not None:
-            raise ValueError("person2_bbox: given without second_audio; add the second speaker's audio or drop the box")
-        if any(boxes) and request.second_audio is not None and not all(boxes):
+        if not two_speakers and boxes[1] is not None:
+            raise ValueError(
+                "person2_bbox: given without a second speaker; add second_audio (or a (s1)/(s2) dialogue as text) or "
+                "drop the box"
+            )
+        if any(boxes) and two_speakers and not all(boxes):
             raise ValueError("person1_bbox, person2_bbox: give both boxes or neither")
         if request.fast and self.fast_lora is None:
             raise ValueError(f"fast: the lightx2v LoRA could not be set up ({self.fast_lora_error}); use turbo instead")
@@ -283,7 +307,19 @@ class TalkingVideoService:
             color_correction=request.color_correction_strength,
             use_apg=request.use_apg,
         )
-        return request, recipe, boxes
+        return request, recipe, boxes, script
+
+    def _script(self, request: TalkingVideoRequest) -> Script | None:
+        """What `text` asks to be spoken, checked (None without text; an empty text counts as none beside audio)."""
+        if request.text is None or (not request.text.strip() and (request.audio or request.video)):
+            return None
+        if request.audio is not None or request.second_audio is not None:
+            given = "audio" if request.audio is not None else "second_audio"
+            raise ValueError(f"text, {given}: give the speech as text or as recordings, not both")
+        script = read_script(request.text, request.voice, request.second_voice)
+        if self.speech is None:
+            raise ValueError(f"text: speech synthesis could not be set up ({self.speech_error}); send audio instead")
+        return script
 
     def _prepare(
         self,
@@ -354,16 +390,44 @@ def lora_input_error(request: TalkingVideoRequest, error: LoRAError) -> ValueErr
     return ValueError(f"{'lora_url' if request.lora_url else 'fast'}: {error}")
 
 
-def decode_media(request: TalkingVideoRequest) -> Media:
-    """The picture, a video's first frame and the speech tracks (a video without separate audio speaks for itself)."""
+def decode_media(request: TalkingVideoRequest, spoken: tuple[list[np.ndarray], np.ndarray] | None = None) -> Media:
+    """The picture, a video's first frame and the speech tracks: `spoken` (synthesised tracks and their mix), else the
+    audio files (a video without separate audio speaks for itself)."""
     picture = load_image(request.image) if request.image is not None else None
     source = read_frames(request.video, [0]) if request.video is not None else None
+    if spoken is not None:
+        return Media(picture, source, *spoken)
     speech = request.audio if request.audio is not None else request.video
     if request.second_audio is None:
         track = audio_prepare_single(speech, TARGET_SAMPLE_RATE, name="audio" if request.audio is not None else "video")
         return Media(picture, source, [track], track)
     *tracks, mix = audio_prepare_multi(speech, request.second_audio, request.audio_type, TARGET_SAMPLE_RATE)
     return Media(picture, source, tracks, mix)
+
+
+class SpeakerOnDevice:
+    """Kokoro-82M kept in page-locked host memory and brought to the GPU for each script (0.3 GB: milliseconds), so
+    that it costs no memory plan any GPU memory; on a CPU it simply stays."""
+
+    def __init__(self, speech: Speech, device: torch.device):
+        self.speech = speech
+        self.parked = ParkedWeights(speech.model, device) if device.type == "cuda" else None
+
+    def say(self, script: Script) -> tuple[list[np.ndarray], np.ndarray]:
+        with self.parked.on_device() if self.parked is not None else contextlib.nullcontext():
+            tracks, mix = self.speech.say(script)
+        if len(mix) > DEFAULT_MAX_SECONDS * TARGET_SAMPLE_RATE:
+            raise ValueError(
+                f"text: speaks {len(mix) / TARGET_SAMPLE_RATE:.0f} s; at most {DEFAULT_MAX_SECONDS:.0f} s of speech "
+                "are served: shorten it"
+            )
+        return tracks, mix
+
+
+def load_speech_weights(paths) -> Speech:
+    """Kokoro-82M and its English tagger from the weights (fetched when missing), on the CPU until a script comes."""
+    speech_paths = resolve_speech(paths)
+    return load_speech(speech_paths.kokoro, speech_paths.tagger, device="cpu")
 
 
 def parse_bbox(text: str | None, name: str) -> tuple[float, ...] | None:

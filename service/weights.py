@@ -22,6 +22,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from src.audio.speech import (
+    KOKORO_DIR_NAME,
+    KOKORO_REPO,
+    TAGGER_COMPONENTS,
+    TAGGER_DIR_NAME,
+    TAGGER_FILES,
+    TAGGER_REPO,
+    kokoro_files,
+)
 from wan.loading.checkpoints import (
     DIT_INDEX_NAME,
     FAST_LORA_DIR_NAME,
@@ -48,6 +57,9 @@ HUB_REPOS = {
     INFINITETALK_DIR_NAME: "MeiGen-AI/InfiniteTalk",
 }
 FAST_LORA_REPO = "Kijai/WanVideo_comfy"  # where lightx2v's step-distillation LoRA is published
+# Text to speech (the `text` input): Kokoro-82M and the English tagger its phonemiser needs. Beside the others, but
+# optional: without them every other input still works, and `text` says why it cannot.
+SPEECH_REPOS = {KOKORO_DIR_NAME: KOKORO_REPO, TAGGER_DIR_NAME: TAGGER_REPO}
 HASH_CHUNK = 16 << 20
 LORA_CACHE_BYTES = 8 << 30  # user LoRAs kept between requests
 LORA_MAX_BYTES = 4 << 30  # one user LoRA: a rank-256 LoRA of the 14B DiT in fp16 is ~2.4 GB
@@ -131,6 +143,10 @@ def hub_patterns(name: str) -> list[str]:
         return [*WAV2VEC_FILES, *WAV2VEC_WEIGHT_NAMES]
     if name == INFINITETALK_DIR_NAME:
         return list(INFINITETALK_FILES.values())  # not the quantised or ComfyUI variants
+    if name == KOKORO_DIR_NAME:
+        return kokoro_files()  # the model and the English voices, not the other languages' voices or the ONNX export
+    if name == TAGGER_DIR_NAME:  # the parts misaki runs, not the parser, NER or the packaged wheel
+        return ["config.cfg", "meta.json", "tokenizer", "vocab/*", *(f"{part}/*" for part in TAGGER_COMPONENTS)]
     raise ValueError(f"unknown weights folder {name!r}")
 
 
@@ -179,6 +195,37 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechPaths:
+    kokoro: Path
+    tagger: Path
+
+
+def speech_missing(paths: SpeechPaths) -> list[str]:
+    required = [paths.kokoro / name for name in kokoro_files()] + [paths.tagger / name for name in TAGGER_FILES]
+    return [str(path) for path in required if not path.is_file()]
+
+
+def resolve_speech(paths: WeightPaths) -> SpeechPaths:
+    """Kokoro-82M and spaCy's English tagger beside the checkpoint folders; each downloaded (verified, atomic) when
+    missing. Raises a RuntimeError naming what is missing and why it could not be fetched."""
+    root = paths.wan.parent
+    speech = SpeechPaths(root / KOKORO_DIR_NAME, root / TAGGER_DIR_NAME)
+    for name, repo_id in SPEECH_REPOS.items():
+        if (root / name).is_dir():
+            continue
+        try:
+            download_repo(repo_id, root / name)
+        except Exception as error:  # network, auth, disk or verification
+            raise RuntimeError(
+                f"{repo_id} is not in {root / name} and could not be downloaded ({type(error).__name__}: {error})"
+            ) from error
+    missing = speech_missing(speech)
+    if missing:
+        raise RuntimeError(f"the speech weights in {root} are incomplete: missing {', '.join(missing[:5])}")
+    return speech
 
 
 def resolve_fast_lora(paths: WeightPaths) -> Path:

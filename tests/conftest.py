@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from support.loopback import Loopback
+from src.audio.tiny import write_tiny_speech
 from wan.testing.tiny import write_tiny_checkpoints
 
 
@@ -25,8 +26,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """The tiny checkpoint set in the published layout (`python -m wan.testing.tiny`), written once per session."""
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-weights"))
+    """The tiny checkpoint set in the published layout (`python -m wan.testing.tiny`, then `python -m src.audio.tiny`
+    for text to speech), written once per session."""
+    root = write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-weights"))
+    write_tiny_speech(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,8 @@ class CogServer:
 def server(tmp_path_factory, loopback):
     work = tmp_path_factory.mktemp("cog-http")
     weights = work / "tiny-weights"
-    subprocess.run([sys.executable, "-m", "wan.testing.tiny", str(weights)], cwd=REPO, check=True, capture_output=True)
+    for writer in ("wan.testing.tiny", "src.audio.tiny"):
+        subprocess.run([sys.executable, "-m", writer, str(weights)], cwd=REPO, check=True, capture_output=True)
     tmpdir = work / "tmp"
     tmpdir.mkdir()
     port = free_port()

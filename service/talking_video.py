@@ -210,7 +210,7 @@ class TalkingVideoService:
         for old in self.outputs.iterdir():
             old.unlink()
         with clock.stage(SPEECH):  # before the plan: only the speech says how long the video is
-            spoken = self.speech.say(script) if script is not None else None
+            spoken = self.speech.say(script, seed) if script is not None else None
         with clock.stage(DECODE):
             media = decode_media(request, spoken)
             audio_layers = infinitetalk_set(len(media.tracks)) if request.model == "infinitetalk" else "multitalk"
@@ -413,9 +413,9 @@ class SpeakerOnDevice:
         self.speech = speech
         self.parked = ParkedWeights(speech.model, device) if device.type == "cuda" else None
 
-    def say(self, script: Script) -> tuple[list[np.ndarray], np.ndarray]:
+    def say(self, script: Script, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
         with self.parked.on_device() if self.parked is not None else contextlib.nullcontext():
-            tracks, mix = self.speech.say(script)
+            tracks, mix = self.speech.say(script, seed)
         if len(mix) > DEFAULT_MAX_SECONDS * TARGET_SAMPLE_RATE:
             raise ValueError(
                 f"text: speaks {len(mix) / TARGET_SAMPLE_RATE:.0f} s; at most {DEFAULT_MAX_SECONDS:.0f} s of speech "

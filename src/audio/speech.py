@@ -137,7 +137,9 @@ def read_script(text: str, voice: str, second_voice: str, names=("text", "voice"
     return Script(turns, speakers, (check_voice(voice, names[1]), check_voice(second_voice, names[2])))
 
 
-def speak_tts_audio(tts_audio: Mapping[str, str], speech: Speech) -> tuple[list[np.ndarray], np.ndarray]:
+def speak_tts_audio(
+    tts_audio: Mapping[str, str], speech: Speech, seed: int | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
     """The reference's TTS input, `input_data["tts_audio"]` = `{"text": ..., "human1_voice": ...[, "human2_voice":
     ...]}`, spoken: each speaker's track (16 kHz, -23 LUFS) and the mix. A voice is a name (`af_heart`) or, as the
     reference writes it, the path of its file in the Kokoro folder (`weights/Kokoro-82M/voices/af_heart.pt`). With
@@ -148,7 +150,7 @@ def speak_tts_audio(tts_audio: Mapping[str, str], speech: Speech) -> tuple[list[
     script = read_script(tts_audio.get("text", ""), *voices, names=("text", "human1_voice", "human2_voice"))
     if "human2_voice" in tts_audio:
         script = dataclasses.replace(script, speakers=2)
-    return speech.say(script)
+    return speech.say(script, seed)
 
 
 class Speech:
@@ -171,25 +173,29 @@ class Speech:
         split_pattern=r'\\n+')`, its chunks joined."""
         pipeline = self.pipelines[voice[0]]
         with torch.inference_mode():
-            chunks = [
-                result.audio.float().cpu()
-                for result in pipeline(text, voice=self.voices[voice], speed=1, split_pattern=SPLIT_PATTERN)
-                if result.audio is not None
-            ]
-        if not chunks:
+            results = list(pipeline(text, voice=self.voices[voice], speed=1, split_pattern=SPLIT_PATTERN))
+        if not any(character.isalpha() for result in results for character in result.phonemes):
             raise SpeechInputError(
                 f"{name}: nothing in {text[:40]!r} can be spoken (no words the English phonemiser reads); write the "
                 "words out"
             )
+        chunks = [result.audio.float().cpu() for result in results if result.audio is not None]
         return torch.cat(chunks).numpy()
 
-    def say(self, script: Script, name: str = "text") -> tuple[list[np.ndarray], np.ndarray]:
-        """Each speaker's track at 16 kHz, -23 LUFS, and their sum (the soundtrack)."""
+    def say(self, script: Script, seed: int | None = None, name: str = "text") -> tuple[list[np.ndarray], np.ndarray]:
+        """Each speaker's track at 16 kHz, -23 LUFS, and their sum (the soundtrack). Kokoro's vocoder draws its noise
+        and phases from torch's default generator: with a `seed` they are drawn from a fork of it seeded so (the
+        caller's generator state is put back), and the same script speaks the same samples."""
 
         def speak(turn: Turn) -> np.ndarray:
             return self.speak(turn.text, script.voices[turn.speaker], name)
 
-        tracks = [to_model_rate(track) for track in dialogue_tracks(script.turns, speak, script.speakers)]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            spoken = dialogue_tracks(script.turns, speak, script.speakers)
+        tracks = [to_model_rate(track) for track in spoken]
         return tracks, np.sum(tracks, axis=0).astype(np.float32)
 
 

@@ -1,0 +1,188 @@
+"""Text to speech (`src/audio/speech.py`, the runner's `text` inputs): the script's turns against the reference's own
+parsing, the dialogue's layout and the 16 kHz path against hand-built and recorded tracks, Kokoro-82M's loading and
+synthesis on the tiny set, and the runner's errors for bad text."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from src.audio import audio_prepare_single, load_speech, read_script, speak_tts_audio
+from src.audio.speech import (
+    KOKORO_DIR_NAME,
+    KOKORO_SAMPLE_RATE,
+    KOKORO_WEIGHTS_NAME,
+    MAX_TEXT_CHARS,
+    TAGGER_DIR_NAME,
+    SpeechInputError,
+    Turn,
+    dialogue_tracks,
+    parse_script,
+    to_model_rate,
+)
+from support.cog_inputs import run_inputs
+
+# The reference's examples (MeiGen-AI/MultiTalk examples/*_tts_1.json) and its dialogue pattern (process_tts_multi).
+SINGLE = "Welcome to multi-talk, this is an audio-driven video generation model for multiple person."
+DIALOGUE = "(s1) do you know multi-talk? (s2) yes, I know it, that's amazing! (s1) Me too."
+REFERENCE_PATTERN = r"\(s(\d+)\)\s*(.*?)(?=\s*\(s\d+\)|$)"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def speech(tiny_weights):
+    return load_speech(tiny_weights / KOKORO_DIR_NAME, tiny_weights / TAGGER_DIR_NAME)
+
+
+def test_a_script_without_marks_is_person_1s_whole_text():
+    assert parse_script(f"  {SINGLE}\nSecond line.  ") == [Turn(0, f"{SINGLE}\nSecond line.")]
+    assert read_script(SINGLE, "af_heart", "am_adam").speakers == 1
+
+
+@pytest.mark.parametrize("text", [DIALOGUE, "(s2) first\n(s1) second\n\n(s2) third, and (more)", "(s1)solo"])
+def test_dialogue_turns_are_the_references(text):
+    expected = [(int(speaker) - 1, content.strip()) for speaker, content in re.findall(REFERENCE_PATTERN, text, re.S)]
+    assert [(turn.speaker, turn.text) for turn in parse_script(text)] == expected
+    assert read_script(text, "af_heart", "am_adam").speakers == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "text: empty"),
+        (" \n\t", "text: empty"),
+        ("Hello (s1) there", "text: words before the first speaker mark"),
+        ("(s1) Hi (s3) you", "text: '(s3)' is not a speaker mark"),
+        ("(s1) Hi (s2)  ", "text: the turn after '(s2)' is empty"),
+        ("a" * (MAX_TEXT_CHARS + 1), f"text: {MAX_TEXT_CHARS + 1} characters"),
+    ],
+)
+def test_bad_scripts_are_refused_naming_the_input(text, message):
+    with pytest.raises(SpeechInputError) as error:
+        parse_script(text)
+    assert str(error.value).startswith(message)
+
+
+def test_an_unknown_voice_is_refused_naming_the_input():
+    with pytest.raises(SpeechInputError, match=r"^second_voice: 'zf_xiaoxiao' is not a Kokoro voice"):
+        read_script(DIALOGUE, "af_heart", "zf_xiaoxiao")
+
+
+def test_each_turn_is_on_its_speakers_track_with_silence_on_the_other():
+    spoken = {"a": np.array([1, 2, 3], np.float32), "bb": np.array([4, 5, 6, 7, 8], np.float32), "c": np.ones(2)}
+    turns = [Turn(0, "a"), Turn(1, "bb"), Turn(0, "c")]
+    first, second = dialogue_tracks(turns, lambda turn: spoken[turn.text], speakers=2)
+    np.testing.assert_array_equal(first, [1, 2, 3, 0, 0, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(second, [0, 0, 0, 4, 5, 6, 7, 8, 0, 0])
+    (only,) = dialogue_tracks(turns[:1], lambda turn: spoken[turn.text], speakers=1)
+    np.testing.assert_array_equal(only, [1, 2, 3])
+
+
+def test_synthesised_speech_reaches_the_model_as_a_recorded_file_would(tmp_path):
+    """24 kHz speech resampled and normalised as a 24 kHz recording of it goes through `audio_prepare_single`."""
+    t = np.arange(int(1.3 * KOKORO_SAMPLE_RATE)) / KOKORO_SAMPLE_RATE
+    speech = (0.05 * np.sin(2 * np.pi * 210 * t) * np.sin(np.pi * 3 * t) ** 2).astype(np.float32)
+    path = tmp_path / "speech.wav"
+    soundfile.write(path, speech, KOKORO_SAMPLE_RATE, subtype="FLOAT")
+    recorded = audio_prepare_single(path)
+    synthesised = to_model_rate(speech)
+    assert synthesised.dtype == np.float32 and len(synthesised) == round(1.3 * 16000)
+    np.testing.assert_allclose(synthesised, recorded, atol=1e-6)
+
+
+def test_kokoro_is_loaded_strictly(tiny_weights, tmp_path):
+    folder = tmp_path / KOKORO_DIR_NAME
+    shutil.copytree(tiny_weights / KOKORO_DIR_NAME, folder)
+    published = torch.load(folder / KOKORO_WEIGHTS_NAME, weights_only=True)
+    published["decoder"].pop(next(iter(published["decoder"])))
+    torch.save(published, folder / KOKORO_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"does not fit Kokoro-82M: .*decoder: missing \['encode"):
+        load_speech(folder, tiny_weights / TAGGER_DIR_NAME)
+
+
+def test_a_dialogue_is_spoken_turn_by_turn_in_each_voice(speech):
+    tracks, mix = speech.say(read_script(DIALOGUE, "af_heart", "bm_george"))
+    turns = [("af_heart", "do you know multi-talk?"), ("bm_george", "yes, I know it, that's amazing!")]
+    turns.append(("af_heart", "Me too."))
+    spoken = [speech.speak(text, voice) for voice, text in turns]  # each turn alone, 24 kHz
+    assert len(tracks) == 2 and len(tracks[0]) == len(tracks[1]) == len(mix)
+    boundaries = np.cumsum([0] + [len(audio) for audio in spoken]) * 16000 // KOKORO_SAMPLE_RATE
+    assert abs(len(mix) - boundaries[-1]) <= 1
+    # Person 2 is silent in person 1's turns and the reverse.
+    for index, (start, end) in enumerate(zip(boundaries[:-1], boundaries[1:])):
+        quiet = tracks[1] if turns[index][0] == "af_heart" else tracks[0]
+        loud = tracks[0] if turns[index][0] == "af_heart" else tracks[1]
+        inner = slice(start + 400, end - 400)  # 25 ms: the resampler's filter reaches across a turn's edge
+        assert np.abs(quiet[inner]).max() < 1e-3 * np.abs(loud[inner]).max()
+    np.testing.assert_allclose(mix, tracks[0] + tracks[1], atol=1e-7)
+    # In another voice the same words sound different.
+    assert not np.array_equal(speech.speak(turns[0][1], "am_adam"), spoken[0])
+
+
+def test_the_references_tts_audio_input(speech):
+    """The reference's `tts_audio` (voices as its paths) speaks what the runner's inputs speak."""
+    tts_audio = {
+        "text": DIALOGUE,
+        "human1_voice": "weights/Kokoro-82M/voices/af_heart.pt",
+        "human2_voice": "weights/Kokoro-82M/voices/am_adam.pt",
+    }
+    tracks, mix = speak_tts_audio(tts_audio, speech, seed=5)
+    expected_tracks, expected_mix = speech.say(read_script(DIALOGUE, "af_heart", "am_adam"), seed=5)
+    np.testing.assert_array_equal(mix, expected_mix)
+    assert len(tracks) == 2
+    (single,), _ = speak_tts_audio({"text": SINGLE, "human1_voice": "af_heart"}, speech)
+    assert len(single) > 16000  # a sentence lasts seconds
+
+
+def test_text_without_speakable_words_is_refused(speech):
+    with pytest.raises(SpeechInputError, match=r"^text: nothing in '!!! ...' can be spoken"):
+        speech.speak("!!! ...", "af_heart")
+
+
+def test_a_seed_speaks_the_same_samples_and_leaves_torchs_generator_alone(speech):
+    script = read_script(SINGLE, "af_heart", "am_adam")
+    state = torch.random.get_rng_state()
+    (first,), _ = speech.say(script, seed=11)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    (again,), _ = speech.say(script, seed=11)
+    (other,), _ = speech.say(script, seed=12)
+    np.testing.assert_array_equal(first, again)
+    assert len(other) == len(first) and not np.array_equal(other, first)  # the vocoder's noise, not the timing
+
+
+def _run(runner, **inputs):
+    defaults = {"image": str(EXAMPLES / "two_people.png"), "sampling_steps": 2, "seed": 3, "fast": True}
+    return runner.run(**run_inputs(**{**defaults, **inputs}))
+
+
+@pytest.mark.slow
+def test_the_runner_speaks_text_into_a_video_as_long_as_the_speech(runner, speech):
+    output = _run(runner, text="(s1) Hi there. (s2) Hello!", voice="af_bella", second_voice="am_michael")
+    _, mix = speech.say(read_script("(s1) Hi there. (s2) Hello!", "af_bella", "am_michael"), seed=3)
+    from src.video import probe_video
+
+    assert probe_video(output)["frames"] == int(len(mix) / 16000 * 25)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"text": "Hello", "audio": "examples/person1.wav"}, "text, audio: give the speech as text or as recordings"),
+        ({"text": "  "}, "text: empty"),
+        ({"text": "(s1) a (s4) b"}, "text: '(s4)' is not a speaker mark"),
+        ({"text": "Hello", "person2_bbox": "1,1,5,5"}, "person2_bbox: given without a second speaker"),
+        ({}, "audio: give the speech of person 1: a recording as audio, the words as text"),
+    ],
+)
+def test_bad_text_requests_fail_naming_the_input_before_any_work(runner, inputs, message):
+    if "audio" in inputs:
+        inputs = {**inputs, "audio": str(EXAMPLES.parent / inputs["audio"])}
+    with pytest.raises(ValueError) as error:
+        _run(runner, **inputs)
+    assert str(error.value).startswith(message), str(error.value)

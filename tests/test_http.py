@@ -26,8 +26,11 @@ import pytest
 import requests
 import soundfile
 
+from support.ffmpeg_tools import ffmpeg_tool
 from support.mp4_boxes import mp4_tracks
 from support.synthetic_media import write_media
+from src.audio import DEFAULT_VOICES, load_speech, read_script
+from src.audio.speech import KOKORO_DIR_NAME, TAGGER_DIR_NAME
 from src.video.mp4 import probe_video
 from wan.runtime.workers import free_port
 
@@ -57,8 +60,8 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 
 class CogServer:
-    def __init__(self, process: subprocess.Popen, url: str, tmpdir: Path, log: Path):
-        self.process, self.url, self.tmpdir, self.log = process, url, tmpdir, log
+    def __init__(self, process: subprocess.Popen, url: str, tmpdir: Path, log: Path, weights: Path):
+        self.process, self.url, self.tmpdir, self.log, self.weights = process, url, tmpdir, log, weights
 
     def health(self) -> dict:
         return requests.get(f"{self.url}/health-check", timeout=10).json()
@@ -117,7 +120,7 @@ def server(tmp_path_factory, loopback):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    cog = CogServer(process, f"http://127.0.0.1:{port}", tmpdir, log)
+    cog = CogServer(process, f"http://127.0.0.1:{port}", tmpdir, log, weights)
     try:
         deadline = time.monotonic() + 600
         status = None
@@ -332,6 +335,44 @@ def test_video_with_sound_is_dubbed_to_its_own_length(server, media, tmp_path):
         {"video": _data_uri(clip.read_bytes(), "application/octet-stream"), "model": "infinitetalk", **TINY}
     )
     _check_video(response.json(), tmp_path, 11 / FPS)
+
+
+@pytest.mark.parametrize(
+    "text, voices",
+    [
+        ("Welcome to multi-talk, a model for talking people.", {"voice": "bf_emma"}),
+        ("(s1) Do you know it? (s2) Yes, I do!", {"voice": "af_heart", "second_voice": "am_adam"}),
+    ],
+    ids=["one speaker", "dialogue"],
+)
+def test_text_is_spoken_and_is_the_soundtrack(server, tmp_path, text, voices):
+    """The mp4 of a `text` request is as long as the speech the tiny Kokoro makes of it (synthesised again here, with
+    the request's seed) and its soundtrack, decoded by the ffmpeg program, is that speech."""
+    speech = load_speech(server.weights / KOKORO_DIR_NAME, server.weights / TAGGER_DIR_NAME)
+    script = read_script(text, voices["voice"], voices.get("second_voice", DEFAULT_VOICES[1]))
+    tracks, mix = speech.say(script, seed=TINY["seed"])
+    assert len(tracks) == (2 if "(s1)" in text else 1)
+    image = _data_uri((REPO / "examples" / "two_people.png").read_bytes(), "image/png")
+    response = server.predict({"image": image, "text": text, **voices, **TINY})
+    assert response.status_code == 200, response.text
+    frames = int(len(mix) / SAMPLE_RATE * FPS)  # the reference's count: whole frames of the speech
+    _check_video(response.json(), tmp_path, frames / FPS)
+    decode = [ffmpeg_tool("ffmpeg"), "-v", "error", "-i", str(tmp_path / "output.mp4"), "-f", "f32le", "-ac", "1"]
+    decoded = subprocess.run([*decode, "-ar", str(SAMPLE_RATE), "-"], capture_output=True, check=True).stdout
+    soundtrack = np.frombuffer(decoded, np.float32)
+    spoken = mix[: frames * SAMPLE_RATE // FPS]
+    assert abs(len(soundtrack) - len(spoken)) <= 1024  # the decoder's output ends on a whole AAC frame
+    # Loudness over time (20 ms windows): what AAC keeps of any signal, and where the turns and pauses are.
+    window = SAMPLE_RATE // 50
+    n = min(len(soundtrack), len(spoken)) // window * window
+    envelopes = [np.sqrt((a[:n].reshape(-1, window) ** 2).mean(1)) for a in (soundtrack, spoken)]
+    assert np.corrcoef(*envelopes)[0, 1] > 0.9
+
+
+def test_text_beside_audio_fails_naming_both_and_the_server_stays_ready(server, media):
+    body = server.predict({"image": media["image_uri"], "audio": media["audio_uri"], "text": "Hello", **TINY}).json()
+    assert body["status"] == "failed" and "text, audio: give the speech as text or as recordings" in body["error"]
+    _wait_ready(server)
 
 
 def _post_async(server: CogServer, loopback, key: str, inputs: dict) -> None:

@@ -44,7 +44,8 @@ class Runner(BaseRunner):
         voice: str = Input(
             default=DEFAULT_VOICES[0],
             choices=list(VOICES),
-            description="Kokoro voice of person 1 for text: a/b = American/British English, f/m = female/male.",
+            description="Kokoro voice of person 1 for text, and the language the text is read in: a = American "
+            "English, b = British English, z = Mandarin Chinese; f = female, m = male.",
         ),
         second_voice: str = Input(
             default=DEFAULT_VOICES[1], choices=list(VOICES), description="Kokoro voice of person 2 in a dialogue."

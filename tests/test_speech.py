@@ -4,8 +4,11 @@ synthesis on the tiny set, and the runner's errors for bad text."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,8 @@ from support.cog_inputs import run_inputs
 SINGLE = "Welcome to multi-talk, this is an audio-driven video generation model for multiple person."
 DIALOGUE = "(s1) do you know multi-talk? (s2) yes, I know it, that's amazing! (s1) Me too."
 REFERENCE_PATTERN = r"\(s(\d+)\)\s*(.*?)(?=\s*\(s\d+\)|$)"
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,8 @@ def test_bad_scripts_are_refused_naming_the_input(text, message):
 
 
 def test_an_unknown_voice_is_refused_naming_the_input():
-    with pytest.raises(SpeechInputError, match=r"^second_voice: 'zf_xiaoxiao' is not a Kokoro voice"):
-        read_script(DIALOGUE, "af_heart", "zf_xiaoxiao")
+    with pytest.raises(SpeechInputError, match=r"^second_voice: 'jf_alpha' is not a Kokoro voice"):
+        read_script(DIALOGUE, "af_heart", "jf_alpha")
 
 
 def test_each_turn_is_on_its_speakers_track_with_silence_on_the_other():
@@ -140,6 +144,26 @@ def test_the_references_tts_audio_input(speech):
     assert len(single) > 16000  # a sentence lasts seconds
 
 
+def test_mandarin_is_spoken_in_a_mandarin_voice(speech):
+    audio = speech.speak("你好，欢迎使用多人对话视频生成模型。", "zf_xiaoxiao")
+    assert audio.dtype == np.float32 and len(audio) > KOKORO_SAMPLE_RATE // 2
+    phonemes = [result.phonemes for result in speech.pipelines["z"]("你好", voice=speech.voices["zm_yunxi"])]
+    assert phonemes == ["ni↓xau↓"]  # pypinyin's ni3 hao3 in misaki's notation: third tones
+
+
+@pytest.mark.slow
+def test_loading_leaves_no_file_in_the_temp_dir(tiny_weights, tmp_path):
+    """jieba writes a cache of its dictionary where the temp dir is; loading and speaking leave that dir as it was."""
+    code = (
+        "import sys; from src.audio.speech import load_speech; "
+        "speech = load_speech(sys.argv[1] + '/Kokoro-82M', sys.argv[1] + '/en_core_web_sm'); "
+        "speech.speak('你好', 'zf_xiaobei'); speech.speak('Hello', 'af_heart')"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code, str(tiny_weights)], cwd=REPO, env=env, check=True, capture_output=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_text_without_speakable_words_is_refused(speech):
     with pytest.raises(SpeechInputError, match=r"^text: nothing in '!!! ...' can be spoken"):
         speech.speak("!!! ...", "af_heart")
@@ -182,7 +206,7 @@ def test_the_runner_speaks_text_into_a_video_as_long_as_the_speech(runner, speec
 )
 def test_bad_text_requests_fail_naming_the_input_before_any_work(runner, inputs, message):
     if "audio" in inputs:
-        inputs = {**inputs, "audio": str(EXAMPLES.parent / inputs["audio"])}
+        inputs = {**inputs, "audio": str(REPO / inputs["audio"])}
     with pytest.raises(ValueError) as error:
         _run(runner, **inputs)
     assert str(error.value).startswith(message), str(error.value)

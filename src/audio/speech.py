@@ -1,4 +1,5 @@
-"""Speech from text: Kokoro-82M, as MultiTalk's reference runs it in its TTS mode (`--audio_mode tts`).
+"""Speech from text: Kokoro-82M, as MultiTalk's reference runs it in its TTS mode (`--audio_mode tts`), in American
+and British English (the reference's) and Mandarin Chinese.
 
 A script is one speaker's text, or a dialogue whose turns are marked `(s1)` and `(s2)`. Each turn is spoken by its
 speaker's voice (hexgrad/kokoro's `KPipeline` at speed 1, split on newlines) while the other speaker's track holds
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -40,13 +42,16 @@ TAGGER_FILES = (
     *("config.cfg", "meta.json", "tokenizer", "vocab/strings.json", "vocab/vectors", "vocab/lookups.bin"),
     *(f"{component}/{part}" for component in TAGGER_COMPONENTS for part in ("cfg", "model")),
 )
-# Kokoro-82M v1.0's English voices: American (a*) and British (b*), female (*f_) and male (*m_).
+# Kokoro-82M v1.0's voices in American English (a*), British English (b*) and Mandarin Chinese (z*), female (*f_)
+# and male (*m_). The first letter picks the language of the text too.
 VOICES = (
     *("af_heart", "af_alloy", "af_aoede", "af_bella", "af_jessica", "af_kore", "af_nicole", "af_nova", "af_river"),
     *("af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam", "am_michael", "am_onyx"),
     *("am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily", "bm_daniel", "bm_fable", "bm_george"),
-    "bm_lewis",
+    *("bm_lewis", "zf_xiaobei", "zf_xiaoni", "zf_xiaoxiao", "zf_xiaoyi", "zm_yunjian", "zm_yunxi", "zm_yunxia"),
+    "zm_yunyang",
 )
+LANGUAGES = {"a": "American English", "b": "British English", "z": "Mandarin Chinese"}
 DEFAULT_VOICES = ("af_heart", "am_adam")  # the reference's examples
 MAX_TEXT_CHARS = 10_000  # about 10 minutes of speech, the longest audio a request takes
 SPLIT_PATTERN = r"\n+"  # the reference's: each paragraph is synthesised on its own
@@ -115,8 +120,8 @@ def to_model_rate(track: np.ndarray, sample_rate: int = KOKORO_SAMPLE_RATE) -> n
 def check_voice(voice: str, name: str) -> str:
     if voice not in VOICES:
         raise SpeechInputError(
-            f"{name}: {voice!r} is not a Kokoro voice served here; use one of {', '.join(VOICES)} (a = American, "
-            "b = British English; f = female, m = male)"
+            f"{name}: {voice!r} is not a Kokoro voice served here; use one of {', '.join(VOICES)} (a = American "
+            "English, b = British English, z = Mandarin Chinese; f = female, m = male)"
         )
     return voice
 
@@ -161,7 +166,7 @@ class Speech:
 
     def __init__(self, model, pipelines: dict[str, object], voices: dict[str, torch.Tensor]):
         self.model = model
-        self.pipelines = pipelines  # by the voice's first letter: a (American), b (British)
+        self.pipelines = pipelines  # by the voice's first letter: its language (LANGUAGES)
         self.voices = voices
 
     @property
@@ -176,8 +181,8 @@ class Speech:
             results = list(pipeline(text, voice=self.voices[voice], speed=1, split_pattern=SPLIT_PATTERN))
         if not any(character.isalpha() for result in results for character in result.phonemes):
             raise SpeechInputError(
-                f"{name}: nothing in {text[:40]!r} can be spoken (no words the English phonemiser reads); write the "
-                "words out"
+                f"{name}: nothing in {text[:40]!r} can be spoken in {LANGUAGES[voice[0]]} (no words the phonemiser "
+                "reads); write the words out, in the voice's language"
             )
         chunks = [result.audio.float().cpu() for result in results if result.audio is not None]
         return torch.cat(chunks).numpy()
@@ -200,8 +205,8 @@ class Speech:
 
 
 def load_speech(kokoro_dir: str | Path, tagger_dir: str | Path, device: str | torch.device = "cpu") -> Speech:
-    """Kokoro-82M from `kokoro_dir` (config, weights checked key by key, the served voices) and misaki's English G2P
-    with spaCy's tagger from `tagger_dir`; nothing is fetched."""
+    """Kokoro-82M from `kokoro_dir` (config, weights checked key by key, the served voices), misaki's English G2P with
+    spaCy's tagger from `tagger_dir`, and its Mandarin G2P; nothing is fetched."""
     from kokoro import KModel  # spaCy and the phonemiser load with it: only where text is served
 
     kokoro_dir, tagger_dir = Path(kokoro_dir), Path(tagger_dir)
@@ -212,6 +217,7 @@ def load_speech(kokoro_dir: str | Path, tagger_dir: str | Path, device: str | to
     model = model.to(device).eval()
     nlp = load_tagger(tagger_dir)
     pipelines = {code: english_pipeline(model, nlp, british=code == "b") for code in "ab"}
+    pipelines["z"] = mandarin_pipeline(model)
     voices = {voice: load_voice(kokoro_dir, voice) for voice in VOICES}
     return Speech(model, pipelines, voices)
 
@@ -259,6 +265,22 @@ def english_pipeline(model, nlp, british: bool):
             self.g2p = LocalG2P()
 
     return LocalPipeline()
+
+
+def mandarin_pipeline(model):
+    """kokoro's `KPipeline` for Mandarin around `model` (misaki's G2P for Kokoro v1.0: jieba's words, pypinyin's
+    readings). jieba builds its dictionary here rather than at the first Chinese text, and writes the cache it makes
+    of it into a folder removed straight after (its default is a file left in the temp dir)."""
+    import jieba
+    from kokoro import KPipeline
+
+    with tempfile.TemporaryDirectory(prefix="jieba-") as folder:
+        jieba.dt.tmp_dir = folder
+        try:
+            jieba.initialize()
+        finally:
+            jieba.dt.tmp_dir = None
+    return KPipeline(lang_code="z", repo_id=KOKORO_REPO, model=model)
 
 
 def load_voice(kokoro_dir: Path, voice: str) -> torch.Tensor:

@@ -30,7 +30,8 @@ TAGS = (
 def tiny_config() -> dict:
     from misaki import en
 
-    symbols = sorted(en.US_VOCAB | en.GB_VOCAB | set(';:,.!?—…"()“” '))
+    mandarin = set("↓→↗↘ɨꭧʰʂʐɻʨʦɕʈɤɥ")  # misaki's Mandarin output beyond the English symbols: tones, retroflexes
+    symbols = sorted(en.US_VOCAB | en.GB_VOCAB | mandarin | set(';:,.!?—…"()“” '))
     vocab = {symbol: index + 1 for index, symbol in enumerate(symbols)}  # 0 is the pad at both ends
     return {
         "istftnet": {

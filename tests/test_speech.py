@@ -16,7 +16,7 @@ import pytest
 import soundfile
 import torch
 
-from src.audio import audio_prepare_single, load_speech, read_script, speak_tts_audio
+from src.audio import audio_prepare_single, get_embedding, load_speech, load_wav2vec, read_script, speak_tts_audio
 from src.audio.speech import (
     KOKORO_DIR_NAME,
     KOKORO_SAMPLE_RATE,
@@ -210,3 +210,13 @@ def test_bad_text_requests_fail_naming_the_input_before_any_work(runner, inputs,
     with pytest.raises(ValueError) as error:
         _run(runner, **inputs)
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_the_loudness_step_does_not_reach_the_embeddings(tiny_weights, speech):
+    """wav2vec2's feature extractor normalises each utterance (`do_normalize`), so levelling synthesised speech to
+    -23 LUFS, which the reference skips, changes the soundtrack only."""
+    extractor, encoder = load_wav2vec(tiny_weights / "chinese-wav2vec2-base")
+    assert extractor.do_normalize
+    (track,), _ = speech.say(read_script(SINGLE, "af_heart", "am_adam"), seed=1)
+    quieter = get_embedding(track * 0.1, extractor, encoder)
+    torch.testing.assert_close(get_embedding(track, extractor, encoder), quieter, rtol=1e-4, atol=1e-4)

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from src.audio.speech import (
+from src.audio.kokoro_layout import (
     KOKORO_DIR_NAME,
     KOKORO_REPO,
     TAGGER_COMPONENTS,

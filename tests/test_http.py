@@ -30,7 +30,7 @@ from support.ffmpeg_tools import ffmpeg_tool
 from support.mp4_boxes import mp4_tracks
 from support.synthetic_media import write_media
 from src.audio import DEFAULT_VOICES, load_speech, read_script
-from src.audio.speech import KOKORO_DIR_NAME, TAGGER_DIR_NAME
+from src.audio.kokoro_layout import KOKORO_DIR_NAME, TAGGER_DIR_NAME
 from src.video.mp4 import probe_video
 from wan.runtime.workers import free_port
 

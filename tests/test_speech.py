@@ -17,18 +17,8 @@ import soundfile
 import torch
 
 from src.audio import audio_prepare_single, get_embedding, load_speech, load_wav2vec, read_script, speak_tts_audio
-from src.audio.speech import (
-    KOKORO_DIR_NAME,
-    KOKORO_SAMPLE_RATE,
-    KOKORO_WEIGHTS_NAME,
-    MAX_TEXT_CHARS,
-    TAGGER_DIR_NAME,
-    SpeechInputError,
-    Turn,
-    dialogue_tracks,
-    parse_script,
-    to_model_rate,
-)
+from src.audio.kokoro_layout import KOKORO_DIR_NAME, KOKORO_SAMPLE_RATE, KOKORO_WEIGHTS_NAME, TAGGER_DIR_NAME
+from src.audio.speech import MAX_TEXT_CHARS, SpeechInputError, Turn, dialogue_tracks, parse_script, to_model_rate
 from support.cog_inputs import run_inputs
 
 # The reference's examples (MeiGen-AI/MultiTalk examples/*_tts_1.json) and its dialogue pattern (process_tts_multi).

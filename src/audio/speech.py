@@ -27,32 +27,18 @@ import numpy as np
 import torch
 
 from .decode import TARGET_SAMPLE_RATE
+from .kokoro_layout import (
+    DEFAULT_VOICES,
+    KOKORO_CONFIG_NAME,
+    KOKORO_REPO,
+    KOKORO_SAMPLE_RATE,
+    KOKORO_WEIGHTS_NAME,
+    LANGUAGES,
+    TAGGER_COMPONENTS,
+    VOICES,
+)
 from .loudness import normalize_loudness
 
-KOKORO_SAMPLE_RATE = 24_000
-KOKORO_REPO = "hexgrad/Kokoro-82M"
-KOKORO_DIR_NAME = "Kokoro-82M"
-KOKORO_CONFIG_NAME = "config.json"
-KOKORO_WEIGHTS_NAME = "kokoro-v1_0.pth"
-TAGGER_REPO = "spacy/en_core_web_sm"
-TAGGER_DIR_NAME = "en_core_web_sm"
-TAGGER_COMPONENTS = ("tok2vec", "tagger")  # what misaki's G2P runs of the spaCy pipeline (its `enable=`)
-# The files of its folder that spaCy reads for those parts (`spacy.load` with the rest excluded).
-TAGGER_FILES = (
-    *("config.cfg", "meta.json", "tokenizer", "vocab/strings.json", "vocab/vectors", "vocab/lookups.bin"),
-    *(f"{component}/{part}" for component in TAGGER_COMPONENTS for part in ("cfg", "model")),
-)
-# Kokoro-82M v1.0's voices in American English (a*), British English (b*) and Mandarin Chinese (z*), female (*f_)
-# and male (*m_). The first letter picks the language of the text too.
-VOICES = (
-    *("af_heart", "af_alloy", "af_aoede", "af_bella", "af_jessica", "af_kore", "af_nicole", "af_nova", "af_river"),
-    *("af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam", "am_michael", "am_onyx"),
-    *("am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily", "bm_daniel", "bm_fable", "bm_george"),
-    *("bm_lewis", "zf_xiaobei", "zf_xiaoni", "zf_xiaoxiao", "zf_xiaoyi", "zm_yunjian", "zm_yunxi", "zm_yunxia"),
-    "zm_yunyang",
-)
-LANGUAGES = {"a": "American English", "b": "British English", "z": "Mandarin Chinese"}
-DEFAULT_VOICES = ("af_heart", "am_adam")  # the reference's examples
 MAX_TEXT_CHARS = 10_000  # about 10 minutes of speech, the longest audio a request takes
 SPLIT_PATTERN = r"\n+"  # the reference's: each paragraph is synthesised on its own
 # A speaker mark: the reference's `(s1)`, `(s2)`; any `(s<digits>)` is read as one so that `(s3)` is refused, not spoken.
@@ -286,8 +272,3 @@ def mandarin_pipeline(model):
 def load_voice(kokoro_dir: Path, voice: str) -> torch.Tensor:
     """A voice's style table (`[510, 1, 2 x style_dim]`, one row per phoneme count), on the CPU as kokoro takes it."""
     return torch.load(kokoro_dir / "voices" / f"{voice}.pt", map_location="cpu", weights_only=True).float()
-
-
-def kokoro_files() -> list[str]:
-    """The files read from the Kokoro-82M folder (relative paths)."""
-    return [KOKORO_CONFIG_NAME, KOKORO_WEIGHTS_NAME, *(f"voices/{voice}.pt" for voice in VOICES)]

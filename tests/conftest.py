@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from support.loopback import Loopback
-from src.audio.tiny import write_tiny_speech
 from wan.testing.tiny import write_tiny_checkpoints
 
 
@@ -25,12 +24,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> Path:
-    """The tiny checkpoint set in the published layout (`python -m wan.testing.tiny`, then `python -m src.audio.tiny`
-    for text to speech), written once per session."""
-    root = write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-weights"))
-    write_tiny_speech(root)
-    return root
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """The tiny checkpoint set of the model library in the published layout (`python -m wan.testing.tiny`), written
+    once per session."""
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-weights"))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_checkpoints) -> Path:
+    """The service's tiny set: the checkpoints and, beside them, Kokoro-82M and its tagger for text to speech
+    (`python -m src.audio.tiny`)."""
+    from src.audio.tiny import write_tiny_speech  # here: the media libraries are not on every GPU machine
+
+    write_tiny_speech(tiny_checkpoints)
+    return tiny_checkpoints
 
 
 @pytest.fixture(scope="session")

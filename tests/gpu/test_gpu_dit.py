@@ -185,4 +185,11 @@ def test_row_quantisation_on_the_gpu_gives_the_bits_of_its_torch_arithmetic(rows
     expected_values, expected_scales = quantize_rows(x, gelu=gelu)
     same = (values.cpu().float() == expected_values.float()).float().mean().item()
     scale_rel = ((scales.cpu() - expected_scales).abs() / expected_scales).max().item()
-    assert same == 1.0 and scale_rel == 0.0, f"{same:.5f} of the e4m3 values equal, scales rel {scale_rel:.2g}"
+    assert scale_rel == 0.0, f"scales rel {scale_rel:.2g}"
+    if not gelu:
+        assert same == 1.0, f"{same:.7f} of the e4m3 values equal"
+        return
+    # GELU's tanh in Triton and on the CPU differ in the last bit, which puts a few values (9 of 3.5 M on an H100,
+    # 2026-12-07) on the other side of a rounding boundary: the next e4m3 code, never further.
+    codes = values.cpu().view(torch.uint8).int(), expected_values.view(torch.uint8).int()
+    assert same > 1 - 1e-5 and (codes[0] - codes[1]).abs().max().item() <= 1, f"{same:.7f} of the e4m3 values equal"

@@ -24,13 +24,13 @@ FRAMES, HEIGHT, WIDTH = 9, 64, 96
 
 
 @pytest.fixture(scope="module", params=[RESIDENT, FP8], ids=lambda plan: plan.name)
-def pipeline(request, tiny_weights):
+def pipeline(request, tiny_checkpoints):
     plan = request.param
     if plan.dit_weights == "fp8" and DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (8, 9):
         pytest.skip(f"{torch.cuda.get_device_name(DEVICE)} has no fp8 matmuls (needs compute capability 8.9+)")
     cuda = DEVICE.type == "cuda"
     built = load_pipeline(
-        tiny_weights / "Wan2.1-I2V-14B-480P", tiny_weights / "MeiGen-MultiTalk", device=DEVICE,
+        tiny_checkpoints / "Wan2.1-I2V-14B-480P", tiny_checkpoints / "MeiGen-MultiTalk", device=DEVICE,
         dtype=torch.bfloat16 if cuda else torch.float32, compile=cuda, memory_plan=plan,
     )  # fmt: skip
     yield plan, built

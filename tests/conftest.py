@@ -25,19 +25,20 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> Path:
-    """The tiny checkpoint set of the model library in the published layout (`python -m wan.testing.tiny`), written
-    once per session."""
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-weights"))
+    """The model library's tiny checkpoint set in the published layout (`python -m wan.testing.tiny`), written once
+    per session."""
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"))
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tiny_checkpoints) -> Path:
-    """The service's tiny set: the checkpoints and, beside them, Kokoro-82M and its tagger for text to speech
-    (`python -m src.audio.tiny`)."""
+def tiny_weights(tmp_path_factory) -> Path:
+    """The service's tiny set, written once per session: the checkpoints and, beside them, Kokoro-82M and its tagger
+    for text to speech (`python -m src.audio.tiny`)."""
     from src.audio.tiny import write_tiny_speech  # here: the media libraries are not on every GPU machine
 
-    write_tiny_speech(tiny_checkpoints)
-    return tiny_checkpoints
+    root = write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-weights"))
+    write_tiny_speech(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,15 @@ import soundfile
 import torch
 
 from src.audio import audio_prepare_single, get_embedding, load_speech, load_wav2vec, read_script, speak_tts_audio
-from src.audio.kokoro_layout import KOKORO_DIR_NAME, KOKORO_SAMPLE_RATE, KOKORO_WEIGHTS_NAME, TAGGER_DIR_NAME
+from service.weights import SpeechPaths, speech_missing
+from src.audio.kokoro_layout import (
+    KOKORO_DIR_NAME,
+    KOKORO_SAMPLE_RATE,
+    KOKORO_WEIGHTS_NAME,
+    TAGGER_DIR_NAME,
+    VOICES,
+    kokoro_files,
+)
 from src.audio.speech import MAX_TEXT_CHARS, SpeechInputError, Turn, dialogue_tracks, parse_script, to_model_rate
 from support.cog_inputs import run_inputs
 
@@ -210,3 +218,12 @@ def test_the_loudness_step_does_not_reach_the_embeddings(tiny_weights, speech):
     (track,), _ = speech.say(read_script(SINGLE, "af_heart", "am_adam"), seed=1)
     quieter = get_embedding(track * 0.1, extractor, encoder)
     torch.testing.assert_close(get_embedding(track, extractor, encoder), quieter, rtol=1e-4, atol=1e-4)
+
+
+def test_the_tiny_speech_set_is_the_published_layout(tiny_weights):
+    """Every file the service reads for text (`resolve_speech` downloads a folder only when it is missing), and in the
+    Kokoro folder nothing else."""
+    paths = SpeechPaths(tiny_weights / KOKORO_DIR_NAME, tiny_weights / TAGGER_DIR_NAME)
+    assert speech_missing(paths) == []
+    written = {str(p.relative_to(paths.kokoro)) for p in paths.kokoro.rglob("*") if p.is_file()}
+    assert written == set(kokoro_files()) and len(written) == 2 + len(VOICES)

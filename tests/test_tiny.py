@@ -98,8 +98,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def root(tiny_weights) -> Path:
-    return tiny_weights  # written with seed 0
+def root(tiny_checkpoints) -> Path:
+    return tiny_checkpoints  # written with seed 0
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ KOKORO_WEIGHTS_NAME = "kokoro-v1_0.pth"
 TAGGER_REPO = "spacy/en_core_web_sm"
 TAGGER_DIR_NAME = "en_core_web_sm"
 TAGGER_COMPONENTS = ("tok2vec", "tagger")  # what misaki's G2P runs of the spaCy pipeline (its `enable=`)
-# The files of its folder that spaCy reads for those parts (`spacy.load` with the rest excluded).
+# The files spaCy cannot load those parts without (`spacy.load` with the rest excluded; it reads the rest of `vocab/`
+# where present).
 TAGGER_FILES = (
-    *("config.cfg", "meta.json", "tokenizer", "vocab/strings.json", "vocab/vectors", "vocab/lookups.bin"),
+    *("config.cfg", "meta.json", "tokenizer", "vocab/strings.json"),
     *(f"{component}/{part}" for component in TAGGER_COMPONENTS for part in ("cfg", "model")),
 )
 # Kokoro-82M v1.0's voices in American English (a*), British English (b*) and Mandarin Chinese (z*), female (*f_)

@@ -222,7 +222,8 @@ class TalkingVideoService:
             name for name in PRESET_NAMES if self.fast_lora is not None or PRESETS[request.model][name].lora is None
         ]
         check_time(self.costs, plan, media.source_hw, recipe, options, budget,
-                   lambda other: self.pipeline.computed_steps(other, loras), presets)  # fmt: skip
+                   lambda other: self.pipeline.computed_steps(other, loras), presets,
+                   "text" if script is not None else "audio")  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="multitalk-") as work:
             soundtrack = Path(work) / "soundtrack.wav"
             generation = self._prepare(request, media, plan, boxes, soundtrack, clock)

@@ -52,10 +52,12 @@ def check_time(
     budget: Budget = Budget(),
     computed_steps: ComputedSteps | None = None,
     presets: Collection[str] = PRESET_NAMES,
+    speech_input: str = "audio",
 ) -> float:
     """The request's estimated model seconds; a ValueError that says what fits if the request would not finish in
-    the budget. The advice plans the same audio with the other `presets` this runner can run, and shorter audio with
-    this one (`computed_steps`: the steps of a clip whose passes run, asked once per preset; default: every step)."""
+    the budget, naming `speech_input` (the input the video's length comes from: `audio`, or `text` once spoken). The
+    advice plans the same audio with the other `presets` this runner can run, and shorter audio with this one
+    (`computed_steps`: the steps of a clip whose passes run, asked once per preset; default: every step)."""
     seconds = estimate_seconds(costs, plan)
     switch = f" + {budget.switch_seconds:.0f} s to switch weights" if budget.switch_seconds else ""
     log.info("estimate: %.1f s%s for %.1f s of video (%s)", seconds, switch, plan.frames / FPS, recipe.preset)
@@ -82,10 +84,12 @@ def check_time(
     if fits:
         advice.append(f"the {' or '.join(fits)} preset")
     if budget.fits(estimate(options, frames)):
-        advice.append(f"at most {frames / FPS:.0f} s of audio (num_frames={frames}) with this preset")
+        shorter = "a text that speaks at most {} s" if speech_input == "text" else "at most {} s of audio"
+        advice.append(f"{shorter.format(f'{frames / FPS:.0f}')} (num_frames={frames}) with this preset")
     raise ValueError(
-        f"audio: {plan.frames / FPS:.1f} s of video would take about {_duration(budget.needed(seconds))} here "
-        f"(with a margin), over the {_duration(budget.limit)} limit; use {', or '.join(advice) or 'a shorter audio'}"
+        f"{speech_input}: {plan.frames / FPS:.1f} s of video would take about {_duration(budget.needed(seconds))} "
+        f"here (with a margin), over the {_duration(budget.limit)} limit; use "
+        f"{', or '.join(advice) or f'a shorter {speech_input}'}"
     )
 
 

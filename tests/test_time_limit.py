@@ -57,6 +57,15 @@ def test_a_request_over_the_limit_is_refused_with_what_fits():
         check_time(H200, plan(options), WIDE, recipe("quality"), options, Budget(2200))  # 2217 s needed
 
 
+def test_speech_from_text_over_the_limit_names_the_text():
+    options = sampling_options(recipe("quality"), 1000, 1)
+    with pytest.raises(ValueError) as refused:
+        check_time(H200, plan(options), WIDE, recipe("quality"), options, speech_input="text")
+    message = str(refused.value)
+    assert message.startswith("text: 10.0 s of video would take about 37 min"), message
+    assert "a text that speaks at most 8 s (num_frames=194) with this preset" in message
+
+
 def test_a_weight_switch_counts_and_advice_names_only_what_the_runner_can_run():
     fast = sampling_options(recipe("fast"), 1000, 1)  # 152.1 s x 1.1 + 60 s = 227.3 s
     assert check_time(H200, plan(fast), WIDE, recipe("fast"), fast, Budget(260)) == pytest.approx(152.11, abs=0.01)

@@ -145,7 +145,7 @@ def speak_tts_audio(
 
 
 class Speech:
-    """Kokoro-82M on `device`, with a pipeline per English variant and the voices, all loaded at start.
+    """Kokoro-82M with a pipeline per language (kokoro's `KPipeline`) and the voices, all loaded at start.
 
     `say(script)` returns each speaker's track at 16 kHz, loudness-normalised, and their mix (the soundtrack).
     """

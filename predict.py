@@ -37,9 +37,9 @@ class Runner(BaseRunner):
         second_audio: Optional[Path] = Input(default=None, description="Speech of person 2 (optional)."),
         text: Optional[str] = Input(
             default=None,
-            description="Words to speak instead of audio (Kokoro-82M, English): person 1's text, or a dialogue with "
-            "every turn marked, '(s1) Hello! (s2) Hi, how are you?', spoken by voice and second_voice in turn. "
-            "Newlines split it into paragraphs. The video is as long as the speech.",
+            description="Words to speak instead of audio (Kokoro-82M; the voice sets the language): person 1's "
+            "text, or a dialogue with every turn marked, '(s1) Hello! (s2) Hi, how are you?', spoken by voice and "
+            "second_voice in turn. Newlines split it into paragraphs. The video is as long as the speech.",
         ),
         voice: str = Input(
             default=DEFAULT_VOICES[0],

@@ -144,7 +144,7 @@ def hub_patterns(name: str) -> list[str]:
     if name == INFINITETALK_DIR_NAME:
         return list(INFINITETALK_FILES.values())  # not the quantised or ComfyUI variants
     if name == KOKORO_DIR_NAME:
-        return kokoro_files()  # the model and the English voices, not the other languages' voices or the ONNX export
+        return kokoro_files()  # the model and the served voices (English, Mandarin), not the others or the ONNX export
     if name == TAGGER_DIR_NAME:  # the parts misaki runs, not the parser, NER or the packaged wheel
         return ["config.cfg", "meta.json", "tokenizer", "vocab/*", *(f"{part}/*" for part in TAGGER_COMPONENTS)]
     raise ValueError(f"unknown weights folder {name!r}")

@@ -54,6 +54,7 @@ from wan.runtime.placement import place_vae, plan_for_device
 from wan.runtime.plans import FP8
 from wan.runtime.vae_bands import BandedVAE
 from wan.runtime.workers import WorkerGroup, WorkerOptions, visible_devices
+from src.audio.tiny import write_tiny_speech
 from wan.testing.tiny import (
     TINY_DIT, ClipDims, T5Dims, VaeDims, clip_shapes, t5_shapes, vae_shapes, write_tiny_checkpoints,
 )  # fmt: skip
@@ -290,7 +291,9 @@ def main() -> None:
         started = time.perf_counter()
         runner = Runner()
         os.environ[GPUS_ENV] = "1"  # the tiny set in-process; the full-size DiT's workers are started below
-        runner.setup(weights=str(write_tiny_checkpoints(work / "tiny")))
+        tiny = write_tiny_checkpoints(work / "tiny")
+        write_tiny_speech(tiny)  # Kokoro too: setup() fetches what is missing
+        runner.setup(weights=str(tiny))
         results["tiny_setup_s"] = time.perf_counter() - started
         generator = torch.Generator(device).manual_seed(0)
         fp8_workers = args.gpus > 1 and args.fp8 == "on"

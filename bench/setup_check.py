@@ -33,6 +33,8 @@ from wan.loading.checkpoints import (
     FAST_LORA_DIR_NAME, FAST_LORA_NAME, INFINITETALK_DIR_NAME, INFINITETALK_FILES, MULTITALK_DIR_NAME,
     MULTITALK_WEIGHTS_NAME, WAN_DIR_NAME, WAV2VEC_DIR_NAME, WanFiles,
 )  # fmt: skip
+from src.audio.kokoro_layout import KOKORO_DIR_NAME, TAGGER_DIR_NAME, kokoro_config, write_kokoro
+from src.audio.tiny import english_and_mandarin_symbols, write_tiny_speech, write_tiny_tagger
 from wan.testing.tiny import (
     clip_shapes, random_weights, t5_shapes, vae_shapes, write_dit, write_fast_lora, write_t5_tokenizer,
     write_tiny_checkpoints, write_wav2vec,
@@ -71,6 +73,7 @@ def write_published_set(root: Path, device: torch.device, tiny: bool) -> float:
     started = time.perf_counter()
     if tiny:
         write_tiny_checkpoints(root)
+        write_tiny_speech(root)
         return time.perf_counter() - started
     generator = torch.Generator(device).manual_seed(0)
     wan = WanFiles(root / WAN_DIR_NAME)
@@ -87,6 +90,9 @@ def write_published_set(root: Path, device: torch.device, tiny: bool) -> float:
     for relative in INFINITETALK_FILES.values():
         (root / INFINITETALK_DIR_NAME / relative).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(root / MULTITALK_DIR_NAME / MULTITALK_WEIGHTS_NAME, root / INFINITETALK_DIR_NAME / relative)
+    # Text to speech: Kokoro at its published size; the tagger's size does not change the start.
+    write_kokoro(root / KOKORO_DIR_NAME, kokoro_config(english_and_mandarin_symbols(), published_size=True))
+    write_tiny_tagger(root / TAGGER_DIR_NAME)
     return time.perf_counter() - started
 
 

@@ -337,18 +337,23 @@ def test_video_with_sound_is_dubbed_to_its_own_length(server, media, tmp_path):
     _check_video(response.json(), tmp_path, 11 / FPS)
 
 
+@pytest.fixture(scope="module")
+def speech(server):
+    """The server's Kokoro, loaded here from the same files."""
+    return load_speech(server.weights / KOKORO_DIR_NAME, server.weights / TAGGER_DIR_NAME)
+
+
 @pytest.mark.parametrize(
     "text, voices",
     [
-        ("Welcome to multi-talk, a model for talking people.", {"voice": "bf_emma"}),
+        ("Welcome to multi-talk.", {"voice": "bf_emma"}),
         ("(s1) Do you know it? (s2) Yes, I do!", {"voice": "af_heart", "second_voice": "am_adam"}),
     ],
     ids=["one speaker", "dialogue"],
 )
-def test_text_is_spoken_and_is_the_soundtrack(server, tmp_path, text, voices):
+def test_text_is_spoken_and_is_the_soundtrack(server, speech, tmp_path, text, voices):
     """The mp4 of a `text` request is as long as the speech the tiny Kokoro makes of it (synthesised again here, with
     the request's seed) and its soundtrack, decoded by the ffmpeg program, is that speech."""
-    speech = load_speech(server.weights / KOKORO_DIR_NAME, server.weights / TAGGER_DIR_NAME)
     script = read_script(text, voices["voice"], voices.get("second_voice", DEFAULT_VOICES[1]))
     tracks, mix = speech.say(script, seed=TINY["seed"])
     assert len(tracks) == (2 if "(s1)" in text else 1)

@@ -26,8 +26,10 @@ from src.audio.kokoro_layout import (
     VOICES,
     kokoro_files,
 )
+from src.video import probe_video
 from src.audio.speech import MAX_TEXT_CHARS, SpeechInputError, Turn, dialogue_tracks, parse_script, to_model_rate
 from support.cog_inputs import run_inputs
+from support.synthetic_media import write_media
 
 # The reference's examples (MeiGen-AI/MultiTalk examples/*_tts_1.json) and its dialogue pattern (process_tts_multi).
 SINGLE = "Welcome to multi-talk, this is an audio-driven video generation model for multiple person."
@@ -187,9 +189,19 @@ def _run(runner, **inputs):
 def test_the_runner_speaks_text_into_a_video_as_long_as_the_speech(runner, speech):
     output = _run(runner, text="(s1) Hi there. (s2) Hello!", voice="af_bella", second_voice="am_michael")
     _, mix = speech.say(read_script("(s1) Hi there. (s2) Hello!", "af_bella", "am_michael"), seed=3)
-    from src.video import probe_video
-
     assert probe_video(output)["frames"] == int(len(mix) / 16000 * 25)
+
+
+@pytest.mark.slow
+def test_a_video_is_dubbed_with_text_instead_of_its_own_sound(runner, speech, tmp_path):
+    """InfiniteTalk dubbing with words: the video's own soundtrack (longer than the speech) gives way to the text."""
+    frames = np.zeros((60, 48, 64, 3), np.uint8)
+    frames[..., 1] = np.arange(60)[:, None, None] * 4
+    t = np.arange(int(2.4 * 44100)) / 44100
+    video = write_media(tmp_path / "source.mp4", frames=frames, audio=(0.2 * np.sin(2 * np.pi * 200 * t))[None])
+    output = _run(runner, image=None, video=str(video), model="infinitetalk", text="Good morning!", fast=False)
+    _, mix = speech.say(read_script("Good morning!", "af_heart", "am_adam"), seed=3)
+    assert probe_video(output)["frames"] == int(len(mix) / 16000 * 25) < 60
 
 
 @pytest.mark.parametrize(

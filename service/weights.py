@@ -105,9 +105,7 @@ def resolve_weights(weights: str | os.PathLike | None = None, root: Path = Path(
     if not missing_files(paths):
         return paths
     try:
-        for name, repo_id in HUB_REPOS.items():
-            if not (root / name).is_dir():
-                download_repo(repo_id, root / name)
+        download_missing(HUB_REPOS, root)
     except Exception as error:  # network, auth, disk or verification: all end in the same report
         raise RuntimeError(
             f"MultiTalk weights not found and the download failed ({type(error).__name__}: {error}).\n"
@@ -148,6 +146,13 @@ def hub_patterns(name: str) -> list[str]:
     if name == TAGGER_DIR_NAME:  # the parts misaki runs, not the parser, NER or the packaged wheel
         return ["config.cfg", "meta.json", "tokenizer", "vocab/*", *(f"{part}/*" for part in TAGGER_COMPONENTS)]
     raise ValueError(f"unknown weights folder {name!r}")
+
+
+def download_missing(repos: dict[str, str], root: Path) -> None:
+    """`download_repo` for each published repo (folder name -> repo id) whose folder is not in `root` yet."""
+    for name, repo_id in repos.items():
+        if not (root / name).is_dir():
+            download_repo(repo_id, root / name)
 
 
 def download_repo(repo_id: str, target: Path) -> None:
@@ -213,15 +218,13 @@ def resolve_speech(paths: WeightPaths) -> SpeechPaths:
     missing. Raises a RuntimeError naming what is missing and why it could not be fetched."""
     root = paths.wan.parent
     speech = SpeechPaths(root / KOKORO_DIR_NAME, root / TAGGER_DIR_NAME)
-    for name, repo_id in SPEECH_REPOS.items():
-        if (root / name).is_dir():
-            continue
-        try:
-            download_repo(repo_id, root / name)
-        except Exception as error:  # network, auth, disk or verification
-            raise RuntimeError(
-                f"{repo_id} is not in {root / name} and could not be downloaded ({type(error).__name__}: {error})"
-            ) from error
+    try:
+        download_missing(SPEECH_REPOS, root)
+    except Exception as error:  # network, auth, disk or verification
+        raise RuntimeError(
+            f"{', '.join(SPEECH_REPOS.values())} not in {root} and could not be downloaded "
+            f"({type(error).__name__}: {error})"
+        ) from error
     missing = speech_missing(speech)
     if missing:
         raise RuntimeError(f"the speech weights in {root} are incomplete: missing {', '.join(missing[:5])}")

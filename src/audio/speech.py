@@ -209,8 +209,9 @@ def load_speech(kokoro_dir: str | Path, tagger_dir: str | Path, device: str | to
 
 
 def check_loaded(model: torch.nn.Module, published: dict, path: Path) -> None:
-    """Strict loading: kokoro falls back to `strict=False` for its published files (their keys carry DataParallel's
-    `module.` prefix), so every tensor of the model must have come from `path`, and nothing in it may go unused."""
+    """Strict loading: kokoro falls back to `strict=False` for its published files (each key starts with
+    DataParallel's `module.`), so every tensor of the model must have come from `path`, and nothing in it may go
+    unused."""
     problems = []
     for part, state in published.items():
         names = {key.removeprefix("module.") for key in state}

@@ -34,7 +34,7 @@ TINY_DIT = dict(
 
 # SDPA backends, and "fa4": FlashAttention 4 for the blocks' self-attention (`MultiTalkDiT.set_self_attention`), SDPA's
 # own choice for the rest.
-ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math", "fa4")
+ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math", "fa4", "fp8-triton")
 
 
 def tiny_config() -> DiTConfig:
@@ -127,7 +127,7 @@ class RandomSource:
 def attention_backend(name: str) -> Iterator[None]:
     """SDPA restricted to one backend, falling back (in this order) to flash, efficient, math for shapes or dtypes
     the chosen one does not take. `sdpa` (and `fa4`, whose other attentions use SDPA) leaves torch's own choice."""
-    if name in ("sdpa", "fa4"):
+    if name in ("sdpa", "fa4", "fp8-triton"):
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -149,7 +149,7 @@ def attention_backend(name: str) -> Iterator[None]:
 
 def backend_supports(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """'ok' if SDPA with only backend `name` runs on these `[B, L, heads, d]` tensors, else the error's first line."""
-    if name in ("sdpa", "fa4"):
+    if name in ("sdpa", "fa4", "fp8-triton"):
         return "ok"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from wan.model.attention import attention, flash_attention_4, flash_attention_4_available
-from wan.model.fp8 import fp8_attention, quantize_tensor
+from wan.model.fp8 import fp8_attention, quantize_tensor, triton_fp8_attention
+from wan.model.fp8_flash import fp8_flash_attention
 
 from .attention_shapes import time_ms
 
@@ -46,10 +47,24 @@ def fp8_kernel_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Calla
     return lambda: op(q8, k8, v8, descale_q, descale_k, descale_v)
 
 
+def triton_kernel_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **config) -> Callable[[], torch.Tensor]:
+    """The Triton fp8 kernel on inputs quantised once (V transposed); `config`: its tile sizes, warps and stages."""
+    (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
+    vt = v8.permute(0, 2, 3, 1).contiguous()
+    descales = torch.cat([descale_q.reshape(1), descale_k.reshape(1), descale_v.reshape(1)])
+    return lambda: fp8_flash_attention(q8, k8, vt, descales, **config)
+
+
+# (block_m, block_n, num_warps, num_stages) tried by --sweep
+TRITON_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 128, 4, 3),
+                  (64, 128, 4, 3), (128, 256, 8, 2), (256, 128, 8, 2), (256, 64, 8, 3)]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--logit-scale", type=float, default=1.0, help="multiply q: sharper softmax, harder for fp8")
+    parser.add_argument("--sweep", action="store_true", help="the Triton fp8 kernel under each of TRITON_CONFIGS")
     args = parser.parse_args()
     generator = torch.Generator("cuda").manual_seed(0)
     # The model's layout: [B, L, H, D] slices of one [L, 3 * H * D] projection output.
@@ -69,13 +84,24 @@ def main() -> None:
         candidates.append(("cuDNN fp8, with (de)quantisation", lambda: fp8_attention(q, k, v)))
         candidates.append(("cuDNN fp8, kernel alone", fp8_kernel_alone(q, k, v)))
     except ImportError:
-        print("nvidia-cudnn-frontend is not installed: no fp8 rows")
+        print("nvidia-cudnn-frontend is not installed: no cuDNN fp8 rows")
+    candidates.append(("Triton fp8, with (de)quantisation", lambda: triton_fp8_attention(q, k, v)))
+    candidates.append(("Triton fp8, kernel alone", triton_kernel_alone(q, k, v)))
+    if args.sweep:
+        for bm, bn, warps, stages in TRITON_CONFIGS:
+            config = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+            candidates.append((f"Triton fp8 {bm}x{bn} w{warps} s{stages}", triton_kernel_alone(q, k, v, **config)))
 
     rows = []
     for name, run in candidates:
         start = time.perf_counter()
-        out = run()
-        torch.cuda.synchronize()
+        try:
+            out = run()
+            torch.cuda.synchronize()
+        except Exception as error:  # a sweep's configuration that does not fit the card (shared memory, registers)
+            print(f"{name:40s} failed: {str(error)[:200]}", flush=True)
+            rows.append({"kernel": name, "error": str(error)[:500]})
+            continue
         first_s = time.perf_counter() - start
         if out.dtype == torch.float8_e4m3fn:
             out = out.float() * out_descale

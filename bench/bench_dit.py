@@ -24,7 +24,7 @@ import torch._dynamo
 
 from wan.generation import sampling
 from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import quantize_blocks
+from wan.model.fp8 import Fp8Linear, quantize_blocks, triton_fp8_attention
 
 from . import (
     ATTENTION_CHOICES,
@@ -137,6 +137,9 @@ def run_dit_cases(label: str, args: argparse.Namespace, device: torch.device, dt
     model = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
     if args.fp8:
         quantize_blocks(model)
+        for module in model.modules():
+            if isinstance(module, Fp8Linear):
+                module.fast_accumulation = args.fast_accumulation
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     params = sum(p.numel() for p in model.parameters())
@@ -147,6 +150,8 @@ def run_dit_cases(label: str, args: argparse.Namespace, device: torch.device, dt
         # fp8 brings its own self-attention kernel; the other choices set theirs.
         if args.fp8:
             skipped = "fp8 sets the self-attention" if backend == "fa4" else None
+            if backend == "fp8-triton":
+                model.set_self_attention(triton_fp8_attention)
         else:
             skipped = set_self_attention(model, backend)
         if skipped:
@@ -278,6 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inductor-options", type=json.loads, default={}, help='JSON, e.g. {"coordinate_descent_tuning": true}'
     )
     parser.add_argument("--fp8", action="store_true", help="fp8 linear layers and self-attention")
+    parser.add_argument("--fast-accumulation", action="store_true", help="fp8 GEMMs with use_fast_accum")
     parser.add_argument("--warmup", type=int, help="untimed passes before each case (default 2)")
     parser.add_argument("--repeats", type=int, help="timed passes per case (default 5)")
     parser.add_argument("--step-repeats", type=int, help="timed guided steps, after one untimed (default 3)")

@@ -1,6 +1,6 @@
 """Where one DiT pass spends its GPU time: torch.profiler over one compiled forward, kernels grouped by kind.
 
-python -m bench.profile_dit [--fp8] [--layers N] [--out F]
+python -m bench.profile_dit [--fp8 [--fp8-attention triton] [--fast-accumulation]] [--layers N] [--out F]
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import torch
 from bench import build_random, full_config
 from bench.bench_dit import FULL_CLIP, dit_inputs
 from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import quantize_blocks
+from wan.model.fp8 import Fp8Linear, quantize_blocks, triton_fp8_attention
 
 # Inductor's kernels come first: their names list the fused ops ("..._scaled_mm_...", "..._cudnn_attention_...")
 # although they run none of them.
 KINDS = (
     ("fused elementwise (triton)", ("triton_",)),
     ("fp8 row quantisation", ("quantize_rows",)),
+    ("fp8 attention (triton)", ("_fp8_flash_kernel",)),
     ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
     ("matmul", ("gemm", "sm90", "cutlass", "cublas", "scaled_mm", "nvjet")),
 )
@@ -38,6 +39,8 @@ def kind_of(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--fp8-attention", choices=("cudnn", "triton"), default="cudnn")
+    parser.add_argument("--fast-accumulation", action="store_true")
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--speakers", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -49,6 +52,11 @@ def main() -> None:
     model = build_random(lambda: MultiTalkDiT(config), device, torch.bfloat16, generator)
     if args.fp8:
         quantize_blocks(model)
+        if args.fp8_attention == "triton":
+            model.set_self_attention(triton_fp8_attention)
+        for module in model.modules():
+            if isinstance(module, Fp8Linear):
+                module.fast_accumulation = args.fast_accumulation
     model.compile_blocks()
     inputs = dit_inputs(config, FULL_CLIP, args.speakers, device, generator)
     with torch.no_grad():
@@ -70,7 +78,7 @@ def main() -> None:
     print(f"layers {args.layers} speakers {args.speakers} fp8 {args.fp8}: GPU kernel time {total:.1f} ms")
     for kind, ms in sorted(per_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:28s} {ms:9.1f} ms  {100 * ms / total:5.1f} %")
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:40]
     for name, ms in top:
         print(f"  {ms:9.2f} ms  {name[:110]}")
     if args.out:

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from wan.model.attention import attention, flash_attention_4, flash_attention_4_available
-from wan.model.fp8 import fp8_attention, quantize_tensor, triton_fp8_attention
-from wan.model.fp8_flash import fp8_flash_attention
+from wan.model.fp8 import fp8_attention, quantize_tensor
+
+from .triton_fp8_attention import fp8_flash_attention, triton_fp8_attention
 
 from .attention_shapes import time_ms
 
@@ -55,9 +56,10 @@ def triton_kernel_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **con
     return lambda: fp8_flash_attention(q8, k8, vt, descales, **config)
 
 
-# (block_m, block_n, num_warps, num_stages) tried by --sweep
-TRITON_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 128, 4, 3),
-                  (64, 128, 4, 3), (128, 256, 8, 2), (256, 128, 8, 2), (256, 64, 8, 3)]  # fmt: skip
+# (block_m, block_n, num_warps, num_stages, warp_specialize) tried by --sweep
+TRITON_CONFIGS = [(128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 128, 8, 4, False), (128, 64, 4, 3, False),
+                  (128, 128, 4, 3, False), (128, 256, 8, 2, False), (256, 128, 8, 2, False), (256, 64, 8, 3, False),
+                  (128, 128, 8, 2, True), (128, 128, 4, 2, True), (128, 128, 8, 3, True)]  # fmt: skip
 
 
 def main() -> None:
@@ -88,9 +90,10 @@ def main() -> None:
     candidates.append(("Triton fp8, with (de)quantisation", lambda: triton_fp8_attention(q, k, v)))
     candidates.append(("Triton fp8, kernel alone", triton_kernel_alone(q, k, v)))
     if args.sweep:
-        for bm, bn, warps, stages in TRITON_CONFIGS:
-            config = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
-            candidates.append((f"Triton fp8 {bm}x{bn} w{warps} s{stages}", triton_kernel_alone(q, k, v, **config)))
+        for bm, bn, warps, stages, ws in TRITON_CONFIGS:
+            config = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, warp_specialize=ws)
+            name = f"Triton fp8 {bm}x{bn} w{warps} s{stages}" + (" ws" if ws else "")
+            candidates.append((name, triton_kernel_alone(q, k, v, **config)))
 
     rows = []
     for name, run in candidates:

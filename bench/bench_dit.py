@@ -24,7 +24,7 @@ import torch._dynamo
 
 from wan.generation import sampling
 from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import Fp8Linear, quantize_blocks, triton_fp8_attention
+from wan.model.fp8 import Fp8Linear, quantize_blocks
 
 from . import (
     ATTENTION_CHOICES,
@@ -139,7 +139,7 @@ def run_dit_cases(label: str, args: argparse.Namespace, device: torch.device, dt
         quantize_blocks(model)
         for module in model.modules():
             if isinstance(module, Fp8Linear):
-                module.fast_accumulation = args.fast_accumulation
+                module.fast_accumulation = not args.exact_accumulation
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     params = sum(p.numel() for p in model.parameters())
@@ -151,6 +151,8 @@ def run_dit_cases(label: str, args: argparse.Namespace, device: torch.device, dt
         if args.fp8:
             skipped = "fp8 sets the self-attention" if backend == "fa4" else None
             if backend == "fp8-triton":
+                from .triton_fp8_attention import triton_fp8_attention
+
                 model.set_self_attention(triton_fp8_attention)
         else:
             skipped = set_self_attention(model, backend)
@@ -283,7 +285,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inductor-options", type=json.loads, default={}, help='JSON, e.g. {"coordinate_descent_tuning": true}'
     )
     parser.add_argument("--fp8", action="store_true", help="fp8 linear layers and self-attention")
-    parser.add_argument("--fast-accumulation", action="store_true", help="fp8 GEMMs with use_fast_accum")
+    parser.add_argument(
+        "--exact-accumulation", action="store_true", help="fp8 GEMMs without use_fast_accum (as before 2026-12-08)"
+    )
     parser.add_argument("--warmup", type=int, help="untimed passes before each case (default 2)")
     parser.add_argument("--repeats", type=int, help="timed passes per case (default 5)")
     parser.add_argument("--step-repeats", type=int, help="timed guided steps, after one untimed (default 3)")

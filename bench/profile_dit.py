@@ -1,6 +1,6 @@
 """Where one DiT pass spends its GPU time: torch.profiler over one compiled forward, kernels grouped by kind.
 
-python -m bench.profile_dit [--fp8 [--fp8-attention triton] [--fast-accumulation]] [--layers N] [--out F]
+python -m bench.profile_dit [--fp8 [--fp8-attention triton] [--exact-accumulation]] [--layers N] [--out F]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from bench import build_random, full_config
 from bench.bench_dit import FULL_CLIP, dit_inputs
 from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import Fp8Linear, quantize_blocks, triton_fp8_attention
+from wan.model.fp8 import Fp8Linear, quantize_blocks
 
 # Inductor's kernels come first: their names list the fused ops ("..._scaled_mm_...", "..._cudnn_attention_...")
 # although they run none of them.
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--fp8-attention", choices=("cudnn", "triton"), default="cudnn")
-    parser.add_argument("--fast-accumulation", action="store_true")
+    parser.add_argument("--exact-accumulation", action="store_true", help="fp8 GEMMs without use_fast_accum")
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--speakers", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -53,10 +53,12 @@ def main() -> None:
     if args.fp8:
         quantize_blocks(model)
         if args.fp8_attention == "triton":
+            from bench.triton_fp8_attention import triton_fp8_attention
+
             model.set_self_attention(triton_fp8_attention)
         for module in model.modules():
             if isinstance(module, Fp8Linear):
-                module.fast_accumulation = args.fast_accumulation
+                module.fast_accumulation = not args.exact_accumulation
     model.compile_blocks()
     inputs = dit_inputs(config, FULL_CLIP, args.speakers, device, generator)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The Triton fp8 flash attention (`wan.model.fp8_flash`) on the CPU, through Triton's interpreter.
+"""The Triton fp8 flash attention that bench/ times against cuDNN's (`bench.triton_fp8_attention`) on the CPU, through
+Triton's interpreter.
 
 The interpreter runs the kernel's own code (tiles, masks, the online softmax, the e4m3 probabilities) with numpy; it
 is chosen when Triton is imported, so each case runs in a fresh process with TRITON_INTERPRET=1. The truths are
@@ -22,7 +23,7 @@ CASES = textwrap.dedent(
     """
     import torch
     from wan.model.fp8 import quantize_tensor
-    from wan.model.fp8_flash import fp8_flash_attention
+    from bench.triton_fp8_attention import fp8_flash_attention
 
     def inputs(q, k, v):
         (q8, dq), (k8, dk), (v8, dv) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)

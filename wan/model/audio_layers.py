@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .attention import attention
-from .rope import apply_rope, label_rope
+from .rope import apply_rope, label_rope_table
 
 
 def latter_audio_slots(audio_window: int, vae_scale: int) -> list[tuple[int, int]]:
@@ -180,8 +180,8 @@ class AudioCrossAttention(nn.Module):
         audio = audio_tokens[first_frame : first_frame + span]
         k, v = self.kv_linear(audio).view(span, n_audio, 2, self.num_heads, self.head_dim).unbind(2)
         if q_positions is not None:
-            q = apply_rope(q, *label_rope(q_positions[:valid], self.head_dim)).to(v.dtype)
-            k = apply_rope(k, *label_rope(k_positions, self.head_dim)).to(v.dtype)
+            q = apply_rope(q, *label_rope_table(q_positions[:valid], self.head_dim)).to(v.dtype)
+            k = apply_rope(k, *label_rope_table(k_positions, self.head_dim)).to(v.dtype)
         if lead or valid % frame_tokens:
             q = F.pad(q, (0, 0, 0, 0, lead, span * frame_tokens - lead - valid))
         out = attention(q.view(span, frame_tokens, self.num_heads, self.head_dim), k, v).flatten(2)

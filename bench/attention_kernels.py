@@ -56,6 +56,47 @@ def triton_kernel_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **con
     return lambda: fp8_flash_attention(q8, k8, vt, descales, **config)
 
 
+def cudnn_fp8_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """Every execution plan cuDNN offers for the model's fp8 attention graph (heuristics A, B and the fallback),
+    each on inputs quantised once; the model runs the first of A's (`wan.model.fp8._fp8_attention_plan`)."""
+    import cudnn
+
+    from wan.model.fp8 import _OUT_RANGE, FP8_MAX, _bhsd, fp8_attention_graph
+
+    (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
+    handle = cudnn.create_handle()
+    graph, tensors = fp8_attention_graph(cudnn, handle, _bhsd(q8), _bhsd(k8), _bhsd(v8))
+    try:
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+    except Exception as error:  # heuristics B is not offered for every graph
+        print(f"heuristics B: {str(error)[:200]}; A and the fallback only", flush=True)
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    built = []
+    for index in range(graph.get_execution_plan_count()):
+        try:
+            graph.build_plan_at_index(index)
+            built.append(index)
+        except Exception as error:
+            print(f"cuDNN fp8 plan {index}: not built ({str(error)[:200]})", flush=True)
+    out = torch.empty_like(q8)
+    amax = torch.empty(2, 1, 1, 1, 1, device=q.device)
+    values = dict(q=q8, k=k8, v=v8, o=out, descale_q=descale_q, descale_k=descale_k, descale_v=descale_v,
+                  descale_s=torch.full_like(descale_q, 1 / FP8_MAX), scale_s=torch.full_like(descale_q, FP8_MAX),
+                  scale_o=_OUT_RANGE / FP8_MAX / descale_v, amax_s=amax[0], amax_o=amax[1])  # fmt: skip
+    pack = {tensors[name]: t for name, t in values.items()}
+    plans = []
+    for index in built:
+        workspace = torch.empty(graph.get_workspace_size_plan_at_index(index), device=q.device, dtype=torch.uint8)
+
+        def run(index=index, workspace=workspace):
+            graph.execute_plan_at_index(pack, workspace, index, handle=handle)
+            return out
+
+        plans.append((f"cuDNN fp8 plan {index} {graph.get_plan_name_at_index(index)}", run))
+    return plans
+
+
 # (block_m, block_n, num_warps, num_stages, warp_specialize) tried by --sweep
 TRITON_CONFIGS = [(128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 128, 8, 4, False), (128, 64, 4, 3, False),
                   (128, 128, 4, 3, False), (128, 256, 8, 2, False), (256, 128, 8, 2, False), (256, 64, 8, 3, False),
@@ -67,6 +108,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--logit-scale", type=float, default=1.0, help="multiply q: sharper softmax, harder for fp8")
     parser.add_argument("--sweep", action="store_true", help="the Triton fp8 kernel under each of TRITON_CONFIGS")
+    parser.add_argument("--cudnn-plans", action="store_true", help="every execution plan cuDNN has for fp8 attention")
     args = parser.parse_args()
     generator = torch.Generator("cuda").manual_seed(0)
     # The model's layout: [B, L, H, D] slices of one [L, 3 * H * D] projection output.
@@ -87,6 +129,8 @@ def main() -> None:
         candidates.append(("cuDNN fp8, kernel alone", fp8_kernel_alone(q, k, v)))
     except ImportError:
         print("nvidia-cudnn-frontend is not installed: no cuDNN fp8 rows")
+    if args.cudnn_plans:
+        candidates.extend(cudnn_fp8_plans(q, k, v))
     candidates.append(("Triton fp8, with (de)quantisation", lambda: triton_fp8_attention(q, k, v)))
     candidates.append(("Triton fp8, kernel alone", triton_kernel_alone(q, k, v)))
     if args.sweep:
@@ -102,7 +146,7 @@ def main() -> None:
             out = run()
             torch.cuda.synchronize()
         except Exception as error:  # a sweep's configuration that does not fit the card (shared memory, registers)
-            print(f"{name:40s} failed: {str(error)[:200]}", flush=True)
+            print(f"{name[:60]:60s} failed: {str(error)[:200]}", flush=True)
             rows.append({"kernel": name, "error": str(error)[:500]})
             continue
         first_s = time.perf_counter() - start
@@ -111,7 +155,10 @@ def main() -> None:
         err = ((out[:, :CHECK_ROWS].float() - ref).norm() / ref.norm()).item()
         ms = time_ms(run)
         rows.append({"kernel": name, "ms": ms, "tflops": tflops(ms), "rel_err": err, "first_call_s": first_s})
-        print(f"{name:40s} {ms:8.2f} ms {tflops(ms):6.0f} TFLOP/s  rel.err {err:.4f}  first {first_s:.1f}s", flush=True)
+        print(
+            f"{name[:60]:60s} {ms:8.2f} ms {tflops(ms):6.0f} TFLOP/s  rel.err {err:.4f}  first {first_s:.1f}s",
+            flush=True,
+        )
     if args.out:
         info = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, cudnn=torch.backends.cudnn.version())
         args.out.write_text(json.dumps({**info, "logit_scale": args.logit_scale, "rows": rows}, indent=1))

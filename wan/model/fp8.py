@@ -163,6 +163,18 @@ def _fp8_attention_plan(device_index: int, q_layout, k_layout, v_layout) -> _Fp8
 
     with torch.cuda.device(device_index):
         handle = cudnn.create_handle()
+    graph, tensors = fp8_attention_graph(cudnn, handle, q_layout, k_layout, v_layout)
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    # Probabilities lie in [0, 1]: all of e4m3's range for them.
+    probability_scales = torch.tensor([1 / FP8_MAX, FP8_MAX], device=f"cuda:{device_index}").reshape(2, 1, 1, 1, 1)
+    return _Fp8AttentionPlan(cudnn, handle, graph, tensors, graph.get_workspace_size(), probability_scales)
+
+
+def fp8_attention_graph(cudnn: types.ModuleType, handle, q_layout, k_layout, v_layout) -> tuple[object, dict]:
+    """The operation graph of `_cudnn_fp8_attention` (validated, before any execution plan) and its tensors by name;
+    layouts are `_bhsd`'s (dims, strides)."""
     e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
     tensors = {
@@ -188,12 +200,7 @@ def _fp8_attention_plan(device_index: int, q_layout, k_layout, v_layout) -> _Fp8
     tensors.update(o=out, amax_s=amax_s, amax_o=amax_o)
     graph.validate()
     graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans()
-    # Probabilities lie in [0, 1]: all of e4m3's range for them.
-    probability_scales = torch.tensor([1 / FP8_MAX, FP8_MAX], device=f"cuda:{device_index}").reshape(2, 1, 1, 1, 1)
-    return _Fp8AttentionPlan(cudnn, handle, graph, tensors, graph.get_workspace_size(), probability_scales)
+    return graph, tensors
 
 
 def quantize_blocks(model: nn.Module, min_features: int = 1024) -> int:

@@ -32,8 +32,8 @@ TINY_DIT = dict(
     text_len=24, dim=64, ffn_dim=128, text_dim=32, num_heads=4, num_layers=2, intermediate_dim=8, output_dim=64
 )
 
-# SDPA backends, and "fa4": FlashAttention 4 for the blocks' self-attention (`MultiTalkDiT.set_self_attention`), SDPA's
-# own choice for the rest.
+# SDPA backends; "fa4": FlashAttention 4 for the blocks' self-attention (`MultiTalkDiT.set_self_attention`), SDPA's
+# own choice for the rest; "fp8-triton" (with fp8 blocks): the Triton fp8 self-attention of bench/triton_fp8_attention.
 ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math", "fa4", "fp8-triton")
 
 

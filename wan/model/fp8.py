@@ -1,8 +1,8 @@
 """Opt-in float8 for the DiT blocks: linear layers and the full self-attention on Hopper's fp8 tensor cores.
 
 Linear layers: weights quantised once to e4m3 with one scale per output row, activations per token on the fly
-(`wan.model.fp8_rows`, the FFN's GELU fused in); both scales are applied by `torch._scaled_mm` itself, so the result
-comes back in bf16. Self-attention: Q, K and V quantised per tensor, then cuDNN's fp8 flash attention (which also keeps
+(`wan.model.fp8_rows`, the FFN's GELU fused in); both scales are applied by `torch._scaled_mm` itself (cuBLASLt,
+fast accumulation), so the result comes back in bf16. Self-attention: Q, K and V quantised per tensor, then cuDNN's fp8 flash attention (which also keeps
 the probabilities in e4m3). The accuracy against float32 and bf16 is checked by tests/gpu/test_gpu_dit.py; this path
 is off unless a memory plan asks for it.
 """

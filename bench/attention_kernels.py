@@ -22,9 +22,8 @@ import torch
 from wan.model.attention import attention, flash_attention_4, flash_attention_4_available
 from wan.model.fp8 import fp8_attention, quantize_tensor
 
-from .triton_fp8_attention import fp8_flash_attention, triton_fp8_attention
-
 from .attention_shapes import time_ms
+from .triton_fp8_attention import fp8_flash_attention, triton_fp8_attention
 
 HEADS, HEAD_DIM, TOKENS = 40, 128, 32928
 CHECK_ROWS = 512

@@ -24,7 +24,7 @@ import torch._dynamo
 
 from wan.generation import sampling
 from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import Fp8Linear, quantize_blocks
+from wan.model.fp8 import quantize_blocks
 
 from . import (
     ATTENTION_CHOICES,
@@ -136,10 +136,7 @@ def run_dit_cases(label: str, args: argparse.Namespace, device: torch.device, dt
     start = time.perf_counter()
     model = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
     if args.fp8:
-        quantize_blocks(model)
-        for module in model.modules():
-            if isinstance(module, Fp8Linear):
-                module.fast_accumulation = not args.exact_accumulation
+        quantize_blocks(model, fast_accumulation=not args.exact_accumulation)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     params = sum(p.numel() for p in model.parameters())

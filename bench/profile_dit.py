@@ -15,7 +15,7 @@ import torch
 from bench import build_random, full_config
 from bench.bench_dit import FULL_CLIP, dit_inputs
 from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import Fp8Linear, quantize_blocks
+from wan.model.fp8 import quantize_blocks
 
 # Inductor's kernels come first: their names list the fused ops ("..._scaled_mm_...", "..._cudnn_attention_...")
 # although they run none of them.
@@ -51,14 +51,11 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(0)
     model = build_random(lambda: MultiTalkDiT(config), device, torch.bfloat16, generator)
     if args.fp8:
-        quantize_blocks(model)
+        quantize_blocks(model, fast_accumulation=not args.exact_accumulation)
         if args.fp8_attention == "triton":
             from bench.triton_fp8_attention import triton_fp8_attention
 
             model.set_self_attention(triton_fp8_attention)
-        for module in model.modules():
-            if isinstance(module, Fp8Linear):
-                module.fast_accumulation = not args.exact_accumulation
     model.compile_blocks()
     inputs = dit_inputs(config, FULL_CLIP, args.speakers, device, generator)
     with torch.no_grad():

@@ -27,6 +27,24 @@ _P_SCALE = 448.0  # e4m3's largest value: P = 1 maps onto it
 
 
 @triton.jit
+def _attend_keys(q, k_desc, vt_desc, start_n, column, seq_len, qk_scale, m_i, l_i, acc,
+                 BLOCK_N: tl.constexpr, P_SCALE: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
+    """One tile of keys into the online softmax: the running max, the running sum and the output accumulator."""
+    k = k_desc.load([start_n, column])
+    s = tl.dot(q, k.T) * qk_scale
+    if MASK:
+        keys = start_n + tl.arange(0, BLOCK_N)
+        s = tl.where(keys[None, :] < seq_len, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vt = vt_desc.load([column, start_n])
+    acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), vt.T, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fp8_flash_kernel(
     q_desc,
     k_desc,
@@ -56,26 +74,11 @@ def _fp8_flash_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full_blocks = seq_len // BLOCK_N * BLOCK_N
     for start_n in tl.range(0, full_blocks, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        k = k_desc.load([start_n, column])
-        s = tl.dot(q, k.T) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = vt_desc.load([column, start_n])
-        acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), vt.T, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _attend_keys(q, k_desc, vt_desc, start_n, column, seq_len, qk_scale, m_i, l_i, acc,
+                                     BLOCK_N, P_SCALE, False)  # fmt: skip
     if full_blocks < seq_len:  # the last keys: the descriptors pad with zeros, which must not count
-        k = k_desc.load([full_blocks, column])
-        s = tl.dot(q, k.T) * qk_scale
-        keys = full_blocks + tl.arange(0, BLOCK_N)
-        s = tl.where(keys[None, :] < seq_len, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = vt_desc.load([column, full_blocks])
-        acc = tl.dot((p * P_SCALE).to(tl.float8e4nv), vt.T, acc * alpha[:, None])
+        m_i, l_i, acc = _attend_keys(q, k_desc, vt_desc, full_blocks, column, seq_len, qk_scale, m_i, l_i, acc,
+                                     BLOCK_N, P_SCALE, True)  # fmt: skip
     out = acc * (descale_v / P_SCALE) / l_i[:, None]
     o_desc.store([start_m, column], out.to(o_desc.dtype))
 

@@ -34,7 +34,7 @@ from bench import (
 )
 from bench.bench_dit import FULL_CLIP, TINY_CLIP, dit_inputs
 from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import Fp8Linear, quantize_blocks
+from wan.model.fp8 import quantize_blocks
 from wan.runtime.kernels import self_attention_kernel
 from wan.runtime.plans import FP8
 
@@ -160,10 +160,7 @@ def test_one_full_width_block_in_fp8_is_near_float32(speakers, fast_accumulation
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (8, 9):
         pytest.skip(f"{torch.cuda.get_device_name(DEVICE)} has no fp8 matmuls (needs compute capability 8.9+)")
     model8 = copy.deepcopy(case.model16)
-    quantize_blocks(model8)
-    for module in model8.modules():
-        if isinstance(module, Fp8Linear):
-            module.fast_accumulation = fast_accumulation
+    quantize_blocks(model8, fast_accumulation=fast_accumulation)
     # The self-attention the fp8 plan runs on this card (cuDNN's fp8 attention on Hopper and newer).
     model8.set_self_attention(self_attention_kernel(FP8, DEVICE))
     run = forward_with_probes(model8, case.inputs)

@@ -203,25 +203,26 @@ def fp8_attention_graph(cudnn: types.ModuleType, handle, q_layout, k_layout, v_l
     return graph, tensors
 
 
-def quantize_blocks(model: nn.Module, min_features: int = 1024) -> int:
-    """Make the blocks fp8: every `nn.Linear` with at least `min_features` inputs becomes an `Fp8Linear`, and the
-    full self-attention runs `fp8_attention`.
+def quantize_blocks(model: nn.Module, min_features: int = 1024, fast_accumulation: bool = True) -> int:
+    """Make the blocks fp8: every `nn.Linear` with at least `min_features` inputs becomes an `Fp8Linear` (with
+    `fast_accumulation`, see there), and the full self-attention runs `fp8_attention`.
 
     Small layers (the audio key/value projection from 768 features) and the cross-attentions stay in bf16. Returns
     the number of linear layers replaced.
     """
     model.set_self_attention(fp8_attention)
-    return sum(quantize_block(block, min_features) for block in model.blocks)
+    return sum(quantize_block(block, min_features, fast_accumulation) for block in model.blocks)
 
 
-def quantize_block(block: nn.Module, min_features: int = 1024) -> int:
+def quantize_block(block: nn.Module, min_features: int = 1024, fast_accumulation: bool = True) -> int:
     """`quantize_blocks` for one block, without the self-attention kernel (which the model sets for all blocks);
     lets a loader quantise each block as it arrives. Returns the number of linear layers replaced."""
     replaced = 0
     for name, module in list(block.named_modules()):
         if isinstance(module, nn.Linear) and module.in_features >= min_features:
             parent_name, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent_name) if parent_name else block, child, Fp8Linear(module))
+            fp8 = Fp8Linear(module, fast_accumulation=fast_accumulation)
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, fp8)
             replaced += 1
     _fuse_gelu(block.ffn)
     return replaced

@@ -139,3 +139,25 @@ def test_the_file_names_torch_and_the_card_and_the_setting_turns_it_off(monkeypa
     )
     off = Settings.from_env({COMPILE_CACHE_ENV: ""}).compile_cache
     assert compile_cache_file(off, torch.device("cuda")) is None
+
+
+def test_the_traced_graphs_file_changes_with_the_model_librarys_source(tmp_path):
+    """Another release of the model code (a cache folder that outlives the container sees several) must not load the
+    traced graphs saved by this one: their guards on the functions a block calls are dropped."""
+    tree = tmp_path / "release"
+    shutil.copytree(REPO_ROOT / "wan", tree / "wan", ignore=shutil.ignore_patterns("__pycache__"))
+    script = "from wan.model.dit import MultiTalkDiT; from wan.testing.tiny import TINY_DIT; "
+    script += "print(MultiTalkDiT(TINY_DIT).block_code())"
+
+    def block_code() -> list[str]:
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        done = subprocess.run([sys.executable, "-c", script], cwd=tree, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    before = block_code()
+    rope = tree / "wan" / "model" / "rope.py"
+    rope.write_text(rope.read_text() + "\n# the next release\n")
+    after = block_code()
+    assert before[:-1] == after[:-1], "the same classes and kernel"
+    assert before[-1] != after[-1] and before[-1].startswith("wan.model source ")

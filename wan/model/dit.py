@@ -7,8 +7,10 @@ parameters the model is an exact float32 port.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -392,13 +394,17 @@ class MultiTalkDiT(nn.Module):
 
     def block_code(self) -> str:
         """What the blocks' compiled code depends on besides tensors' shapes and dtypes: the classes of a block's
-        modules (fp8 linears or not) and its self-attention kernel. Names a cache of traced graphs, whose guards on
-        which functions a block calls are dropped when they are saved (`wan.runtime.compile_cache`)."""
+        modules (fp8 linears or not), its self-attention kernel and the source of the model library that defines
+        them (another release of this package). Names a cache of traced graphs, whose guards on which functions a
+        block calls are dropped when they are saved (`wan.runtime.compile_cache`)."""
         block = self.blocks[0]
         kinds = sorted({f"{type(module).__module__}.{type(module).__qualname__}" for module in block.modules()})
         attend = block.self_attn.attend
         kernel = f"{getattr(attend, '__module__', '')}.{getattr(attend, '__qualname__', type(attend).__qualname__)}"
-        return "\n".join([*kinds, kernel])
+        source = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            source.update(path.name.encode() + b"\0" + path.read_bytes())
+        return "\n".join([*kinds, kernel, f"wan.model source {source.hexdigest()}"])
 
     def compile_blocks(self, **options) -> None:
         """Regional compilation: every block compiled on its own, so all 40 share one graph (about 20 s once)."""

@@ -8,7 +8,8 @@ keyed by torch version and GPU; a stale entry inside it is a miss, never an erro
 In one process the file also keeps dynamo's traced graphs (torch's caching precompile), so a start that finds it
 neither traces nor compiles (dynamo's tracing was ~35 s of a cached setup). Saved graphs drop their guards on which
 functions a block calls (the self-attention kernel, fp8 linears' forward), so that file is named by what decides
-them too (`MultiTalkDiT.block_code`): a start with another kernel finds no file rather than the wrong graphs.
+them too (`MultiTalkDiT.block_code`): a start with another kernel, or with another release's model code, finds no
+file rather than the wrong graphs.
 The flag that records them (`torch._dynamo.config.caching_precompile`, experimental) is on only while a start
 loads, compiles and warms up (`recording_compiles`). Some torch versions trace the saved graphs again (see
 bench/RESULTS.md): no gain there, no harm.

@@ -131,10 +131,7 @@ def triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     """`wan.model.fp8.fp8_attention`'s interface through this kernel (CUDA): Q, K, V and the probabilities in e4m3,
     the output in bf16."""
     (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
-    batch, seq_len, heads, head_dim = v8.shape
-    # V as [B, H, D, L] for fp8 wgmma, its rows padded to 16 bytes for the tensor-memory descriptors.
-    vt = v8.new_empty(batch, heads, head_dim, -(-seq_len // 16) * 16)[..., :seq_len]
-    vt.copy_(v8.permute(0, 2, 3, 1))
+    vt = _padded_rows(v8.permute(0, 2, 3, 1))  # V as [B, H, D, L] for fp8 wgmma, rows 16-byte aligned
     descales = torch.cat([descale_q.reshape(1), descale_k.reshape(1), descale_v.reshape(1)])
     return torch.ops.bench.triton_fp8_attention(q8, k8, vt, descales).to(q.dtype)
 

@@ -20,7 +20,9 @@ from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
 from wan.configs import DEFAULT_NEGATIVE_PROMPT
 from wan.encoders.text import clean_prompt
 from wan.encoders.vae import VideoVAE
+from wan.generation import pipeline as pipeline_module
 from wan.generation import sampling
+from wan.generation.denoise import denoise
 from wan.model.dit import MultiTalkDiT
 from wan.runtime.local import LocalDiT
 from wan.runtime.vae_bands import BandedVAE
@@ -36,6 +38,7 @@ class Trace:
 
     dit: list[dict] = field(default_factory=list)
     encoded: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # VAE encode (in, out)
+    denoised: list[torch.Tensor] = field(default_factory=list)  # each clip's x0
     decoded: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # VAE decode (in, out)
     clip_inputs: list[torch.Tensor] = field(default_factory=list)
     prompts: list[list[str]] = field(default_factory=list)
@@ -159,6 +162,13 @@ def run_case(case: GoldenCase, tmp_path, monkeypatch, vae_bands: int = 1) -> tup
         return update
 
     monkeypatch.setattr(sampling, "apg_direction", recording_apg)
+
+    def recording_denoise(*args, **kwargs):
+        x0 = denoise(*args, **kwargs)
+        trace.denoised.append(x0.clone())
+        return x0
+
+    monkeypatch.setattr(pipeline_module, "denoise", recording_denoise)
     pipeline = Pipeline(LocalDiT(RecordingDiT(parts.dit, trace)), encode_text, encode_image, RecordingVAE(vae, trace))
     request, options = case_request(case)
     return pipeline.generate(request, options, progress=False), trace
@@ -187,7 +197,10 @@ def observed_tensors(case: GoldenCase, video: torch.Tensor, trace: Trace) -> dic
         name = (lambda n: n) if k == 0 else (lambda n, k=k: f"debug.clip{k}.{n}")
         calls = trace.dit[k * steps * passes : (k + 1) * steps * passes]
         pixels, latent = trace.encoded[encodes * k]
-        x0, decoded = trace.decoded[k]
+        x0, (decoded_latent, decoded) = trace.denoised[k], trace.decoded[k]
+        # The decoder is causal in time: it is given x0's leading latent frames, all of them but in the last clip.
+        assert torch.equal(decoded_latent, x0[:, : decoded_latent.shape[1]])
+        assert k == clips - 1 or decoded_latent.shape[1] == x0.shape[1]
         found[name("vae_encode_latent")] = latent
         found[name("x0")] = x0
         found[name("y")] = calls[0]["y"]
@@ -229,6 +242,9 @@ def observed_tensors(case: GoldenCase, video: torch.Tensor, trace: Trace) -> dic
         found["audio_null_is_zeros_1human"] = torch.tensor(float(uncond.shape[0] == 1 and not uncond.any()))
         found.update(audio_windows(case, k, calls[0]["audio"], name))
     assert next(draws, None) is None, "more noise drawn than the reference draws"
+    # The last clip decodes the fewest latent frames that give the video's frames (each latent frame after the first
+    # decodes to 4 frames).
+    assert 0 <= kept - video.shape[1] < 4
 
     if trace.apg:
         norms, updates = zip(*trace.apg)

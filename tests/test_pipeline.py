@@ -11,7 +11,7 @@ from PIL import Image
 
 from support.golden import golden_parts, load_case
 from wan import GenerationRequest, GuidanceOptions, Pipeline, SamplingOptions
-from wan.generation.plan import ClipPlan, pad_audio, plan_clips
+from wan.generation.plan import ClipPlan, latent_frames, pad_audio, plan_clips
 from wan.generation import pipeline as pipeline_module
 from wan.generation.denoise import GuidedVelocity
 from wan.runtime.local import LocalDiT
@@ -88,6 +88,15 @@ def test_plan_clips_hand_computed():
         plan_clips(0, 81, 25)
     with pytest.raises(ValueError, match="motion_frame"):
         plan_clips(100, 9, 9)
+
+
+def test_the_last_clip_decodes_only_the_latent_frames_of_the_frames_it_keeps():
+    plan = plan_clips(250, 81, 5)  # 10 s: clips at 0, 76, 152, 228; the last keeps frames 228..249
+    assert plan.starts == (0, 76, 152, 228)
+    assert [plan.frames_needed(k) for k in range(4)] == [81, 81, 81, 22]
+    # frame 0 from latent frame 0, frames 4i-3..4i from latent frame i: frame 21 needs latent frames 0..6
+    assert [latent_frames(n) for n in (1, 2, 5, 6, 22, 81)] == [1, 2, 2, 3, 7, 21]
+    assert plan_clips(30, 81, 25).frames_needed(0) == 30  # one clip of 33 frames: 30 kept, 8 latent frames
 
 
 def test_pad_audio_appends_the_reversed_tail_the_last_windows_read():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..configs import VAE_STRIDE
-from .plan import GenerationPlan
+from .plan import GenerationPlan, latent_frames
 
 # Share of a DiT pass that grows linearly with the tokens (the linear layers); the rest, the self-attention, grows
 # with their square. From the FLOP count of the 14B DiT at 32928 tokens (bench/RESULTS.md): 0.93 PFLOP in linear
@@ -34,8 +34,7 @@ class Costs:
 
 
 def tokens_of(frames: int, height: int, width: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    latent_frames = (frames - 1) // VAE_STRIDE[0] + 1
-    return latent_frames * (height // VAE_STRIDE[1] // patch[1]) * (width // VAE_STRIDE[2] // patch[2])
+    return latent_frames(frames) * (height // VAE_STRIDE[1] // patch[1]) * (width // VAE_STRIDE[2] // patch[2])
 
 
 def estimate_seconds(costs: Costs, plan: GenerationPlan) -> float:

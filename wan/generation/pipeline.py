@@ -24,7 +24,7 @@ from .clip_condition import infinitetalk_condition, multitalk_condition
 from .conditioning import image_to_tensor, latent_masks, match_colors, speaker_masks
 from .denoise import GuidedVelocity, denoise
 from .estimate import Costs, tokens_of
-from .plan import GenerationPlan, clip_audio, plan_generation
+from .plan import GenerationPlan, clip_audio, latent_frames, plan_generation
 from .request import GenerationRequest, SamplingOptions
 from .timing import (
     CLIP_STAGES,
@@ -277,7 +277,9 @@ class Pipeline:
             if skipped is not None and progress:
                 log.info("TeaCache skipped %.0f%% of clip %d's DiT passes", 100 * skipped, index + 1)
             with clock.stage(VAE_DECODE):
-                video = vae.decode(latent)
+                # The decoder is causal in time (a frame depends on the latent frames up to its own), so the latent
+                # frames after those the video needs are left out: the last clip decodes only what it keeps.
+                video = vae.decode(latent[:, : latent_frames(clips.frames_needed(index))])
             if options.color_correction > 0:
                 with clock.stage(COLOR_CORRECTION):
                     video = match_colors(video, cond_image[0, :, 0], options.color_correction)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..configs import FPS
+from ..configs import FPS, VAE_STRIDE
 from . import sampling
 from .conditioning import audio_window, choose_bucket
 from .request import SamplingOptions
@@ -32,6 +32,11 @@ class ClipPlan:
     @property
     def clips(self) -> int:
         return len(self.starts)
+
+    def frames_needed(self, index: int) -> int:
+        """How many of clip `index`'s frames, from its first, the video needs: all of them for a clip before the last
+        (the next clip is conditioned on its tail), those up to `total` for the last."""
+        return self.frames if index < self.clips - 1 else self.total - self.starts[index]
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,11 @@ def plan_clips(audio_frames: int, frame_num: int, motion_frame: int, max_frames:
         raise ValueError(f"motion_frame ({motion_frame}) must be smaller than frame_num ({frame_num}) for long audio")
     clips = 1 + math.ceil((total - frame_num) / stride)
     return ClipPlan(frame_num, tuple(k * stride for k in range(clips)), total, pad_last=True)
+
+
+def latent_frames(frames: int) -> int:
+    """The latent frames that decode to (at least) `frames` pixel frames: the first alone, then `VAE_STRIDE[0]` each."""
+    return 1 + math.ceil((frames - 1) / VAE_STRIDE[0])
 
 
 def frames_read(plan: ClipPlan, window: int = 5) -> int:

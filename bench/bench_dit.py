@@ -136,7 +136,7 @@ def run_dit_cases(label: str, args: argparse.Namespace, device: torch.device, dt
     start = time.perf_counter()
     model = build_random(lambda: MultiTalkDiT(config), device, dtype, generator)
     if args.fp8:
-        quantize_blocks(model, fast_accumulation=not args.exact_accumulation)
+        quantize_blocks(model, fast_accumulation=not args.exact_accumulation, fused_norms=args.fused_norms)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     params = sum(p.numel() for p in model.parameters())
@@ -284,6 +284,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp8", action="store_true", help="fp8 linear layers and self-attention")
     parser.add_argument(
         "--exact-accumulation", action="store_true", help="fp8 GEMMs without use_fast_accum (as before 2026-12-08)"
+    )
+    parser.add_argument(
+        "--fused-norms", action="store_true", help="fp8 blocks whose LayerNorms quantise their own output (one pass)"
     )
     parser.add_argument("--warmup", type=int, help="untimed passes before each case (default 2)")
     parser.add_argument("--repeats", type=int, help="timed passes per case (default 5)")

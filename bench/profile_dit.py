@@ -1,6 +1,6 @@
 """Where one DiT pass spends its GPU time: torch.profiler over one compiled forward, kernels grouped by kind.
 
-python -m bench.profile_dit [--fp8 [--fp8-attention triton] [--exact-accumulation]] [--layers N] [--out F]
+python -m bench.profile_dit [--fp8 [--fp8-attention triton] [--exact-accumulation] [--fused-norms]] [--layers N] [--out F]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--fp8-attention", choices=("cudnn", "triton"), default="cudnn")
     parser.add_argument("--exact-accumulation", action="store_true", help="fp8 GEMMs without use_fast_accum")
+    parser.add_argument("--fused-norms", action="store_true", help="LayerNorms that quantise their own output")
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--speakers", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -51,7 +52,7 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(0)
     model = build_random(lambda: MultiTalkDiT(config), device, torch.bfloat16, generator)
     if args.fp8:
-        quantize_blocks(model, fast_accumulation=not args.exact_accumulation)
+        quantize_blocks(model, fast_accumulation=not args.exact_accumulation, fused_norms=args.fused_norms)
         if args.fp8_attention == "triton":
             from bench.triton_fp8_attention import triton_fp8_attention
 

@@ -2,12 +2,22 @@
 
 import dataclasses
 
+import pytest
 import torch
 
+from bench.bench_dit import TINY_CLIP, dit_inputs
 from wan.model.attention import attention
-from wan.model.dit import MultiTalkDiT
-from wan.model.fp8 import FP8_MAX, Fp8Linear, fp8_attention, quantize_blocks, quantize_rows, quantize_tensor
-from wan.testing.tiny import TINY_DIT
+from wan.model.dit import FP32LayerNorm, MultiTalkDiT
+from wan.model.fp8 import (
+    FP8_MAX,
+    Fp8InputLayerNorm,
+    Fp8Linear,
+    fp8_attention,
+    quantize_blocks,
+    quantize_rows,
+    quantize_tensor,
+)
+from wan.testing.tiny import TINY_DIT, dit_shapes, random_weights
 
 # dim 1024 so that the block linears are large enough to be quantised
 FP8_DIT = dataclasses.replace(TINY_DIT, dim=1024, ffn_dim=2048, num_heads=8)
@@ -84,3 +94,38 @@ def test_fp8_attention_is_softmax_attention_within_e4m3_rounding():
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     rel = ((out.double() - truth).norm() / truth.norm()).item()
     assert 0.002 < rel < 0.08, rel  # e4m3 rounding is visible, a wrong scale (error ~1) is not
+
+
+@pytest.mark.parametrize("speakers", [1, 2])
+def test_fused_norms_hand_each_fp8_linear_the_rows_its_norm_and_quantisation_give(speakers):
+    """On a CPU the fused norms compute what the separate ones do, so the two fp8 DiTs must agree to the bit: a norm
+    feeding the wrong layer, or holding other parameters, would not."""
+    generator = torch.Generator().manual_seed(5)
+    weights = random_weights(dit_shapes(FP8_DIT), generator)
+    separate, fused = MultiTalkDiT(FP8_DIT), MultiTalkDiT(FP8_DIT)
+    for model in (separate, fused):
+        model.load_state_dict(weights)
+        model.to(torch.bfloat16)
+    norm_x = fused.blocks[0].norm_x
+    quantize_blocks(separate)
+    quantize_blocks(fused, fused_norms=True)
+    names = ("norm1", "norm3", "norm_x", "norm2")
+    for block in fused.blocks:
+        assert all(type(getattr(block, name)) is Fp8InputLayerNorm for name in names)
+    assert all(type(getattr(separate.blocks[0], name)) is FP32LayerNorm for name in names)
+    assert fused.blocks[0].norm_x.weight is norm_x.weight and fused.blocks[0].norm_x.bias is norm_x.bias
+    assert fused.blocks[0].norm_x.weight.abs().sum() > 0 and fused.blocks[0].norm1.weight is None
+    assert list(fused.state_dict()) == list(separate.state_dict())
+
+    inputs = dit_inputs(FP8_DIT, TINY_CLIP, speakers, torch.device("cpu"), generator)
+    block_calls = []
+    fused.blocks[0].register_forward_pre_hook(
+        lambda _, args, kwargs: block_calls.append((args, kwargs)), with_kwargs=True
+    )
+    with torch.no_grad():
+        out = fused(**inputs)
+        torch.testing.assert_close(out, separate(**inputs), rtol=0, atol=0)
+        # Compiled as the service compiles a block (whole, no graph break): the quantised rows pass between modules.
+        args, kwargs = block_calls[0]
+        compiled = torch.compile(fused.blocks[0], fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(*args, **kwargs), separate.blocks[0](*args, **kwargs), rtol=0, atol=0)

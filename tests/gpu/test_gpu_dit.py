@@ -154,13 +154,13 @@ def test_one_full_width_block_in_bf16_is_near_float32(speakers, kernel):
 
 
 @pytest.mark.parametrize("speakers", [1, 2])
-@pytest.mark.parametrize("fast_accumulation", [True, False])
-def test_one_full_width_block_in_fp8_is_near_float32(speakers, fast_accumulation):
+@pytest.mark.parametrize("fast_accumulation, fused_norms", [(True, False), (False, False), (True, True)])
+def test_one_full_width_block_in_fp8_is_near_float32(speakers, fast_accumulation, fused_norms):
     case = one_block(speakers)
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (8, 9):
         pytest.skip(f"{torch.cuda.get_device_name(DEVICE)} has no fp8 matmuls (needs compute capability 8.9+)")
     model8 = copy.deepcopy(case.model16)
-    quantize_blocks(model8, fast_accumulation=fast_accumulation)
+    quantize_blocks(model8, fast_accumulation=fast_accumulation, fused_norms=fused_norms)
     # The self-attention the fp8 plan runs on this card (cuDNN's fp8 attention on Hopper and newer).
     model8.set_self_attention(self_attention_kernel(FP8, DEVICE))
     run = forward_with_probes(model8, case.inputs)
@@ -168,12 +168,45 @@ def test_one_full_width_block_in_fp8_is_near_float32(speakers, fast_accumulation
     out = relative_error(run["out"], case.truth["out"])
     block = relative_error(run["block"], case.truth["block"])
     summary = (
-        f"{case.tokens} tokens, {speakers} speaker(s), fp8 fast_accumulation={fast_accumulation}: block rel "
+        f"{case.tokens} tokens, {speakers} speaker(s), fp8 fast_accumulation={fast_accumulation} fused_norms="
+        f"{fused_norms}: block rel "
         f"{block['rel']:.4g}, output rel {out['rel']:.4g} max_abs {out['max_abs']:.3g}; routing flips "
         f"{routing_flips(run, case.truth)}"
     )
     print(summary)
     assert out["rel"] < FP8_REL_TOL, f"{summary} (< {FP8_REL_TOL})"
+
+
+@pytest.mark.parametrize("affine, modulated", [(False, True), (True, False)])
+def test_fused_norm_quantisation_on_the_gpu_is_the_norm_then_its_row_quantisation(affine, modulated):
+    """norm1/norm2 (modulated, no parameters) and norm3/norm_x (affine) at full width, against the torch path."""
+    if DEVICE.type != "cuda":
+        pytest.skip("the fused norm quantisation is a Triton kernel: CUDA only")
+    from wan.model.dit import FP32LayerNorm
+    from wan.model.fp8_rows import quantize_rows
+
+    generator = torch.Generator().manual_seed(6)
+    rows, cols = 4111, 5120
+    x = (torch.randn(rows, cols, generator=generator) * torch.logspace(-1, 3, rows)[:, None]).bfloat16()
+    norm = FP32LayerNorm(cols, eps=1e-6, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.2 * torch.randn(cols, generator=generator))
+            norm.bias.copy_(0.2 * torch.randn(cols, generator=generator))
+    norm = norm.bfloat16()
+    shift, scale = (0.3 * torch.randn(1, 1, cols, generator=generator) if modulated else None for _ in range(2))
+    expected_values, expected_scales = quantize_rows(norm(x, shift, scale))
+    weight, bias = (None, None) if not affine else (norm.weight.to(DEVICE), norm.bias.to(DEVICE))
+    on_device = [None if t is None else t.to(DEVICE) for t in (shift, scale)]
+    values, scales = torch.ops.multitalk.norm_quantize_rows(x.to(DEVICE), weight, bias, *on_device, 1e-6)
+    codes = values.cpu().view(torch.uint8).int(), expected_values.view(torch.uint8).int()
+    same = (codes[0] == codes[1]).float().mean().item()
+    scale_rel = ((scales.cpu() - expected_scales).abs() / expected_scales).max().item()
+    print(f"affine={affine} modulated={modulated}: {same:.6f} of the e4m3 codes equal, scales rel {scale_rel:.2g}")
+    # The row statistics round differently from torch's LayerNorm (Welford), which moves a few bf16 roundings by a
+    # step: the next e4m3 code at most, and a row's scale by at most one bf16 step of its largest value.
+    assert same > 0.999 and (codes[0] - codes[1]).abs().max().item() <= 1, f"{same:.7f} of the e4m3 codes equal"
+    assert scale_rel <= 2**-8, f"scales rel {scale_rel:.2g}"
 
 
 @pytest.mark.parametrize("rows, cols, gelu", [(333, 5120, False), (257, 13824, True), (64, 1024, False)])

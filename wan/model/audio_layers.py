@@ -160,7 +160,8 @@ class AudioCrossAttention(nn.Module):
         first_token: int = 0,
         frame_tokens: int | None = None,
     ) -> torch.Tensor:
-        """x `[1, n, dim]`, audio_tokens `[T, N_a, audio_dim]`, positions `[n]` / `[N_a]` or None.
+        """x `[1, n, dim]` (or its `Fp8Rows`, for an fp8 q projection), audio_tokens `[T, N_a, audio_dim]`, positions
+        `[n]` / `[N_a]` or None.
 
         x holds tokens `first_token .. first_token + n - 1` of the frame-major video sequence of T frames with
         `frame_tokens` tokens each (default: the whole sequence, n / T per frame). A slice (sequence parallel) may
@@ -172,11 +173,11 @@ class AudioCrossAttention(nn.Module):
         frame_tokens = tokens // frames if frame_tokens is None else frame_tokens
         valid = min(tokens, frames * frame_tokens - first_token)
         if valid <= 0:  # a slice of padding only
-            return torch.zeros_like(x)
+            return audio_tokens.new_zeros(1, tokens, self.proj.out_features)
         first_frame, lead = first_token // frame_tokens, first_token % frame_tokens
         span = math.ceil((lead + valid) / frame_tokens)  # frames this slice touches
 
-        q = self.q_linear(x[0, :valid]).unflatten(-1, (self.num_heads, self.head_dim))
+        q = self.q_linear(x)[0, :valid].unflatten(-1, (self.num_heads, self.head_dim))
         audio = audio_tokens[first_frame : first_frame + span]
         k, v = self.kv_linear(audio).view(span, n_audio, 2, self.num_heads, self.head_dim).unbind(2)
         if q_positions is not None:

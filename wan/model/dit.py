@@ -57,12 +57,18 @@ def run_blocks(blocks: nn.ModuleList, tokens: torch.Tensor, block_kwargs: dict) 
 
 
 class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, returned in the input dtype (the reference's `WanLayerNorm`)."""
+    """LayerNorm computed in float32, returned in the input dtype (the reference's `WanLayerNorm`); with `shift` and
+    `scale` (float32), modulated as the blocks modulate: `normed * (1 + scale) + shift` in float32, rounded again."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        normed = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        if shift is None:
+            return normed
+        return (normed.float() * (1 + scale) + shift).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -123,13 +129,14 @@ class SelfAttention(nn.Module):
         token_masks: torch.Tensor | None = None,
         shard: TokenShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x `[1, L, dim]`; rope cos/sin `[L, head_dim/2]`. Returns the output and, when speaker token masks are
-        given, the reference attention map `[3, L]` used to route two speakers. With a `shard`, x and rope hold this
-        rank's slice of the tokens and the attention runs over the whole sequence."""
+        """x `[1, L, dim]` (or its `Fp8Rows`, for fp8 q/k/v); rope cos/sin `[L, head_dim/2]`. Returns the output
+        and, when speaker token masks are given, the reference attention map `[3, L]` used to route two speakers.
+        With a `shard`, x and rope hold this rank's slice of the tokens and the attention runs over the whole
+        sequence."""
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(x.dtype)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(v.dtype)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(v.dtype)
         out = self.attend(q, k, v) if shard is None else shard.attention(q, k, v, self.attend)
         out = self.o(out.flatten(2))
         if token_masks is None:
@@ -198,9 +205,7 @@ class DiTBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
 
         # Modulation and gated residuals in float32, rounded back to the activation dtype (as the reference).
-        y, attn_map = self.self_attn(
-            (self.norm1(x).float() * (1 + scale_sa) + shift_sa).to(dtype), rope, token_masks=token_masks, shard=shard
-        )
+        y, attn_map = self.self_attn(self.norm1(x, shift_sa, scale_sa), rope, token_masks=token_masks, shard=shard)
         x = (x.float() + y.float() * gate_sa).to(dtype)
 
         x = x + self.cross_attn(self.norm3(x), context)
@@ -214,7 +219,7 @@ class DiTBlock(nn.Module):
             self.norm_x(x), audio_tokens, q_positions=query_positions, k_positions=key_positions, **where
         )
 
-        y = self.ffn((self.norm2(x).float() * (1 + scale_ff) + shift_ff).to(dtype))
+        y = self.ffn(self.norm2(x, shift_ff, scale_ff))
         return (x.float() + y.float() * gate_ff).to(dtype)
 
 

@@ -1,10 +1,11 @@
 """Opt-in float8 for the DiT blocks: linear layers and the full self-attention on Hopper's fp8 tensor cores.
 
 Linear layers: weights quantised once to e4m3 with one scale per output row, activations per token on the fly
-(`wan.model.fp8_rows`, the FFN's GELU fused in); both scales are applied by `torch._scaled_mm` itself (cuBLASLt,
-fast accumulation), so the result comes back in bf16. Self-attention: Q, K and V quantised per tensor, then cuDNN's fp8 flash attention (which also keeps
-the probabilities in e4m3). The accuracy against float32 and bf16 is checked by tests/gpu/test_gpu_dit.py; this path
-is off unless a memory plan asks for it.
+(`wan.model.fp8_rows`, the FFN's GELU fused in; with `fused_norms`, by the LayerNorms that make them); both scales
+are applied by `torch._scaled_mm` itself (cuBLASLt, fast accumulation), so the result comes back in bf16.
+Self-attention: Q, K and V quantised per tensor, then cuDNN's fp8 flash attention (which also keeps the
+probabilities in e4m3). The accuracy against float32 and bf16 is checked by tests/gpu/test_gpu_dit.py; this path is
+off unless a memory plan asks for it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from .attention import attention
-from .fp8_rows import FP8, FP8_MAX, quantize_rows
+from .dit import FP32LayerNorm
+from .fp8_rows import FP8, FP8_MAX, Fp8Rows, norm_quantize_rows, quantize_rows
 
 # The attention output is a convex combination of V's rows, so |O| <= amax(V); scaling O by half of e4m3's range
 # over amax(V) leaves a binade for rounding and costs no precision (a power of two only shifts the exponent).
@@ -52,19 +54,49 @@ class Fp8Linear(nn.Module):
         self.weight.copy_(values)
         self.weight_scale.copy_(scale.T)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        values, scale = quantize_rows(rows, gelu=self.gelu_input)
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        """x `[..., in_features]`, or its rows already quantised (`Fp8InputLayerNorm`'s output)."""
+        if isinstance(x, Fp8Rows):
+            values, scale, shape, dtype = x
+        else:
+            values, scale = quantize_rows(x.reshape(-1, self.in_features), gelu=self.gelu_input)
+            shape, dtype = x.shape, x.dtype
         out = torch._scaled_mm(
             values,
             self.weight.t(),
             scale_a=scale,
             scale_b=self.weight_scale,
             bias=self.bias,
-            out_dtype=x.dtype,
+            out_dtype=dtype,
             use_fast_accum=self.fast_accumulation,
         )
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*shape[:-1], self.out_features)
+
+
+class Fp8InputLayerNorm(FP32LayerNorm):
+    """A block's LayerNorm (modulated or not) whose every reader is an `Fp8Linear`: it returns its output's `Fp8Rows`.
+
+    On CUDA one Triton pass per row normalises, modulates, rounds to the activation dtype and quantises, so the
+    normalised activations are never written out and read back (`norm_quantize_rows`); elsewhere the norm's own
+    arithmetic, then `quantize_rows`. The two differ only where the row statistics round differently.
+    """
+
+    @classmethod
+    def replacing(cls, norm: FP32LayerNorm) -> "Fp8InputLayerNorm":
+        """One holding `norm`'s parameters themselves (same keys, same tensors: a weight switch writes into them)."""
+        fused = cls(norm.normalized_shape, norm.eps, elementwise_affine=False)
+        fused.elementwise_affine = norm.elementwise_affine
+        fused.weight, fused.bias = norm.weight, norm.bias
+        return fused
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Fp8Rows:
+        if x.is_cuda:
+            values, scales = norm_quantize_rows(
+                x.reshape(-1, x.shape[-1]), self.weight, self.bias, shift, scale, self.eps
+            )
+        else:
+            values, scales = quantize_rows(super().forward(x, shift, scale).reshape(-1, x.shape[-1]))
+        return Fp8Rows(values, scales, x.shape, x.dtype)
 
 
 @torch.no_grad()
@@ -203,18 +235,23 @@ def fp8_attention_graph(cudnn: types.ModuleType, handle, q_layout, k_layout, v_l
     return graph, tensors
 
 
-def quantize_blocks(model: nn.Module, min_features: int = 1024, fast_accumulation: bool = True) -> int:
+def quantize_blocks(
+    model: nn.Module, min_features: int = 1024, fast_accumulation: bool = True, fused_norms: bool = False
+) -> int:
     """Make the blocks fp8: every `nn.Linear` with at least `min_features` inputs becomes an `Fp8Linear` (with
-    `fast_accumulation`, see there), and the full self-attention runs `fp8_attention`.
+    `fast_accumulation`, see there), and the full self-attention runs `fp8_attention`; with `fused_norms`, each
+    LayerNorm that feeds only fp8 linears quantises its own output (`Fp8InputLayerNorm`).
 
     Small layers (the audio key/value projection from 768 features) and the cross-attentions stay in bf16. Returns
     the number of linear layers replaced.
     """
     model.set_self_attention(fp8_attention)
-    return sum(quantize_block(block, min_features, fast_accumulation) for block in model.blocks)
+    return sum(quantize_block(block, min_features, fast_accumulation, fused_norms) for block in model.blocks)
 
 
-def quantize_block(block: nn.Module, min_features: int = 1024, fast_accumulation: bool = True) -> int:
+def quantize_block(
+    block: nn.Module, min_features: int = 1024, fast_accumulation: bool = True, fused_norms: bool = False
+) -> int:
     """`quantize_blocks` for one block, without the self-attention kernel (which the model sets for all blocks);
     lets a loader quantise each block as it arrives. Returns the number of linear layers replaced."""
     replaced = 0
@@ -225,7 +262,24 @@ def quantize_block(block: nn.Module, min_features: int = 1024, fast_accumulation
             setattr(block.get_submodule(parent_name) if parent_name else block, child, fp8)
             replaced += 1
     _fuse_gelu(block.ffn)
+    if fused_norms:
+        _fuse_norms(block)
     return replaced
+
+
+def _fuse_norms(block: nn.Module) -> None:
+    """Each LayerNorm of the block whose readers are all fp8 linears -> `Fp8InputLayerNorm` (see `DiTBlock.forward`:
+    norm1 feeds the self-attention's q, k, v; norm3 the cross-attention's q; norm_x the audio q; norm2 the FFN)."""
+    readers = {
+        "norm1": [block.self_attn.q, block.self_attn.k, block.self_attn.v],
+        "norm3": [block.cross_attn.q],
+        "norm_x": [block.audio_cross_attn.q_linear],
+        "norm2": [block.ffn[0]],
+    }
+    for name, linears in readers.items():
+        norm = getattr(block, name)
+        if type(norm) is FP32LayerNorm and all(isinstance(linear, Fp8Linear) for linear in linears):
+            setattr(block, name, Fp8InputLayerNorm.replacing(norm))
 
 
 def _fuse_gelu(ffn: nn.Sequential) -> None:

@@ -5,9 +5,15 @@ program holds a whole row (13824 values) in registers: inductor compiled it as a
 hidden twice, 1.6 ms per block against 1.05 ms here on an H100. Elsewhere inductor's own kernels are faster, because
 they fuse the quantisation into the norm that makes x (measured: bench/RESULTS.md), so the torch arithmetic serves,
 and it is also the CPU path. Both give the same bits.
+
+`norm_quantize_rows` goes one step further for the inputs that a block's LayerNorm makes: normalisation, modulation,
+the roundings to the activation dtype and the quantisation in one pass over the row, so the normalised activations
+never reach memory (opt-in, `quantize_blocks(fused_norms=True)`; not yet timed on a card).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,16 @@ import triton.language as tl
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 _MIN_AMAX = 1e-12
+
+
+class Fp8Rows(NamedTuple):
+    """An activation `[..., K]` already quantised for an `Fp8Linear`: e4m3 `values` `[M, K]` and float32 `scales`
+    `[M, 1]` of its M rows, with the `shape` and `dtype` it has unquantised (the linear's output takes them)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,23 +65,135 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, n_cols, row_stride, GEL
     tl.store(scales_ptr + row, scale)
 
 
-@torch.library.custom_op("multitalk::quantize_rows", mutates_args=())
-def _quantize_rows_cuda(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit
+def _norm_quantize_rows_kernel(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    shift_ptr,
+    scale_ptr,
+    values_ptr,
+    scales_ptr,
+    n_cols,
+    row_stride,
+    eps,
+    WEIGHT: tl.constexpr,
+    BIAS: tl.constexpr,
+    MODULATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * row_stride + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    # LayerNorm in float32, the variance from the centred values (two passes over registers, not E[x^2] - E[x]^2).
+    mean = tl.sum(xf, axis=0) / n_cols
+    centred = tl.where(mask, xf - mean, 0.0)
+    y = centred * tl.math.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+    if WEIGHT:
+        y = y * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = y.to(x.dtype)  # the norm's output, in the activation dtype
+    if MODULATE:
+        scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
+        y = (y.to(tl.float32) * (1.0 + scale) + tl.load(shift_ptr + cols, mask=mask, other=0.0)).to(x.dtype)
+    # The padding lanes hold 0 (0 * (1 + 0) + 0), below every |y|: the row's amax is that of its values.
+    y = y.to(tl.float32)
+    row_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), 448.0)
+    values = tl.clamp(tl.math.div_rn(y, row_scale), -448.0, 448.0)
+    tl.store(values_ptr + row * n_cols + cols, values.to(tl.float8e4nv), mask=mask)
+    tl.store(scales_ptr + row, row_scale)
+
+
+def _row_warps(block: int) -> int:
+    """~32 values per thread: the row stays in registers without spilling."""
+    return max(4, min(32, block // (32 * 32)))
+
+
+def _quantize_rows_launch(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quantize_rows_kernel` over `[M, K]` rows (any device Triton runs on, its interpreter included)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, cols = x.shape
     values = torch.empty(rows, cols, dtype=FP8, device=x.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(cols)
-    # ~32 values per thread: the row stays in registers without spilling.
-    num_warps = max(4, min(32, block // (32 * 32)))
-    with torch.cuda.device(x.device):
-        _quantize_rows_kernel[(rows,)](
-            x, values, scales, cols, x.stride(0), GELU=gelu, BLOCK=block, num_warps=num_warps
-        )
+    _quantize_rows_kernel[(rows,)](
+        x, values, scales, cols, x.stride(0), GELU=gelu, BLOCK=block, num_warps=_row_warps(block)
+    )
     return values, scales
+
+
+def norm_quantize_rows_launch(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_norm_quantize_rows_kernel` over `[M, K]` rows: e4m3 values `[M, K]` and float32 scales `[M, 1]` of
+    `modulated(layer_norm(x))`; `weight`, `bias` `[K]` of the norm, float32 `shift`, `scale` with K values (one
+    modulation for every row), each optional."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, cols = x.shape
+    for name, tensor in dict(weight=weight, bias=bias, shift=shift, scale=scale).items():
+        if tensor is not None and tensor.numel() != cols:
+            raise ValueError(
+                f"{name}: {tuple(tensor.shape)} holds {tensor.numel()} values, not one per column ({cols})"
+            )
+    if (shift is None) != (scale is None):
+        raise ValueError("shift and scale modulate together: give both or neither")
+    values = torch.empty(rows, cols, dtype=FP8, device=x.device)
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(cols)
+    vector = [t if t is None else t.reshape(-1).contiguous() for t in (weight, bias, shift, scale)]
+    placeholder = scales  # a pointer for the absent vectors; the kernel never reads it
+    _norm_quantize_rows_kernel[(rows,)](
+        x,
+        *(placeholder if t is None else t for t in vector),
+        values,
+        scales,
+        cols,
+        x.stride(0),
+        eps,
+        WEIGHT=weight is not None,
+        BIAS=bias is not None,
+        MODULATE=shift is not None,
+        BLOCK=block,
+        num_warps=_row_warps(block),
+    )
+    return values, scales
+
+
+@torch.library.custom_op("multitalk::quantize_rows", mutates_args=())
+def _quantize_rows_cuda(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.cuda.device(x.device):
+        return _quantize_rows_launch(x, gelu)
 
 
 @_quantize_rows_cuda.register_fake
 def _(x, gelu):
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("multitalk::norm_quantize_rows", mutates_args=())
+def norm_quantize_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm_quantize_rows_launch` on a CUDA tensor, as one op for torch.compile."""
+    with torch.cuda.device(x.device):
+        return norm_quantize_rows_launch(x, weight, bias, shift, scale, eps)
+
+
+@norm_quantize_rows.register_fake
+def _(x, weight, bias, shift, scale, eps):
     return x.new_empty(x.shape, dtype=FP8), x.new_empty((x.shape[0], 1), dtype=torch.float32)

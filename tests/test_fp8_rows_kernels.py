@@ -10,15 +10,11 @@ arithmetic written out in float64, rounded to bf16 where the model rounds, and t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from support.triton_interpreter import run_interpreted
 
 CASES = textwrap.dedent(
     """
@@ -126,8 +122,4 @@ CASES = textwrap.dedent(
 
 @pytest.mark.timeout(600)
 def test_fp8_row_kernels_in_triton_interpreter_match_the_blocks_arithmetic():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    completed = subprocess.run(
-        [sys.executable, "-c", CASES], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert completed.returncode == 0 and completed.stdout.endswith("ok\n"), completed.stdout + completed.stderr
+    run_interpreted(CASES)

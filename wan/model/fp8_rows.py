@@ -112,16 +112,21 @@ def _row_warps(block: int) -> int:
     return max(4, min(32, block // (32 * 32)))
 
 
-def _quantize_rows_launch(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_quantize_rows_kernel` over `[M, K]` rows (any device Triton runs on, its interpreter included)."""
+def _row_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A row kernel's input with unit column stride, its e4m3 values and float32 scales to fill, the row's block."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, cols = x.shape
     values = torch.empty(rows, cols, dtype=FP8, device=x.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(cols)
-    _quantize_rows_kernel[(rows,)](
-        x, values, scales, cols, x.stride(0), GELU=gelu, BLOCK=block, num_warps=_row_warps(block)
+    return x, values, scales, triton.next_power_of_2(cols)
+
+
+def _quantize_rows_launch(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quantize_rows_kernel` over `[M, K]` rows (any device Triton runs on, its interpreter included)."""
+    x, values, scales, block = _row_outputs(x)
+    _quantize_rows_kernel[(x.shape[0],)](
+        x, values, scales, x.shape[1], x.stride(0), GELU=gelu, BLOCK=block, num_warps=_row_warps(block)
     )
     return values, scales
 
@@ -137,9 +142,7 @@ def norm_quantize_rows_launch(
     """`_norm_quantize_rows_kernel` over `[M, K]` rows: e4m3 values `[M, K]` and float32 scales `[M, 1]` of
     `modulated(layer_norm(x))`; `weight`, `bias` `[K]` of the norm, float32 `shift`, `scale` with K values (one
     modulation for every row), each optional."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    rows, cols = x.shape
+    cols = x.shape[1]
     for name, tensor in dict(weight=weight, bias=bias, shift=shift, scale=scale).items():
         if tensor is not None and tensor.numel() != cols:
             raise ValueError(
@@ -147,12 +150,10 @@ def norm_quantize_rows_launch(
             )
     if (shift is None) != (scale is None):
         raise ValueError("shift and scale modulate together: give both or neither")
-    values = torch.empty(rows, cols, dtype=FP8, device=x.device)
-    scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(cols)
+    x, values, scales, block = _row_outputs(x)
     vector = [t if t is None else t.reshape(-1).contiguous() for t in (weight, bias, shift, scale)]
     placeholder = scales  # a pointer for the absent vectors; the kernel never reads it
-    _norm_quantize_rows_kernel[(rows,)](
+    _norm_quantize_rows_kernel[(x.shape[0],)](
         x,
         *(placeholder if t is None else t for t in vector),
         values,

@@ -1,5 +1,5 @@
 """The Triton kernels of `wan.model.fp8_rows` on the CPU, through Triton's interpreter: the fused LayerNorm,
-modulation and row quantisation (`norm_quantize_rows_launch`), and the GELU quantisation of the FFN's hidden.
+modulation and row quantisation (`norm_quantize_rows`), and the GELU quantisation of the FFN's hidden.
 
 The interpreter runs the kernels' own code (masks, reductions, roundings) with numpy; it is chosen when Triton is
 imported, so the cases run in a fresh process with TRITON_INTERPRET=1. Its casts from float32 to bf16 and e4m3 are
@@ -23,7 +23,7 @@ CASES = textwrap.dedent(
     import triton.language as tl
     from triton.runtime import interpreter
     from wan.model.dit import FP32LayerNorm
-    from wan.model.fp8_rows import _quantize_rows_launch, norm_quantize_rows_launch, quantize_rows
+    from wan.model.fp8_rows import norm_quantize_rows, quantize_rows
 
     ROUNDED = {tl.bfloat16: (torch.bfloat16, torch.int16), tl.float8e4nv: (torch.float8_e4m3fn, torch.uint8)}
     interpreted = interpreter._convert_float
@@ -95,16 +95,16 @@ CASES = textwrap.dedent(
         "affine and modulated": (weight, bias, shift, scale),
     }
     for name, (w, b, sh, sc) in cases.items():
-        values, scales = norm_quantize_rows_launch(x, w, b, sh, sc, EPS)
+        values, scales = norm_quantize_rows(x, w, b, sh, sc, EPS)
         check(name, values, scales, truth(x, w, b, sh, sc), torch_path(x, w, b, sh, sc))
 
     # A strided view (every other row of a wider tensor) is read in place.
     wide = torch.cat([x, x.flip(1)], dim=1)
-    values, scales = norm_quantize_rows_launch(wide[:, :cols], None, None, shift, scale, EPS)
+    values, scales = norm_quantize_rows(wide[:, :cols], None, None, shift, scale, EPS)
     check("strided rows", values, scales, truth(x, None, None, shift, scale), torch_path(x, None, None, shift, scale))
 
     try:
-        norm_quantize_rows_launch(x, None, None, shift, None, EPS)
+        norm_quantize_rows(x, None, None, shift, None, EPS)
     except ValueError as error:
         assert "shift and scale" in str(error)
     else:
@@ -112,7 +112,7 @@ CASES = textwrap.dedent(
 
     # The FFN's hidden: tanh-GELU rounded to bf16, then quantised per row.
     hidden = (randn(16, 200) * 3).bfloat16()
-    values, scales = _quantize_rows_launch(hidden, True)
+    values, scales = torch.ops.multitalk.quantize_rows(hidden, True)
     gelu = 0.5 * hidden.double() * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (hidden.double() + 0.044715 * hidden.double() ** 3)))
     check("gelu", values, scales, gelu.bfloat16().double(), quantize_rows(hidden, gelu=True))
     print("ok")

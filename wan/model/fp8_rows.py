@@ -13,6 +13,7 @@ never reach memory (opt-in, `quantize_blocks(fused_norms=True)`; not yet timed o
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -122,61 +123,23 @@ def _row_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return x, values, scales, triton.next_power_of_2(cols)
 
 
-def _quantize_rows_launch(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_quantize_rows_kernel` over `[M, K]` rows (any device Triton runs on, its interpreter included)."""
-    x, values, scales, block = _row_outputs(x)
-    _quantize_rows_kernel[(x.shape[0],)](
-        x, values, scales, x.shape[1], x.stride(0), GELU=gelu, BLOCK=block, num_warps=_row_warps(block)
-    )
-    return values, scales
-
-
-def norm_quantize_rows_launch(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_norm_quantize_rows_kernel` over `[M, K]` rows: e4m3 values `[M, K]` and float32 scales `[M, 1]` of
-    `modulated(layer_norm(x))`; `weight`, `bias` `[K]` of the norm, float32 `shift`, `scale` with K values (one
-    modulation for every row), each optional."""
-    cols = x.shape[1]
-    for name, tensor in dict(weight=weight, bias=bias, shift=shift, scale=scale).items():
-        if tensor is not None and tensor.numel() != cols:
-            raise ValueError(
-                f"{name}: {tuple(tensor.shape)} holds {tensor.numel()} values, not one per column ({cols})"
-            )
-    if (shift is None) != (scale is None):
-        raise ValueError("shift and scale modulate together: give both or neither")
-    x, values, scales, block = _row_outputs(x)
-    vector = [t if t is None else t.reshape(-1).contiguous() for t in (weight, bias, shift, scale)]
-    placeholder = scales  # a pointer for the absent vectors; the kernel never reads it
-    _norm_quantize_rows_kernel[(x.shape[0],)](
-        x,
-        *(placeholder if t is None else t for t in vector),
-        values,
-        scales,
-        cols,
-        x.stride(0),
-        eps,
-        WEIGHT=weight is not None,
-        BIAS=bias is not None,
-        MODULATE=shift is not None,
-        BLOCK=block,
-        num_warps=_row_warps(block),
-    )
-    return values, scales
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on x's GPU; a CPU tensor runs under Triton's interpreter (TRITON_INTERPRET=1, the tests)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("multitalk::quantize_rows", mutates_args=())
-def _quantize_rows_cuda(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.cuda.device(x.device):
-        return _quantize_rows_launch(x, gelu)
+def _quantize_rows_triton(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quantize_rows_kernel` over `[M, K]` rows, as one op for torch.compile."""
+    x, values, scales, block = _row_outputs(x)
+    with _on_device(x):
+        _quantize_rows_kernel[(x.shape[0],)](
+            x, values, scales, x.shape[1], x.stride(0), GELU=gelu, BLOCK=block, num_warps=_row_warps(block)
+        )
+    return values, scales
 
 
-@_quantize_rows_cuda.register_fake
+@_quantize_rows_triton.register_fake
 def _(x, gelu):
     return x.new_empty(x.shape, dtype=FP8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
@@ -190,9 +153,36 @@ def norm_quantize_rows(
     scale: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm_quantize_rows_launch` on a CUDA tensor, as one op for torch.compile."""
-    with torch.cuda.device(x.device):
-        return norm_quantize_rows_launch(x, weight, bias, shift, scale, eps)
+    """`_norm_quantize_rows_kernel` over `[M, K]` rows, as one op for torch.compile: e4m3 values `[M, K]` and float32
+    scales `[M, 1]` of `modulated(layer_norm(x))`; `weight`, `bias` `[K]` of the norm, float32 `shift`, `scale`
+    with K values (one modulation for every row), each optional."""
+    cols = x.shape[1]
+    for name, tensor in dict(weight=weight, bias=bias, shift=shift, scale=scale).items():
+        if tensor is not None and tensor.numel() != cols:
+            raise ValueError(
+                f"{name}: {tuple(tensor.shape)} holds {tensor.numel()} values, not one per column ({cols})"
+            )
+    if (shift is None) != (scale is None):
+        raise ValueError("shift and scale modulate together: give both or neither")
+    x, values, scales, block = _row_outputs(x)
+    vector = [t if t is None else t.reshape(-1).contiguous() for t in (weight, bias, shift, scale)]
+    placeholder = scales  # a pointer for the absent vectors; the kernel never reads it
+    with _on_device(x):
+        _norm_quantize_rows_kernel[(x.shape[0],)](
+            x,
+            *(placeholder if t is None else t for t in vector),
+            values,
+            scales,
+            cols,
+            x.stride(0),
+            eps,
+            WEIGHT=weight is not None,
+            BIAS=bias is not None,
+            MODULATE=shift is not None,
+            BLOCK=block,
+            num_warps=_row_warps(block),
+        )
+    return values, scales
 
 
 @norm_quantize_rows.register_fake

@@ -188,15 +188,26 @@ def observed_tensors(case: GoldenCase, video: torch.Tensor, trace: Trace) -> dic
     passes = 2 if cfg["text_guide_scale"] == 1.0 else 3
     branches = ("cond", "drop_audio") if passes == 2 else ("cond", "drop_text", "uncond")
     clips = len(trace.decoded)
-    encodes = 2 if infinitetalk else 1  # InfiniteTalk encodes the anchor frame for y, then the motion frames
-    assert len(trace.dit) == clips * steps * passes and len(trace.encoded) == encodes * clips
+    assert len(trace.dit) == clips * steps * passes
+    # `y` encodes the clip's known frames with zeros up to frame_num; InfiniteTalk also encodes its motion frames
+    # alone, and its anchor only where it differs from the clip before's (an image: once).
+    conditions = [e for e in trace.encoded if e[0].shape[1] == cfg["frame_num"]]
+    motions = [e for e in trace.encoded if e[0].shape[1] < cfg["frame_num"]]
+    if not infinitetalk:
+        assert len(conditions) == len(trace.encoded) == clips
+    else:
+        anchors = [trace.clip_inputs[k] for k in range(clips)]
+        changes = 1 + sum(not torch.equal(a, b) for a, b in zip(anchors, anchors[1:]))
+        assert len(conditions) == changes and len(motions) == clips
+        assert changes == (1 if "cond_video_uint8_thwc" not in case.inputs() else clips), changes
     found: dict[str, torch.Tensor] = {"video": video}
     draws = iter(trace.noise)
     kept = 0
     for k in range(clips):
         name = (lambda n: n) if k == 0 else (lambda n, k=k: f"debug.clip{k}.{n}")
         calls = trace.dit[k * steps * passes : (k + 1) * steps * passes]
-        pixels, latent = trace.encoded[encodes * k]
+        # The latent of y's known frames, as this clip's DiT is given it.
+        latent = calls[0]["y"][0, 4:]
         x0, (decoded_latent, decoded) = trace.denoised[k], trace.decoded[k]
         # The decoder is causal in time: it is given x0's leading latent frames, all of them but in the last clip.
         assert torch.equal(decoded_latent, x0[:, : decoded_latent.shape[1]])
@@ -206,7 +217,7 @@ def observed_tensors(case: GoldenCase, video: torch.Tensor, trace: Trace) -> dic
         found[name("y")] = calls[0]["y"]
         found[name("noise")] = next(draws)
         if k == 0:
-            found["cond_image_normalized"] = pixels[None, :, :1]
+            found["cond_image_normalized"] = conditions[0][0][None, :, :1]
             found["clip_visual_input"] = trace.clip_inputs[0]
             found["vae_decode_video"] = decoded
             found["ref_target_masks"] = calls[0]["masks"]
@@ -215,9 +226,10 @@ def observed_tensors(case: GoldenCase, video: torch.Tensor, trace: Trace) -> dic
                 found["context_null"] = calls[1]["context"]
         if infinitetalk:
             # Every clip is anchored on a source frame: y's only known frame, and the CLIP input.
-            found[name("cond_image_normalized")] = pixels[None, :, :1]
-            torch.testing.assert_close(trace.clip_inputs[k], pixels[None, :, :1], rtol=0, atol=0)
-            motion = trace.encoded[encodes * k + 1][1]
+            found[name("cond_image_normalized")] = trace.clip_inputs[k]
+            anchor = [pixels for pixels, _ in conditions if torch.equal(pixels[:, :1], trace.clip_inputs[k][0])]
+            assert anchor, f"clip {k}: y was not encoded from its CLIP input"
+            motion = motions[k][1]
             found[name("latent_motion_frames")] = motion
             # Held clean in the latent at every step, the last included.
             assert torch.equal(x0[:, : motion.shape[1]], motion)

@@ -315,7 +315,7 @@ def test_infinitetalk_anchors_each_clip_on_the_source_frame_at_its_start(pipelin
     monkeypatch.setattr(
         pipeline_module,
         "infinitetalk_condition",
-        lambda vae, source, *rest: anchors.append(source.clone()) or condition(vae, source, *rest),
+        lambda vae, source, *rest, **kw: anchors.append(source.clone()) or condition(vae, source, *rest, **kw),
     )
     shades = [10, 50, 90, 130, 170, 210]  # source frame k is one flat colour: k is readable from any crop of it
     video = torch.stack([torch.full((64, 96, 3), shade, dtype=torch.uint8) for shade in shades])

@@ -68,12 +68,22 @@ def multitalk_condition(
 
 
 def infinitetalk_condition(
-    vae: VideoEncoder, source_frame: torch.Tensor, motion_frames: torch.Tensor | None, frames: int
+    vae: VideoEncoder,
+    source_frame: torch.Tensor,
+    motion_frames: torch.Tensor | None,
+    frames: int,
+    previous: ClipCondition | None = None,
 ) -> ClipCondition:
     """InfiniteTalk: every clip is anchored on the source frame at its start (`source_frame` `[1, 3, 1, H, W]`: the
     CLIP input and the only known frame of `y`), and holds the VAE latent of the previous clip's last frames
-    (`motion_frames` `[1, 3, n, H, W]`; on the first clip, of the source frame) clean in `latent[:, :T]`."""
-    _, y = encode_known_frames(vae, source_frame, frames)
+    (`motion_frames` `[1, 3, n, H, W]`; on the first clip, of the source frame) clean in `latent[:, :T]`.
+
+    `y` depends on the source frame alone: where it equals the `previous` clip's (every clip of an image, a still
+    stretch of a video), that clip's `y` is taken instead of encoding the same frames again."""
+    if previous is not None and torch.equal(previous.clip_frame, source_frame):
+        y = previous.y
+    else:
+        _, y = encode_known_frames(vae, source_frame, frames)
     first_clip = motion_frames is None
     # The VAE encodes frame 0 alone, then groups of 4: frames past the last full group are dropped, as the reference.
     motion = vae.encode((source_frame if first_clip else motion_frames)[0])

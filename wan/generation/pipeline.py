@@ -240,12 +240,15 @@ class Pipeline:
         vae = self.vae if options.vae_dtype is None else self.vae.cast(options.vae_dtype)
         emitted = 0  # frames handed to on_frames
         previous: torch.Tensor | None = None  # the last clip's video, colour-corrected
+        condition = None
         for index, start in enumerate(clips.starts):
             motion_frames = None if previous is None else previous[None, :, -options.motion_frame :]
             with clock.stage(VAE_ENCODE):
                 if options.model == "infinitetalk":
                     source = cond_image if index == 0 else image_to_tensor(request.source_frame(start), height, width)
-                    condition = infinitetalk_condition(vae, source.to(self.device), motion_frames, clips.frames)
+                    condition = infinitetalk_condition(
+                        vae, source.to(self.device), motion_frames, clips.frames, previous=condition
+                    )
                 else:
                     cond_frames = cond_image if motion_frames is None else motion_frames
                     condition = multitalk_condition(vae, cond_frames, clips.frames, index == 0, self.dit.dtype)

@@ -13,7 +13,8 @@ VAE, wav2vec2-base; a rank-32 LoRA on every block linear stands in for lightx2v'
 stage table the runner logs (audio decode, wav2vec2, T5, CLIP, VAE encode, DiT passes, VAE decode, colour
 correction, mp4), the total, the runner's own time estimate, peak GPU memory, seconds of compute per second of video.
 `--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again;
-with `--gpus 2` the workers start on the fp8 memory plan instead. With `--gpus 2`, `--vae-bands on,off` serves the
+with `--gpus 2` the workers start on the fp8 memory plan instead; `--fused-norms` (one GPU) quantises with the
+LayerNorms that quantise their own output (`quantize_blocks(fused_norms=True)`). With `--gpus 2`, `--vae-bands on,off` serves the
 requests with the VAE in bands over the GPUs (as `setup()` places it), then again with the VAE on the first GPU alone
 (as before the bands).
 `--dub` serves InfiniteTalk dubbing requests instead: `model=infinitetalk` and a `--seconds` long source video (H.264
@@ -247,6 +248,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--presets", default="fast", help="comma list of fast, turbo, quality")
     parser.add_argument("--fp8", default="off", help="off, on, or off,on (fp8 runs after the bf16 ones)")
+    parser.add_argument(
+        "--fused-norms", action="store_true", help="--fp8 on, one GPU: LayerNorms that quantise their own output"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per speaker")
     parser.add_argument(
         "--repeats",
@@ -277,6 +281,8 @@ def main() -> None:
         parser.error("--example is a MultiTalk request; --dub an InfiniteTalk one")
     if args.gpus > 1 and (args.dub or args.fp8 == "off,on"):
         parser.error("--gpus > 1 runs MultiTalk requests, --fp8 off or on (the workers start on one memory plan)")
+    if args.fused_norms and (args.gpus > 1 or "on" not in args.fp8.split(",")):
+        parser.error("--fused-norms: fp8 on one GPU (--fp8 on)")
     if args.vae_bands != "on" and args.gpus == 1:
         parser.error("--vae-bands: the VAE runs in bands with --gpus > 1 only")
 
@@ -333,7 +339,7 @@ def main() -> None:
                 started = time.perf_counter()
                 if "fast" in args.presets.split(","):  # merged in bf16 first, as a request does before quantising
                     pipeline.set_weights("multitalk", [(service.fast_lora, 1.0)])
-                quantize_blocks(pipeline.dit.module)
+                quantize_blocks(pipeline.dit.module, fused_norms=args.fused_norms)
                 torch._dynamo.reset()
                 if device.type == "cuda":
                     pipeline.dit.module.compile_blocks()

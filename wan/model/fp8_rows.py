@@ -48,6 +48,16 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, to
 
 
 @triton.jit
+def _store_quantized_row(y, values_ptr, scales_ptr, row, n_cols, cols, mask):
+    """One float32 row (0 in the padding lanes, below every |y|) as e4m3 values and its scale, as `quantize_rows`."""
+    # _MIN_AMAX and FP8_MAX as literals; IEEE division (`/` is approximate in Triton) keeps torch's bits.
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), 448.0)
+    values = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
+    tl.store(values_ptr + row * n_cols + cols, values.to(tl.float8e4nv), mask=mask)
+    tl.store(scales_ptr + row, scale)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, n_cols, row_stride, GELU: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -58,12 +68,7 @@ def _quantize_rows_kernel(x_ptr, values_ptr, scales_ptr, n_cols, row_stride, GEL
         xf = x.to(tl.float32)
         z = 0.7978845608028654 * (xf + 0.044715 * xf * xf * xf)
         x = (xf * tl.sigmoid(2.0 * z)).to(x.dtype)
-    x = x.to(tl.float32)
-    # _MIN_AMAX and FP8_MAX as literals; IEEE division (`/` is approximate in Triton) keeps torch's bits.
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
-    values = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
-    tl.store(values_ptr + row * n_cols + cols, values.to(tl.float8e4nv), mask=mask)
-    tl.store(scales_ptr + row, scale)
+    _store_quantized_row(x.to(tl.float32), values_ptr, scales_ptr, row, n_cols, cols, mask)
 
 
 @triton.jit
@@ -100,12 +105,8 @@ def _norm_quantize_rows_kernel(
     if MODULATE:
         scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
         y = (y.to(tl.float32) * (1.0 + scale) + tl.load(shift_ptr + cols, mask=mask, other=0.0)).to(x.dtype)
-    # The padding lanes hold 0 (0 * (1 + 0) + 0), below every |y|: the row's amax is that of its values.
-    y = y.to(tl.float32)
-    row_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), 448.0)
-    values = tl.clamp(tl.math.div_rn(y, row_scale), -448.0, 448.0)
-    tl.store(values_ptr + row * n_cols + cols, values.to(tl.float8e4nv), mask=mask)
-    tl.store(scales_ptr + row, row_scale)
+    # The padding lanes hold 0 (0 * (1 + 0) + 0).
+    _store_quantized_row(y.to(tl.float32), values_ptr, scales_ptr, row, n_cols, cols, mask)
 
 
 def _row_warps(block: int) -> int:

@@ -23,7 +23,7 @@ from wan.model.attention import attention, flash_attention_4, flash_attention_4_
 from wan.model.fp8 import fp8_attention, quantize_tensor
 
 from .attention_shapes import time_ms
-from .triton_fp8_attention import fp8_flash_attention, triton_fp8_attention
+from .triton_fp8_attention import fp8_flash_attention, kernel_inputs, triton_fp8_attention
 
 HEADS, HEAD_DIM, TOKENS = 40, 128, 32928
 CHECK_ROWS = 512
@@ -49,10 +49,8 @@ def fp8_kernel_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Calla
 
 def triton_kernel_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **config) -> Callable[[], torch.Tensor]:
     """The Triton fp8 kernel on inputs quantised once (V transposed); `config`: its tile sizes, warps and stages."""
-    (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
-    vt = v8.permute(0, 2, 3, 1).contiguous()
-    descales = torch.cat([descale_q.reshape(1), descale_k.reshape(1), descale_v.reshape(1)])
-    return lambda: fp8_flash_attention(q8, k8, vt, descales, **config)
+    inputs = kernel_inputs(q, k, v)
+    return lambda: fp8_flash_attention(*inputs, **config)
 
 
 def cudnn_fp8_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple[str, Callable[[], torch.Tensor]]]:
@@ -60,7 +58,7 @@ def cudnn_fp8_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[t
     each on inputs quantised once; the model runs the first of A's (`wan.model.fp8._fp8_attention_plan`)."""
     import cudnn
 
-    from wan.model.fp8 import _OUT_RANGE, FP8_MAX, _bhsd, fp8_attention_graph
+    from wan.model.fp8 import _bhsd, fp8_attention_graph, fp8_attention_pack
 
     (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
     handle = cudnn.create_handle()
@@ -80,10 +78,7 @@ def cudnn_fp8_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[t
             print(f"cuDNN fp8 plan {index}: not built ({str(error)[:200]})", flush=True)
     out = torch.empty_like(q8)
     amax = torch.empty(2, 1, 1, 1, 1, device=q.device)
-    values = dict(q=q8, k=k8, v=v8, o=out, descale_q=descale_q, descale_k=descale_k, descale_v=descale_v,
-                  descale_s=torch.full_like(descale_q, 1 / FP8_MAX), scale_s=torch.full_like(descale_q, FP8_MAX),
-                  scale_o=_OUT_RANGE / FP8_MAX / descale_v, amax_s=amax[0], amax_o=amax[1])  # fmt: skip
-    pack = {tensors[name]: t for name, t in values.items()}
+    pack = fp8_attention_pack(tensors, q8, k8, v8, (descale_q, descale_k, descale_v), out, amax)
     plans = []
     for index in built:
         workspace = torch.empty(graph.get_workspace_size_plan_at_index(index), device=q.device, dtype=torch.uint8)

@@ -130,10 +130,16 @@ def _padded_rows(vt: torch.Tensor) -> torch.Tensor:
 def triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`wan.model.fp8.fp8_attention`'s interface through this kernel (CUDA): Q, K, V and the probabilities in e4m3,
     the output in bf16."""
+    return torch.ops.bench.triton_fp8_attention(*kernel_inputs(q, k, v)).to(q.dtype)
+
+
+def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`fp8_flash_attention`'s q, k, vt and descales for attention over q, k, v `[1, L, H, D]`: each quantised per
+    tensor (`wan.model.fp8.quantize_tensor`), V transposed."""
     (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
     vt = _padded_rows(v8.permute(0, 2, 3, 1))  # V as [B, H, D, L] for fp8 wgmma, rows 16-byte aligned
     descales = torch.cat([descale_q.reshape(1), descale_k.reshape(1), descale_v.reshape(1)])
-    return torch.ops.bench.triton_fp8_attention(q8, k8, vt, descales).to(q.dtype)
+    return q8, k8, vt, descales
 
 
 @torch.library.custom_op("bench::triton_fp8_attention", mutates_args=())

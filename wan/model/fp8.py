@@ -148,6 +148,17 @@ def _cudnn_fp8_attention(
     out = torch.empty_like(q)
     amax = torch.empty(2, 1, 1, 1, 1, device=q.device)  # written by cuDNN, unused
     workspace = torch.empty(plan.workspace_size, device=q.device, dtype=torch.uint8)
+    pack = fp8_attention_pack(plan.tensors, q, k, v, (descale_q, descale_k, descale_v), out, amax)
+    plan.cudnn.set_stream(handle=plan.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    plan.graph.execute(pack, workspace, handle=plan.handle)
+    return out
+
+
+def fp8_attention_pack(tensors: dict, q, k, v, descales, out: torch.Tensor, amax: torch.Tensor) -> dict:
+    """The values of `fp8_attention_graph`'s tensors for one call: e4m3 q, k, v and their float32 descales `[1, 1,
+    1, 1]`, the e4m3 output to write, and `amax` `[2, 1, 1, 1, 1]` for cuDNN's (unused) amax outputs."""
+    descale_q, descale_k, descale_v = descales
+    probability_scales = _probability_scales(q.device)
     values = dict(
         q=q,
         k=k,
@@ -156,15 +167,19 @@ def _cudnn_fp8_attention(
         descale_q=descale_q,
         descale_k=descale_k,
         descale_v=descale_v,
-        descale_s=plan.probability_scales[0],
-        scale_s=plan.probability_scales[1],
+        descale_s=probability_scales[0],
+        scale_s=probability_scales[1],
         scale_o=_OUT_RANGE / FP8_MAX / descale_v,
         amax_s=amax[0],
         amax_o=amax[1],
     )
-    plan.cudnn.set_stream(handle=plan.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
-    plan.graph.execute({plan.tensors[name]: t for name, t in values.items()}, workspace, handle=plan.handle)
-    return out
+    return {tensors[name]: t for name, t in values.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _probability_scales(device: torch.device) -> torch.Tensor:
+    """Descale and scale `[2, 1, 1, 1, 1]` of the probabilities, which lie in [0, 1]: all of e4m3's range for them."""
+    return torch.tensor([1 / FP8_MAX, FP8_MAX], device=device).reshape(2, 1, 1, 1, 1)
 
 
 @_cudnn_fp8_attention.register_fake
@@ -184,7 +199,6 @@ class _Fp8AttentionPlan:
     graph: object
     tensors: dict
     workspace_size: int
-    probability_scales: torch.Tensor  # descale and scale `[2, 1, 1, 1, 1]` of the probabilities
 
 
 @functools.lru_cache(maxsize=16)
@@ -199,9 +213,7 @@ def _fp8_attention_plan(device_index: int, q_layout, k_layout, v_layout) -> _Fp8
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans()
-    # Probabilities lie in [0, 1]: all of e4m3's range for them.
-    probability_scales = torch.tensor([1 / FP8_MAX, FP8_MAX], device=f"cuda:{device_index}").reshape(2, 1, 1, 1, 1)
-    return _Fp8AttentionPlan(cudnn, handle, graph, tensors, graph.get_workspace_size(), probability_scales)
+    return _Fp8AttentionPlan(cudnn, handle, graph, tensors, graph.get_workspace_size())
 
 
 def fp8_attention_graph(cudnn: types.ModuleType, handle, q_layout, k_layout, v_layout) -> tuple[object, dict]:

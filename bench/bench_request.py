@@ -14,9 +14,9 @@ stage table the runner logs (audio decode, wav2vec2, T5, CLIP, VAE encode, DiT p
 correction, mp4), the total, the runner's own time estimate, peak GPU memory, seconds of compute per second of video.
 `--fp8 on` quantises the DiT after the bf16 requests (the fast LoRA stays merged), recompiles and warms up again;
 with `--gpus 2` the workers start on the fp8 memory plan instead; `--fused-norms` (one GPU) quantises with the
-LayerNorms that quantise their own output (`quantize_blocks(fused_norms=True)`). With `--gpus 2`, `--vae-bands on,off` serves the
-requests with the VAE in bands over the GPUs (as `setup()` places it), then again with the VAE on the first GPU alone
-(as before the bands).
+LayerNorms that quantise their own output (`quantize_blocks(fused_norms=True)`). With `--gpus 2`, `--vae-bands on,off`
+serves the requests with the VAE in bands over the GPUs (as `setup()` places it), then again with the VAE on the first
+GPU alone (as before the bands).
 `--dub` serves InfiniteTalk dubbing requests instead: `model=infinitetalk` and a `--seconds` long source video (H.264
 at 450x800, its own soundtrack the one speaker's speech), no image or audio input; the DiT gets three random
 audio-layer sets on disk (MultiTalk's and InfiniteTalk's two), so each request pays the switch as in production.

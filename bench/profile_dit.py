@@ -1,6 +1,7 @@
 """Where one DiT pass spends its GPU time: torch.profiler over one compiled forward, kernels grouped by kind.
 
-python -m bench.profile_dit [--fp8 [--fp8-attention triton] [--exact-accumulation] [--fused-norms]] [--layers N] [--out F]
+python -m bench.profile_dit [--fp8 [--fp8-attention triton] [--exact-accumulation] [--fused-norms]] [--layers N]
+    [--out F]
 """
 
 from __future__ import annotations

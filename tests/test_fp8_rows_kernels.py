@@ -3,9 +3,10 @@ modulation and row quantisation (`norm_quantize_rows`), and the GELU quantisatio
 
 The interpreter runs the kernels' own code (masks, reductions, roundings) with numpy; it is chosen when Triton is
 imported, so the cases run in a fresh process with TRITON_INTERPRET=1. Its casts from float32 to bf16 and e4m3 are
-not the GPU's: it truncates to bf16, and its e4m3 rounding drops the carry into an odd exponent (127.9 -> 64), so
-the cases give it torch's round-to-nearest-even, which is what the GPU's conversions do. The truth is the block's
-arithmetic written out in float64, rounded to bf16 where the model rounds, and the torch path the CPU runs.
+not those of compiled Triton: it truncates to bf16, and its e4m3 rounding drops the carry into an odd exponent
+(127.9 -> 64), so the cases give it torch's round-to-nearest-even, the rounding of CUDA's conversion instructions
+(`cvt.rn`). The truth is the block's arithmetic written out in float64, rounded to bf16 where the model rounds, and
+the torch path the CPU runs.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ CASES = textwrap.dedent(
     # The FFN's hidden: tanh-GELU rounded to bf16, then quantised per row.
     hidden = (randn(16, 200) * 3).bfloat16()
     values, scales = torch.ops.multitalk.quantize_rows(hidden, True)
-    gelu = 0.5 * hidden.double() * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (hidden.double() + 0.044715 * hidden.double() ** 3)))
+    h = hidden.double()
+    gelu = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
     check("gelu", values, scales, gelu.bfloat16().double(), quantize_rows(hidden, gelu=True))
     print("ok")
     """

@@ -3,7 +3,7 @@ modulation and row quantisation (`norm_quantize_rows`), and the GELU quantisatio
 
 The interpreter runs the kernels' own code (masks, reductions, roundings) with numpy; it is chosen when Triton is
 imported, so the cases run in a fresh process with TRITON_INTERPRET=1. Its casts from float32 to bf16 and e4m3 are
-not those of compiled Triton: it truncates to bf16, and its e4m3 rounding drops the carry into an odd exponent
+not those of compiled Triton: it truncates to bf16, and its e4m3 rounding loses a mantissa overflow into an odd exponent
 (127.9 -> 64), so the cases give it torch's round-to-nearest-even, the rounding of CUDA's conversion instructions
 (`cvt.rn`). The truth is the block's arithmetic written out in float64, rounded to bf16 where the model rounds, and
 the torch path the CPU runs.

@@ -34,7 +34,7 @@ from src.audio import (
     video_frame_count,
 )
 from src.audio.speech import Script, Speech
-from src.video import Mp4Writer, read_frames
+from src.video import Mp4Writer, read_frames, read_picture
 from wan import GenerationPlan, GenerationRequest, SamplingOptions, load_pipeline
 from wan.configs import FPS
 from wan.generation.timing import StageClock
@@ -394,7 +394,7 @@ def lora_input_error(request: TalkingVideoRequest, error: LoRAError) -> ValueErr
 def decode_media(request: TalkingVideoRequest, spoken: tuple[list[np.ndarray], np.ndarray] | None = None) -> Media:
     """The picture, a video's first frame and the speech tracks: `spoken` (synthesised tracks and their mix), else the
     audio files (a video without separate audio speaks for itself)."""
-    picture = load_image(request.image) if request.image is not None else None
+    picture = read_picture(request.image) if request.image is not None else None
     source = read_frames(request.video, [0]) if request.video is not None else None
     if spoken is not None:
         return Media(picture, source, *spoken)
@@ -441,12 +441,3 @@ def parse_bbox(text: str | None, name: str) -> tuple[float, ...] | None:
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"{name}: expected 'x1,y1,x2,y2' in image pixels with x2 > x1 and y2 > y1, got {text!r}")
     return tuple(box)
-
-
-def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # decodes the whole file: a truncated one fails here
-    except Exception as error:  # PIL raises many types for corrupt files
-        detail = str(error).replace(repr(str(path)), "").replace(str(path), "").strip()
-        raise ValueError(f"image: cannot read the file as an image ({detail}); upload a PNG, JPEG or WebP") from error

@@ -72,6 +72,14 @@ def test_a_phone_jpeg_turned_on_its_side_reads_upright(tmp_path):
     assert np.abs(shown[36:60, 4:28] - [0, 0, 255]).max() < 8
 
 
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00" + b"\xff" * 30, b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff"])
+def test_a_damaged_exif_block_reads_as_stored_rather_than_failing(tmp_path, exif):
+    stored = np.ascontiguousarray(np.repeat(np.repeat(UPRIGHT, 8, 0), 8, 1))  # 8 x 8 blocks: JPEG keeps them flat
+    path = _file(tmp_path, Image.fromarray(stored), "odd.jpg", exif=exif, quality=95, subsampling=0)
+    shown = np.asarray(read_picture(path))  # Pillow warns of the damage and keeps the stored orientation
+    assert shown.shape == stored.shape and np.abs(shown.astype(int) - stored).mean() < 4
+
+
 def test_transparency_lies_over_white(tmp_path):
     rgba = np.zeros((2, 2, 4), np.uint8)  # transparent black, as cut-out tools leave the background
     rgba[0, 0] = [255, 0, 0, 255]  # opaque red: unchanged

@@ -37,6 +37,7 @@ from src.audio.speech import Script, Speech
 from src.video import Mp4Writer, read_frames, read_picture
 from wan import GenerationPlan, GenerationRequest, SamplingOptions, load_pipeline
 from wan.configs import FPS
+from wan.generation.conditioning import SpeakerRegionError, video_masks
 from wan.generation.timing import StageClock
 from wan.loading.audio_layers import infinitetalk_set
 from wan.loading.lora import LoRAError
@@ -215,6 +216,7 @@ class TalkingVideoService:
             media = decode_media(request, spoken)
             audio_layers = infinitetalk_set(len(media.tracks)) if request.model == "infinitetalk" else "multitalk"
             plan = self._plan(request, media, options, loras)
+            check_speaker_regions(media, plan, boxes, options.face_scale)
             if request.video is not None and plan.source_frames != (0,):  # InfiniteTalk: each clip on its own frame
                 media = dataclasses.replace(media, source=read_frames(request.video, plan.source_frames))
         budget = Budget(self.max_seconds, self.switches.seconds(self.pipeline.dit, audio_layers, loras))
@@ -429,6 +431,17 @@ def load_speech_weights(paths) -> Speech:
     """Kokoro-82M and its English tagger from the weights (fetched when missing), on the CPU until a script comes."""
     speech_paths = resolve_speech(paths)
     return load_speech(speech_paths.kokoro, speech_paths.tagger, device="cpu")
+
+
+def check_speaker_regions(media: Media, plan: GenerationPlan, boxes: tuple, face_scale: float) -> None:
+    """Every speaker's region (their box, or the default half) holds something of the video, checked before the
+    embeddings and the weights: a failure names the box, or the source where no boxes were given."""
+    given = tuple(box for box in boxes if box) or None
+    try:
+        video_masks(media.source_hw, len(media.tracks), given, plan.height, plan.width, face_scale)
+    except SpeakerRegionError as error:
+        name = f"person{error.speaker}_bbox" if given else "image" if media.picture is not None else "video"
+        raise ValueError(f"{name}: {error}") from error
 
 
 def parse_bbox(text: str | None, name: str) -> tuple[float, ...] | None:

@@ -12,9 +12,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..configs import ASPECT_RATIO_BUCKETS
+from ..configs import ASPECT_RATIO_BUCKETS, VAE_STRIDE
 
 MAX_SPEAKERS = 2
+
+
+class SpeakerRegionError(ValueError):
+    """A speaker whose region (their box, or the default half) holds nothing the DiT can attend to: no pixel of the
+    image, or nothing of the part the crop to the video's size keeps. `speaker` counts from 1."""
+
+    def __init__(self, speaker: int, message: str):
+        super().__init__(message)
+        self.speaker = speaker
 
 
 def choose_bucket(src_h: int, src_w: int, size_bucket: str | Mapping[str, Sequence[int]]) -> tuple[int, int]:
@@ -110,10 +119,29 @@ def speaker_masks(
             x1, x2 = (min(max(int(v), 0), src_w) for v in (box[0], box[2]))
             y1, y2 = (min(max(int(v), 0), src_h) for v in (box[1], box[3]))
             if x2 <= x1 or y2 <= y1:
-                raise ValueError(f"speaker {k + 1}: bounding box {list(box)} is empty inside the {src_w}x{src_h} image")
+                raise SpeakerRegionError(
+                    k + 1,
+                    f"speaker {k + 1}: bounding box {list(box)} holds no whole pixel of the {src_w}x{src_h} image "
+                    "(boxes are [x1, y1, x2, y2] in its pixels, x = column, y = row)",
+                )
             people[k, y1:y2, x1:x2] = 1
     background = (people.sum(0) == 0).float()
     return torch.cat([people, background[None]])
+
+
+def video_masks(
+    source_hw: tuple[int, int],
+    speakers: int,
+    bboxes: Sequence[Sequence[float]] | None,
+    height: int,
+    width: int,
+    face_scale: float = 0.05,
+) -> torch.Tensor:
+    """The speakers' masks `[3, lat_h, lat_w]` for a `height` x `width` video made from a source of `source_hw`
+    pixels: `speaker_masks` cropped as the image and brought to the latent grid by `latent_masks`. Raises
+    `SpeakerRegionError` where a speaker's region is empty, so a caller can check boxes before any model work."""
+    masks = speaker_masks(*source_hw, speakers, bboxes, face_scale)
+    return latent_masks(masks, height, width, height // VAE_STRIDE[1], width // VAE_STRIDE[2], bboxes)
 
 
 def latent_masks(
@@ -136,9 +164,10 @@ def latent_masks(
     for k in range(masks.shape[0] - 1):
         if not tokens[k].any():
             box = f" (box {list(bboxes[k])})" if bboxes is not None and k < len(bboxes) else ""
-            raise ValueError(
+            raise SpeakerRegionError(
+                k + 1,
                 f"speaker {k + 1} mask{box} is empty after the center crop of the {masks.shape[-1]}x{masks.shape[-2]} "
-                f"image to {w}x{h}: the speaker must be inside the cropped frame"
+                f"image to {w}x{h}: the speaker must be inside the cropped frame",
             )
     return latent
 

@@ -21,7 +21,7 @@ from ..configs import ASPECT_RATIO_BUCKETS, DEFAULT_NEGATIVE_PROMPT, VAE_STRIDE
 from . import sampling
 from .backend import ClipInputs, DiTBackend, TeaCacheSettings
 from .clip_condition import infinitetalk_condition, multitalk_condition
-from .conditioning import image_to_tensor, latent_masks, match_colors, speaker_masks
+from .conditioning import image_to_tensor, match_colors, video_masks
 from .denoise import GuidedVelocity, denoise
 from .estimate import Costs, tokens_of
 from .plan import GenerationPlan, clip_audio, latent_frames, plan_generation
@@ -226,8 +226,8 @@ class Pipeline:
         height, width = plan.height, plan.width
         lat_h, lat_w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
         boxes = None if request.boxes is None else [list(box) for box in request.boxes]
-        masks = speaker_masks(image.height, image.width, len(speakers), boxes, options.face_scale)
-        masks = latent_masks(masks, height, width, lat_h, lat_w, boxes).to(self.device)
+        masks = video_masks((image.height, image.width), len(speakers), boxes, height, width, options.face_scale)
+        masks = masks.to(self.device)
         clips = plan.clips
 
         cond_image = image_to_tensor(image, height, width).to(self.device)

@@ -118,6 +118,9 @@ class Media:
         return self.picture.height, self.picture.width
 
 
+Boxes = tuple[tuple[float, ...], ...] | None  # x1, y1, x2, y2 per speaker in source pixels; None: the default halves
+
+
 @dataclass(frozen=True)
 class TalkingVideo:
     path: Path
@@ -264,9 +267,9 @@ class TalkingVideoService:
         except LoRAError as error:  # TeaCache's prediction reads the LoRAs: one that does not fit fails here
             raise lora_input_error(request, error) from error
 
-    def _validate(self, request: TalkingVideoRequest) -> tuple[TalkingVideoRequest, Recipe, tuple, Script | None]:
-        """The request with its aliases resolved, its sampling recipe, the speakers' boxes and the script to speak
-        (None: recorded speech), or a ValueError naming the input, before any work."""
+    def _validate(self, request: TalkingVideoRequest) -> tuple[TalkingVideoRequest, Recipe, Boxes, Script | None]:
+        """The request with its aliases resolved, its sampling recipe, the speakers' boxes (None: the default halves)
+        and the script to speak (None: recorded speech), or a ValueError naming the input, before any work."""
         for name in MEDIA_INPUTS:
             value = getattr(request, name)
             if value is not None and not isinstance(value, PathLike):
@@ -310,7 +313,7 @@ class TalkingVideoService:
             color_correction=request.color_correction_strength,
             use_apg=request.use_apg,
         )
-        return request, recipe, boxes, script
+        return request, recipe, tuple(box for box in boxes if box) or None, script
 
     def _script(self, request: TalkingVideoRequest) -> Script | None:
         """What `text` asks to be spoken, checked (None without text; an empty text counts as none beside audio)."""
@@ -329,7 +332,7 @@ class TalkingVideoService:
         request: TalkingVideoRequest,
         media: Media,
         plan: GenerationPlan,
-        boxes: tuple,
+        boxes: Boxes,
         soundtrack: Path,
         clock: StageClock,
     ) -> GenerationRequest:
@@ -347,7 +350,7 @@ class TalkingVideoService:
             prompt=request.prompt,
             image=media.picture,
             audio=embeddings,
-            boxes=tuple(box for box in boxes if box) or None,
+            boxes=boxes,
             negative_prompt=request.negative_prompt,
             video=None if media.source is None else {k: torch.from_numpy(v) for k, v in media.source.items()},
         )
@@ -433,14 +436,13 @@ def load_speech_weights(paths) -> Speech:
     return load_speech(speech_paths.kokoro, speech_paths.tagger, device="cpu")
 
 
-def check_speaker_regions(media: Media, plan: GenerationPlan, boxes: tuple, face_scale: float) -> None:
+def check_speaker_regions(media: Media, plan: GenerationPlan, boxes: Boxes, face_scale: float) -> None:
     """Every speaker's region (their box, or the default half) holds something of the video, checked before the
     embeddings and the weights: a failure names the box, or the source where no boxes were given."""
-    given = tuple(box for box in boxes if box) or None
     try:
-        video_masks(media.source_hw, len(media.tracks), given, plan.height, plan.width, face_scale)
+        video_masks(media.source_hw, len(media.tracks), boxes, plan.height, plan.width, face_scale)
     except SpeakerRegionError as error:
-        name = f"person{error.speaker}_bbox" if given else "image" if media.picture is not None else "video"
+        name = f"person{error.speaker}_bbox" if boxes else "image" if media.picture is not None else "video"
         raise ValueError(f"{name}: {error}") from error
 
 

@@ -39,7 +39,7 @@ def as_shown(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)  # loads the pixels; a copy even where the orientation is upright
     if image.mode in WIDE_GREY_MODES:
         grey = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257  # 65535 / 257 = 255
-        image = Image.fromarray(np.rint(grey).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.rint(grey).astype(np.uint8))  # 2-D uint8: mode L
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
